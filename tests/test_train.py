@@ -1,0 +1,123 @@
+"""train.py and predict.py end to end on tiny generated data: outputs, resume, and user errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from dataset import generate_demo
+from utils import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """A tiny demo tree: 10 patients x 4 slices of 32x32 (32 train, 4 validate, 4 test)."""
+    return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
+
+
+def run_script(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def tiny_args(demo_root, out, *extra):
+    return ["--dataset", "demo", "--data-root", str(demo_root), "--batch-size", "8", "--hidden-channels", "16",
+            "--residual-channels", "8", "--embedding-dim", "8", "--out", str(out), *extra]
+
+
+def test_train_then_predict_write_every_promised_file(demo_root, tmp_path):
+    out = tmp_path / "run"
+    r = run_script("train.py", *tiny_args(demo_root, out, "--epochs", "2"))
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "metrics.csv", "code_usage.csv", "best.pt", "last.pt", "loss.png", "ssim.png",
+                 "codebook.png", "code_usage.png", "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt",
+                 "recon/epoch_001.png", "recon/epoch_002.png"):
+        assert (out / name).is_file(), name
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("train_reconstruction", "train_codebook", "train_commitment", "val_loss", "val_ssim",
+                   "codes_used_pct", "perplexity", "lr", "epoch_seconds"):
+        assert column in header
+
+    r = run_script("predict.py", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "pred"))
+    assert r.returncode == 0, r.stderr
+    for name in ("per_image.csv", "summary.json", "reconstructions.png", "triplets.png", "ssim_hist.png",
+                 "loss.png", "ssim.png"):
+        assert (tmp_path / "pred" / name).is_file(), name
+    summary = json.loads((tmp_path / "pred" / "summary.json").read_text())
+    assert summary["images"] == 4 and 0 <= summary["ssim"]["mean"] <= 1
+    assert set(summary["ssim"]) == {"mean", "std", "min", "max"} and "fraction_ssim_ge_0.6" in summary
+    assert len((tmp_path / "pred" / "per_image.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_checkpoint_rebuilds_the_model_from_its_own_config(demo_root, tmp_path):
+    train.main(tiny_args(demo_root, tmp_path / "run", "--epochs", "1", "--preset", "seed", "--codebook-size", "8"))
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["model_config"]["codebook_size"] == 8 and state["train_config"]["preset"] == "seed"
+    assert state["model"]["quantizer.codebook"].shape == (8, 8)
+
+
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root, tmp_path, monkeypatch):
+    args = ["--epochs", "3", "--lr-schedule", "cosine"]
+    train.main(tiny_args(demo_root, tmp_path / "straight", *args))
+
+    real_epoch, calls = train.train_epoch, []
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(demo_root, tmp_path / "resumed", *args))
+    assert stop.value.code == 130
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    train.main(["--resume", str(tmp_path / "resumed" / "last.pt")])
+
+    a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["metrics"]["val_loss"] == b["metrics"]["val_loss"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--preset", "huge"], "unknown --preset"),
+    (["--image-size", "36"], "not divisible by 2^downsamplings"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+])
+def test_out_of_range_flags_exit_with_one_line(demo_root, tmp_path, flags, message):
+    r = run_script("train.py", *tiny_args(demo_root, tmp_path / "run"), *flags)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_root_and_bad_checkpoint_exit_with_one_line(tmp_path):
+    r = run_script("train.py", "--dataset", "OASIS", "--data-root", str(tmp_path / "nowhere"))
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    r = run_script("predict.py", "--checkpoint", str(tmp_path / "bad.pt"))
+    assert r.returncode != 0 and "cannot load checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("train.py", "--resume", str(tmp_path / "bad.pt"))
+    assert r.returncode != 0 and "cannot load checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predict_says_how_to_point_at_a_dataset_that_moved(demo_root, tmp_path):
+    import shutil
+    moved = tmp_path / "data"
+    shutil.copytree(demo_root, moved)
+    train.main(tiny_args(moved, tmp_path / "run", "--epochs", "1", "--dataset", "OASIS"))  # demo files, OASIS layout
+    shutil.rmtree(moved)
+    r = run_script("predict.py", "--checkpoint", str(tmp_path / "run" / "best.pt"))
+    assert r.returncode != 0 and "--data-root" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("predict.py", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data-root", str(demo_root))
+    assert r.returncode == 0, r.stderr

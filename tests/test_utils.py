@@ -1,0 +1,82 @@
+"""Shared plumbing: SSIM/PSNR agree with scikit-image, checkpoints are atomic and load safely."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from utils import UserError, load_checkpoint, psnr, save_checkpoint, ssim
+
+
+def test_batched_ssim_equals_skimage_per_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 40, 36, generator=g)
+    y = (x + 0.2 * torch.randn(4, 1, 40, 36, generator=g)).clamp(0, 1)
+    y[3] = x[3]  # identical pair: SSIM 1
+    ours = ssim(x, y)
+    for i in range(4):
+        ref = structural_similarity(x[i, 0].numpy(), y[i, 0].numpy(), data_range=1.0)
+        assert abs(ours[i].item() - ref) < 1e-4
+
+
+def test_psnr_equals_skimage():
+    x = torch.rand(2, 1, 16, 16)
+    y = (x + 0.05).clamp(0, 1)
+    for i in range(2):
+        ref = peak_signal_noise_ratio(x[i, 0].numpy(), y[i, 0].numpy(), data_range=1.0)
+        assert psnr(x, y)[i].item() == pytest.approx(ref, abs=1e-3)
+
+
+def test_checkpoint_round_trip_keeps_tensors_and_plain_data(tmp_path):
+    state = {"kind": "vqvae", "model": {"w": torch.arange(6.0)}, "epoch": 3, "config": {"lr": 0.002, "name": "x"}}
+    save_checkpoint(state, tmp_path / "a.pt")
+    back = load_checkpoint(tmp_path / "a.pt")
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+    assert back["epoch"] == 3 and back["config"] == state["config"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    save_checkpoint({"kind": "vqvae", "epoch": 1}, tmp_path / "last.pt")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="could not write checkpoint .*No space left on device"):
+        save_checkpoint({"kind": "vqvae", "epoch": 2, "bad": Unpicklable()}, tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": "vqvae-mri/1", "kind": "vqvae", "payload": RunsCode()}, tmp_path / "evil.pt")
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(RunsCode(), f)
+    for name in ("evil.pt", "evil.pkl"):
+        with pytest.raises(UserError, match="cannot load checkpoint"):
+            load_checkpoint(tmp_path / name)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_truncated_foreign_and_missing_checkpoints_are_refused(tmp_path):
+    save_checkpoint({"kind": "vqvae", "model": {"w": torch.zeros(1000)}}, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(tmp_path / "truncated.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="prior checkpoint"):
+        load_checkpoint(tmp_path / "good.pt", kind="prior")

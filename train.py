@@ -1,0 +1,430 @@
+"""Train a VQ-VAE on OASIS, ADNI or the built-in demo slices.
+
+    python train.py --dataset OASIS --data-root /data/keras_png_slices_data
+    python train.py --dataset demo --epochs 3
+    python train.py --resume runs/OASIS-default-000/last.pt        # continue an interrupted run
+    torchrun --nproc_per_node=4 train.py --dataset OASIS ...         # several GPUs (DDP)
+
+A run folder holds config.json, metrics.csv, code_usage.csv, checkpoints/epoch_NNN.pt, best.pt (lowest
+validation loss), last.pt, loss.png, ssim.png, codebook.png, code_usage.png and recon/epoch_NNN.png.
+"""
+import argparse
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from dataset import DATASETS, DataError, build_dataset, to_float
+from modules import PRESETS, VQVAE, VQVAEConfig
+from utils import (UserError, append_csv, barrier, choose_device, distributed_env, load_checkpoint,
+                   plot_bars, plot_training_curves, psnr, rng_state, save_checkpoint, save_side_by_side,
+                   seed_everything, set_rng_state, ssim, to_unit, unwrap, write_json)
+
+# Optimiser settings that belong to each model preset (the seed report used Adam at 2e-3, constant).
+PRESET_TRAINING = {
+    "seed": {"lr": 2e-3, "lr_schedule": "constant"},
+    "default": {"lr": 2e-3, "lr_schedule": "cosine"},
+    "hq": {"lr": 2e-3, "lr_schedule": "cosine"},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "OASIS"
+    data_root: str | None = None      # default: the demo data folder for --dataset demo; required otherwise
+    image_size: int | None = None     # centre-crop to square and resize; None keeps the files' size
+    val_fraction: float = 0.1         # ADNI: share of train patients held out for validation
+    skip_bad: bool = False            # skip unreadable or odd-sized image files instead of stopping
+    preset: str = "default"
+    epochs: int = 40
+    batch_size: int = 16              # per process
+    lr: float | None = None           # None: the preset's
+    lr_schedule: str | None = None    # "constant" or "cosine" (after warmup); None: the preset's
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0            # 0: no clipping
+    precision: str = "auto"           # "auto" (bf16 where the hardware has it), "bf16" or "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False             # SyncBatchNorm under DDP on CUDA
+    max_minutes: float = 0.0          # stop training after this many minutes (0: no limit)
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None            # run folder; default runs/<dataset>-<preset>-NNN
+    resume: str | None = None         # a last.pt (or any epoch checkpoint) to continue from
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the preset-dependent fields and check every value; raises UserError."""
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        cfg = replace(self, **{k: v for k, v in PRESET_TRAINING[self.preset].items() if getattr(self, k) is None})
+        checks = [
+            (cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}"),
+            (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
+            (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+            (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+            (cfg.lr_schedule in ("constant", "cosine"), f"--lr-schedule must be constant or cosine"),
+            (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
+            (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+            (cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}"),
+            (cfg.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32"),
+            (cfg.image_size is None or cfg.image_size >= 8, f"--image-size must be at least 8, got {cfg.image_size}"),
+            (0 < cfg.val_fraction < 1, f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}"),
+            (cfg.max_minutes >= 0, f"--max-minutes must be >= 0, got {cfg.max_minutes}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    root = Path("runs")
+    n = sum(1 for _ in root.glob(f"{cfg.dataset}-{cfg.preset}-*")) if root.exists() else 0
+    while (root / f"{cfg.dataset}-{cfg.preset}-{n:03d}").exists():
+        n += 1
+    return root / f"{cfg.dataset}-{cfg.preset}-{n:03d}"
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def batches(data, sampler, batch_size: int, device: torch.device, drop_last: bool):
+    """Yield (B, 1, H, W) uint8 batches on `device`. Images were decoded once into memory, so this is
+    an index into a tensor: no decoding, no worker processes."""
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    stop = len(order) - batch_size + 1 if drop_last else len(order)
+    for start in range(0, max(stop, 0), batch_size):
+        x = data.images[order[start:start + batch_size]].unsqueeze(1)  # (B, 1, H, W) uint8
+        if device.type == "cuda":
+            x = x.pin_memory()
+        yield x.to(device, non_blocking=True)
+
+
+def all_reduce_(*tensors):
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def codebook_stats(counts: torch.Tensor) -> dict:
+    """Usage of the K codes over an epoch, from per-code assignment counts (K,)."""
+    p = counts.double() / counts.sum().clamp(min=1)
+    used = int((counts > 0).sum())
+    return {"codes_used": used, "codes_used_pct": 100.0 * used / counts.numel(),
+            "perplexity": float(torch.exp(-(p * torch.log(p + 1e-12)).sum()))}
+
+
+LOSS_NAMES = ("reconstruction", "codebook", "commitment")
+
+
+def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, deadline, progress):
+    """One pass over the training split; returns epoch-mean losses over all ranks and the code counts."""
+    model.train()
+    sums = torch.zeros(len(LOSS_NAMES) + 1, device=device)  # loss terms, images
+    counts = torch.zeros(unwrap(model).config.codebook_size, device=device, dtype=torch.long)
+    wait = 0.0
+    it = batches(data, sampler, cfg.batch_size, device, drop_last=True)
+    for step in range(len(sampler) // cfg.batch_size):
+        t = time.perf_counter()
+        x = next(it)
+        wait += time.perf_counter() - t
+        x = to_float(x)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            out = model(x)
+        loss = sum(out.losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        scheduler.step()
+        with torch.no_grad():
+            sums += torch.stack([*(out.losses[k].detach().float() for k in LOSS_NAMES),
+                                 torch.tensor(1.0, device=device)]) * x.shape[0]
+            counts += out.code_counts
+        progress.update(1)
+        if step % 25 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        if deadline and time.monotonic() > deadline:
+            break
+    all_reduce_(sums, counts)
+    n = sums[-1].clamp(min=1)
+    means = {f"train_{k}": float(sums[i] / n) for i, k in enumerate(LOSS_NAMES)}
+    means["train_loss"] = sum(means.values())
+    return means, counts, int(sums[-1]), wait
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device, autocast) -> dict:
+    """Validation losses, SSIM and PSNR over every validation image exactly once (shared across ranks)."""
+    model.eval()  # BatchNorm uses its running statistics; the codebook is not updated
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sums = torch.zeros(len(LOSS_NAMES) + 3, device=device, dtype=torch.float64)  # losses, ssim, psnr, images
+    for x in batches(data, range(rank, len(data), world), 32, device, drop_last=False):
+        x = to_float(x)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            out = model(x)
+        b = x.shape[0]
+        ref, rec = to_unit(x), to_unit(out.reconstruction)
+        sums += torch.stack([*(out.losses[k].double() * b for k in LOSS_NAMES),
+                             ssim(rec, ref).double().sum(), psnr(rec, ref).double().sum(),
+                             torch.tensor(float(b), device=device, dtype=torch.float64)])
+    all_reduce_(sums)
+    n = sums[-1].clamp(min=1)
+    metrics = {f"val_{k}": float(sums[i] / n) for i, k in enumerate(LOSS_NAMES)}
+    metrics["val_loss"] = sum(metrics.values())
+    metrics["val_ssim"], metrics["val_psnr"] = float(sums[-3] / n), float(sums[-2] / n)
+    return metrics
+
+
+@torch.no_grad()
+def save_reconstructions(model, data, cfg, device, autocast, path: Path, n: int = 8):
+    model.eval()
+    x = to_float(data.images[:n].unsqueeze(1).to(device))
+    with autocast:
+        rec = model(x).reconstruction.float()
+    save_side_by_side(x, rec, path, nrow=4)
+
+
+def load_datasets(cfg: TrainConfig, verbose: bool):
+    kwargs = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                  skip_bad=cfg.skip_bad, verbose=verbose)
+    train = build_dataset(cfg.dataset, cfg.data_root, "train", **kwargs)
+    val = build_dataset(cfg.dataset, cfg.data_root, "validate", **kwargs)
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = None):
+    rank, world, local_rank = distributed_env()
+    device = choose_device(cfg.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    main_process = rank == 0
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+
+    train_data, val_data = load_datasets(cfg, verbose=main_process)
+    height, width = train_data.image_shape
+    try:
+        model_cfg.latent_grid(height, width)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(train_data) < cfg.batch_size * world:
+        raise UserError(f"the train split has {len(train_data)} images, fewer than one batch "
+                        f"({cfg.batch_size} x {world} processes); lower --batch-size")
+
+    model = VQVAE(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.epochs * steps_per_epoch))
+
+    start_epoch, best_val = 1, float("inf")
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch, best_val = resume_state["epoch"] + 1, resume_state["best_val_loss"]
+        set_rng_state(resume_state["rng"])
+    elif rank:
+        seed_everything(cfg.seed + rank)  # per-rank randomness; anything shared is broadcast from rank 0
+
+    if world > 1:
+        if cfg.sync_bn and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    bf16 = use_bf16(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    run_dir = Path(cfg.out)
+    if main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "recon").mkdir(exist_ok=True)
+        write_json(run_dir / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg)})
+        h, w = model_cfg.latent_grid(height, width)
+        print(f"run {run_dir}: {cfg.dataset} {height}x{width}, train {len(train_data)} / validate "
+              f"{len(val_data)} slices; preset {cfg.preset}, latent grid {h}x{w}, K={model_cfg.codebook_size} "
+              f"({model_cfg.bits_per_image(height, width):.0f} bits/slice); {device} x {world}, "
+              f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
+
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else 0.0
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            sampler.set_epoch(epoch)
+            t0 = time.perf_counter()
+            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not main_process,
+                      leave=False, dynamic_ncols=True) as progress:
+                train_metrics, counts, seen, wait = train_epoch(model, opt, scheduler, train_data, sampler, cfg,
+                                                                device, autocast, deadline, progress)
+            train_seconds = time.perf_counter() - t0
+            if not math.isfinite(train_metrics["train_loss"]):
+                raise UserError(f"training diverged in epoch {epoch} (loss {train_metrics['train_loss']}); "
+                                f"{run_dir / 'last.pt'} still holds the last good epoch; lower --lr and resume")
+            val_metrics = evaluate(unwrap(model), val_data, cfg, device, autocast)
+            quantizer = unwrap(model).quantizer
+            row = {"epoch": epoch, **train_metrics, **val_metrics, **codebook_stats(counts.cpu()),
+                   "dead_codes": int((quantizer.usage < max(quantizer.dead_code_threshold, 1e-3)).sum()),
+                   "lr": opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
+                   "train_img_per_s": seen / train_seconds, "data_wait_pct": 100 * wait / train_seconds}
+            best = row["val_loss"] < best_val
+            best_val = min(best_val, row["val_loss"])
+            if main_process:
+                state = {"kind": "vqvae", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
+                         "rng": rng_state(), "model_config": asdict(model_cfg), "train_config": asdict(cfg),
+                         "metrics": row}
+                save_checkpoint(state, run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
+                if best:
+                    save_checkpoint(state, run_dir / "best.pt")
+                save_checkpoint(state, run_dir / "last.pt")
+                append_csv(run_dir / "metrics.csv", row)
+                append_csv(run_dir / "code_usage.csv", {"epoch": epoch, **{f"code_{i}": int(c)
+                                                                          for i, c in enumerate(counts)}})
+                plot_training_curves(run_dir / "metrics.csv", run_dir)
+                plot_bars(counts.cpu(), run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index",
+                          "assignments")
+                save_reconstructions(unwrap(model), val_data, cfg, device, autocast,
+                                     run_dir / "recon" / f"epoch_{epoch:03d}.png")
+                tqdm.write(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} (rec {row['train_reconstruction']:.4f}) "
+                           f"| val loss {row['val_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
+                           f"| codes {row['codes_used']}/{model_cfg.codebook_size} ppl {row['perplexity']:.1f} "
+                           f"| lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
+                           + (" *" if best else ""))
+            barrier()
+            if deadline and time.monotonic() > deadline:
+                if main_process:
+                    print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes} reached")
+                break
+    except KeyboardInterrupt:
+        if main_process:
+            done = epoch - 1
+            held = f"{run_dir / 'last.pt'} holds epoch {done}" if done >= 1 else "no epoch had finished"
+            print(f"\ninterrupted during epoch {epoch}; {held}. Resume with: python train.py --resume "
+                  f"{run_dir / 'last.pt'}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(argv=None) -> tuple[dict, dict]:
+    """Returns the flags given explicitly, split into TrainConfig and VQVAEConfig fields."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    train_group = p.add_argument_group("training (TrainConfig)")
+    model_group = p.add_argument_group("model overrides (VQVAEConfig; default: the preset's value)")
+    for group, cls in ((train_group, TrainConfig), (model_group, VQVAEConfig)):
+        for f in fields(cls):
+            kind = next(t for t in (bool, int, float, str) if t is f.type or t in getattr(f.type, "__args__", ()))
+            default = f.default if cls is TrainConfig else None
+            if kind is bool:
+                group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
+                                   help=f"(default: {default})" if default is not None else None)
+            else:
+                group.add_argument(flag(f.name), type=kind, metavar=f.name.upper(),
+                                   help=f"(default: {default})" if default is not None else None)
+    args = vars(p.parse_args(argv))
+    train_names = {f.name for f in fields(TrainConfig)}
+    return ({k: v for k, v in args.items() if k in train_names},
+            {k: v for k, v in args.items() if k not in train_names})
+
+
+# Flags that may change when a run is resumed; everything else comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("epochs", "device", "compile", "max_minutes", "data_root", "resume")
+
+
+def configs_from_args(train_args: dict, model_args: dict) -> tuple[TrainConfig, VQVAEConfig, dict | None]:
+    if "resume" in train_args:
+        if Path(train_args["resume"]).is_dir():  # a run folder: continue from its last.pt
+            train_args["resume"] = str(Path(train_args["resume"]) / "last.pt")
+        state = load_checkpoint(train_args["resume"])
+        changed = sorted(set(train_args) - set(RESUMABLE_OVERRIDES)) + sorted(model_args)
+        if changed:
+            raise UserError(f"--resume continues a run with its saved config; these flags cannot change: "
+                            f"{', '.join(flag(c) for c in changed)} (start a new run instead)")
+        run_dir = Path(train_args["resume"]).resolve().parent
+        if run_dir.name == "checkpoints":
+            run_dir = run_dir.parent
+        cfg = replace(TrainConfig(**state["train_config"]), **train_args, out=str(run_dir)).resolved()
+        model_cfg = VQVAEConfig.from_dict(state["model_config"])
+        if state["epoch"] >= cfg.epochs:
+            raise UserError(f"{train_args['resume']} already finished epoch {state['epoch']} of {cfg.epochs}; "
+                            f"pass a larger --epochs to train further")
+        return cfg, model_cfg, state
+    cfg = TrainConfig(**train_args).resolved()
+    try:
+        model_cfg = replace(PRESETS[cfg.preset], **model_args)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    cfg = replace(cfg, out=str(new_run_dir(cfg)))
+    return cfg, model_cfg, None
+
+
+def main(argv=None):
+    try:
+        cfg, model_cfg, state = configs_from_args(*parse_args(argv))
+        train(cfg, model_cfg, state)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
