@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -108,34 +109,59 @@ def _unreadable(name, reason):
 
 
 def _decode_all(tree, rels, image_size, skip_bad, desc):
-    """Decode `rels` into one uint8 tensor; returns (images, indices of the kept files)."""
-    images, kept, skipped = None, [], []
-    for i, rel in enumerate(tqdm(rels, desc=desc, unit="img", disable=len(rels) <= 200 or desc is None)):
-        name = tree.display(rel)
-        try:
-            img = read_slice(tree.read(rel), name, image_size)
+    """Decode `rels` into one uint8 tensor; returns (images, indices of the kept files).
+
+    All images must have one size. Without skip_bad the first file of another size than the split's first file
+    stops the load; with skip_bad the files of the most common size are kept and the others skipped."""
+    images, kept, skipped, aside = None, [], [], {}  # aside: index -> decoded image of another size than the first
+    progress = tqdm(rels, desc=desc, unit="img", disable=len(rels) <= 200 or desc is None)
+    try:
+        for i, rel in enumerate(progress):
+            name = tree.display(rel)
+            try:
+                img = read_slice(tree.read(rel), name, image_size)
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped.append(i)
+                continue
             if images is None:
                 images = torch.empty((len(rels), *img.shape), dtype=torch.uint8)
             elif img.shape != images.shape[1:]:
-                (h, w), (eh, ew) = img.shape, images.shape[1:]
-                raise DataError(f"image {name} is {w}x{h} pixels but the other images of this split are {ew}x{eh}; "
-                                f"pass --image-size N to resize every image, remove the file, "
-                                f"or pass --skip-bad to skip odd-sized files")
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped.append(name)
-            continue
-        images[len(kept)] = torch.from_numpy(img)
-        kept.append(i)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable or odd-sized files (first: {skipped[0]})")
+                if not skip_bad:
+                    (h, w), (eh, ew) = img.shape, images.shape[1:]
+                    raise DataError(f"image {name} is {w}x{h} pixels but {tree.display(rels[kept[0]])}, the first "
+                                    f"image of this split, is {ew}x{eh}; pass --image-size N to resize every image, "
+                                    f"remove the odd file, or pass --skip-bad to skip the files whose size differs "
+                                    f"from most")
+                aside[i] = img
+                continue
+            images[len(kept)] = torch.from_numpy(img)
+            kept.append(i)
+    finally:
+        progress.close()  # ends the bar's line, so that an error message starts on a line of its own
+    if aside:
+        images, kept, odd = _keep_most_common_size(images, kept, aside)
+        skipped = sorted(skipped + odd)
+    if skipped and desc is not None:  # desc is None when not verbose (e.g. ranks > 0 of a DDP run)
+        print(f"skipped {len(skipped)} unreadable or odd-sized files (first: {tree.display(rels[skipped[0]])})")
     if not kept:
         raise DataError(f"none of the {len(rels)} images in {tree.display(_parent(rels[0]))} could be read; "
                         f"check the files or re-download the dataset")
-    if len(kept) < len(rels):
+    if len(kept) < len(images):
         images = images[:len(kept)].clone()
     return images, kept
+
+
+def _keep_most_common_size(images, kept, aside):
+    """`images` holds the files `kept` (the first file's size), `aside` the others: keep the most common size.
+    Returns (images, kept indices, skipped indices)."""
+    shape, n = Counter(img.shape for img in aside.values()).most_common(1)[0]
+    if n <= len(kept):
+        return images, kept, sorted(aside)
+    chosen = sorted(i for i, img in aside.items() if img.shape == shape)
+    odd = sorted(set(kept) | (set(aside) - set(chosen)))
+    return torch.from_numpy(np.stack([aside[i] for i in chosen])), chosen, odd
 
 
 # -----------------------------------------------------------------------------

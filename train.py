@@ -23,10 +23,11 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from dataset import DATASETS, DataError, build_dataset, to_float
-from modules import PRESETS, VQVAE, VQVAEConfig
-from utils import (UserError, append_csv, barrier, choose_device, distributed_env, load_checkpoint,
+from modules import PRESETS, VQVAE, VQVAEConfig, all_reduce_sum, broadcast_from_rank0
+from utils import (ArgumentParser, UserError, append_csv, choose_device, distributed_env, fail_together,
+                   interrupts_deferred, is_distributed, keep_freed_memory, load_checkpoint, one_line_reason,
                    plot_bars, plot_training_curves, psnr, rng_state, save_checkpoint, save_side_by_side,
-                   seed_everything, set_rng_state, ssim, to_unit, unwrap, write_json)
+                   seed_everything, set_rng_state, ssim, stop_on_sigterm, to_unit, unwrap, write_json)
 
 # Optimiser settings that belong to each model preset (the seed report used Adam at 2e-3, constant).
 PRESET_TRAINING = {
@@ -98,6 +99,25 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def speed_settings(device: torch.device):
+    """The process-wide part of the fast path: TF32 on CUDA; on the CPU, glibc keeps freed memory for reuse
+    (utils.keep_freed_memory). bench.py times the yardstick before applying these."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
+
+
+def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device: torch.device, total_steps: int):
+    """The model (on `device`, channels_last unless --no-channels-last), its Adam optimiser and LR schedule."""
+    model = VQVAE(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                           weight_decay=cfg.weight_decay)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
@@ -131,10 +151,23 @@ def batches(data, sampler, batch_size: int, device: torch.device, drop_last: boo
         yield x.to(device, non_blocking=True)
 
 
-def all_reduce_(*tensors):
-    if dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
+def time_is_up(deadline: float, device: torch.device) -> bool:
+    """Whether the --max-minutes deadline has passed by rank 0's clock. Every rank gets the same answer and so
+    stops after the same step: a rank that stopped alone would leave the others blocked in the quantiser's
+    collectives."""
+    return bool(broadcast_from_rank0(torch.tensor([float(time.monotonic() > deadline)], device=device)).item())
+
+
+@torch.no_grad()
+def average_batchnorm_stats(model: torch.nn.Module):
+    """Average BatchNorm running statistics over the ranks (each rank's saw only its own batches), so that every
+    rank validates, and rank 0 saves, the same model."""
+    if not is_distributed():
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # SyncBatchNorm is not a BatchNorm2d: its statistics agree already
+            for t in (m.running_mean, m.running_var):
+                all_reduce_sum(t).div_(dist.get_world_size())
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
@@ -148,6 +181,30 @@ def codebook_stats(counts: torch.Tensor) -> dict:
 LOSS_NAMES = ("reconstruction", "codebook", "commitment")
 
 
+def diverged_anywhere(loss_value: float, device: torch.device) -> bool:
+    """Whether the loss is NaN or infinite on any rank; every rank gets the same answer, so all stop together."""
+    bad = torch.tensor([float(not math.isfinite(loss_value))], device=device)
+    return bool(all_reduce_sum(bad).item())
+
+
+def train_step(model, opt, scheduler, x, cfg, autocast):
+    """One optimisation step on a (B, 1, H, W) uint8 batch; returns the model output and the loss. Nothing in it
+    waits for the device. bench.py times exactly this."""
+    x = to_float(x)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        out = model(x)
+    loss = sum(out.losses.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    scheduler.step()
+    return out, loss
+
+
 def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, deadline, progress):
     """One pass over the training split; returns epoch-mean losses over all ranks and the code counts."""
     model.train()
@@ -159,28 +216,20 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, dea
         t = time.perf_counter()
         x = next(it)
         wait += time.perf_counter() - t
-        x = to_float(x)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            out = model(x)
-        loss = sum(out.losses.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        scheduler.step()
+        out, loss = train_step(model, opt, scheduler, x, cfg, autocast)
         with torch.no_grad():
-            sums += torch.stack([*(out.losses[k].detach().float() for k in LOSS_NAMES),
-                                 torch.tensor(1.0, device=device)]) * x.shape[0]
+            sums += torch.stack([*(out.losses[k].detach().float() for k in LOSS_NAMES), sums.new_ones(())]) * x.shape[0]
             counts += out.code_counts
         progress.update(1)
-        if step % 25 == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if deadline and time.monotonic() > deadline:
+        if step % 25 == 0:  # the host waits for the loss here anyway, so the divergence check costs nothing extra
+            value = loss.item()
+            progress.set_postfix(loss=f"{value:.4f}")
+            if diverged_anywhere(value, device):
+                break  # a NaN/inf loss: stop now rather than at the end of the epoch; train() reports it
+        if deadline and step % 10 == 9 and time_is_up(deadline, device):  # a collective: not every step
             break
-    all_reduce_(sums, counts)
+    all_reduce_sum(sums)
+    all_reduce_sum(counts)
     n = sums[-1].clamp(min=1)
     means = {f"train_{k}": float(sums[i] / n) for i, k in enumerate(LOSS_NAMES)}
     means["train_loss"] = sum(means.values())
@@ -204,7 +253,7 @@ def evaluate(model, data, cfg, device, autocast) -> dict:
         sums += torch.stack([*(out.losses[k].double() * b for k in LOSS_NAMES),
                              ssim(rec, ref).double().sum(), psnr(rec, ref).double().sum(),
                              torch.tensor(float(b), device=device, dtype=torch.float64)])
-    all_reduce_(sums)
+    all_reduce_sum(sums)
     n = sums[-1].clamp(min=1)
     metrics = {f"val_{k}": float(sums[i] / n) for i, k in enumerate(LOSS_NAMES)}
     metrics["val_loss"] = sum(metrics.values())
@@ -236,15 +285,25 @@ def load_datasets(cfg: TrainConfig, verbose: bool):
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = None):
     rank, world, local_rank = distributed_env()
     device = choose_device(cfg.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    speed_settings(device)
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)
+        out = [cfg.out]  # rank 0's run folder: ranks that looked in runs/ at different moments could disagree
+        dist.broadcast_object_list(out, src=0)
+        cfg = replace(cfg, out=out[0])
     main_process = rank == 0
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
-    train_data, val_data = load_datasets(cfg, verbose=main_process)
+    # Every rank holds the whole dataset in memory. Demo data: rank 0 first, as it may have to write the files.
+    first = main_process or cfg.dataset != "demo"
+    for turn in (True, False):
+        with fail_together(device):
+            if first == turn:
+                train_data, val_data = load_datasets(cfg, verbose=main_process)
     height, width = train_data.image_shape
     try:
         model_cfg.latent_grid(height, width)
@@ -254,15 +313,10 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
         raise UserError(f"the train split has {len(train_data)} images, fewer than one batch "
                         f"({cfg.batch_size} x {world} processes); lower --batch-size")
 
-    model = VQVAE(model_cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     steps_per_epoch = len(sampler) // cfg.batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.epochs * steps_per_epoch))
+    model, opt, scheduler = build_training(cfg, model_cfg, device, cfg.epochs * steps_per_epoch)
 
     start_epoch, best_val = 1, float("inf")
     if resume_state is not None:
@@ -270,32 +324,58 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
         opt.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         start_epoch, best_val = resume_state["epoch"] + 1, resume_state["best_val_loss"]
-        set_rng_state(resume_state["rng"])
-    elif rank:
-        seed_everything(cfg.seed + rank)  # per-rank randomness; anything shared is broadcast from rank 0
+        if main_process:
+            set_rng_state(resume_state["rng"])
+            if resume_state.get("world_size", 1) != world:
+                print(f"note: {cfg.resume} comes from a run of {resume_state.get('world_size', 1)} processes, this "
+                      f"one has {world}: the global batch and the steps per epoch change, so the result will "
+                      f"differ from an uninterrupted run")
+    if rank:
+        # Per-rank streams. Nothing a rank > 0 draws reaches the model: what the ranks must agree on (k-means
+        # init, dead-code restarts) is broadcast from rank 0, whose RNG state is the one checkpoints keep.
+        seed_everything(cfg.seed + 1000 * rank + start_epoch)
 
     if world > 1:
         if cfg.sync_bn and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        # Buffers are broadcast from rank 0 once, here, but not before every forward: the quantiser keeps its
+        # buffers identical on every rank itself (all-reduced EMA statistics, restarts broadcast from rank 0), and
+        # BatchNorm running statistics are averaged over the ranks once per epoch (average_batchnorm_stats).
+        # (Set as an attribute: the constructor argument is deprecated in newer torch and would also skip the
+        # broadcast at construction.)
+        model.broadcast_buffers = False
     if cfg.compile:
         model = torch.compile(model)
     bf16 = use_bf16(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     run_dir = Path(cfg.out)
-    if main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "recon").mkdir(exist_ok=True)
-        write_json(run_dir / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg)})
-        h, w = model_cfg.latent_grid(height, width)
-        print(f"run {run_dir}: {cfg.dataset} {height}x{width}, train {len(train_data)} / validate "
-              f"{len(val_data)} slices; preset {cfg.preset}, latent grid {h}x{w}, K={model_cfg.codebook_size} "
-              f"({model_cfg.bits_per_image(height, width):.0f} bits/slice); {device} x {world}, "
-              f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
+    with fail_together(device):
+        if main_process:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "recon").mkdir(exist_ok=True)
+            write_json(run_dir / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg)})
+            h, w = model_cfg.latent_grid(height, width)
+            print(f"run {run_dir}: {cfg.dataset} {height}x{width}, train {len(train_data)} / validate "
+                  f"{len(val_data)} slices; preset {cfg.preset}, latent grid {h}x{w}, K={model_cfg.codebook_size} "
+                  f"({model_cfg.bits_per_image(height, width):.0f} bits/slice); {device} x {world}, "
+                  f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
 
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else 0.0
-    epoch = start_epoch - 1
+    epoch = saved_epoch = start_epoch - 1  # saved_epoch: the newest epoch whose checkpoints are complete on disk
+
+    def kept() -> str:
+        """Where the newest complete epoch is, for messages: last.pt, or the --resume file if none was saved since."""
+        if saved_epoch < 1:
+            return "no epoch had finished, so nothing was saved"
+        return f"{run_dir / 'last.pt' if saved_epoch >= start_epoch else cfg.resume} holds epoch {saved_epoch}"
+
+    def diverged(what: str, value: float) -> UserError:
+        return UserError(f"training diverged in epoch {epoch} ({what} {value}); {kept()}"
+                         f"{' (the last good one)' if saved_epoch >= 1 else ''}; start a new run with a lower "
+                         f"--lr (this one had {cfg.lr:g}), --grad-clip 1 or --warmup-steps 500")
+
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             sampler.set_epoch(epoch)
@@ -305,10 +385,12 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                 train_metrics, counts, seen, wait = train_epoch(model, opt, scheduler, train_data, sampler, cfg,
                                                                 device, autocast, deadline, progress)
             train_seconds = time.perf_counter() - t0
-            if not math.isfinite(train_metrics["train_loss"]):
-                raise UserError(f"training diverged in epoch {epoch} (loss {train_metrics['train_loss']}); "
-                                f"{run_dir / 'last.pt'} still holds the last good epoch; lower --lr and resume")
+            if not math.isfinite(train_metrics["train_loss"]):  # checked before anything of this epoch is saved
+                raise diverged("train loss", train_metrics["train_loss"])
+            average_batchnorm_stats(unwrap(model))
             val_metrics = evaluate(unwrap(model), val_data, cfg, device, autocast)
+            if not math.isfinite(val_metrics["val_loss"]):  # e.g. the epoch's very last step broke the weights
+                raise diverged("validation loss", val_metrics["val_loss"])
             quantizer = unwrap(model).quantizer
             row = {"epoch": epoch, **train_metrics, **val_metrics, **codebook_stats(counts.cpu()),
                    "dead_codes": int((quantizer.usage < max(quantizer.dead_code_threshold, 1e-3)).sum()),
@@ -316,43 +398,46 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                    "train_img_per_s": seen / train_seconds, "data_wait_pct": 100 * wait / train_seconds}
             best = row["val_loss"] < best_val
             best_val = min(best_val, row["val_loss"])
-            if main_process:
-                state = {"kind": "vqvae", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
-                         "rng": rng_state(), "model_config": asdict(model_cfg), "train_config": asdict(cfg),
-                         "metrics": row}
-                save_checkpoint(state, run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
-                if best:
-                    save_checkpoint(state, run_dir / "best.pt")
-                save_checkpoint(state, run_dir / "last.pt")
-                append_csv(run_dir / "metrics.csv", row)
-                append_csv(run_dir / "code_usage.csv", {"epoch": epoch, **{f"code_{i}": int(c)
-                                                                          for i, c in enumerate(counts)}})
-                plot_training_curves(run_dir / "metrics.csv", run_dir)
-                plot_bars(counts.cpu(), run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index",
-                          "assignments")
-                save_reconstructions(unwrap(model), val_data, cfg, device, autocast,
-                                     run_dir / "recon" / f"epoch_{epoch:03d}.png")
-                tqdm.write(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} (rec {row['train_reconstruction']:.4f}) "
-                           f"| val loss {row['val_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
-                           f"| codes {row['codes_used']}/{model_cfg.codebook_size} ppl {row['perplexity']:.1f} "
-                           f"| lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
-                           + (" *" if best else ""))
-            barrier()
-            if deadline and time.monotonic() > deadline:
+            with fail_together(device):  # also the barrier: no rank goes on before rank 0 has saved
+                if main_process:
+                    state = {"kind": "vqvae", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
+                             "rng": rng_state(), "model_config": asdict(model_cfg), "train_config": asdict(cfg),
+                             "world_size": world, "metrics": row}
+                    with interrupts_deferred():  # Ctrl-C here lands after the epoch's checkpoints and CSV rows
+                        save_checkpoint(state, run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
+                        if best:
+                            save_checkpoint(state, run_dir / "best.pt")
+                        save_checkpoint(state, run_dir / "last.pt")
+                        append_csv(run_dir / "metrics.csv", row)
+                        append_csv(run_dir / "code_usage.csv", {"epoch": epoch, **{f"code_{i}": int(c)
+                                                                                  for i, c in enumerate(counts)}})
+                        saved_epoch = epoch
+                    plot_training_curves(run_dir / "metrics.csv", run_dir)
+                    plot_bars(counts.cpu(), run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index",
+                              "assignments")
+                    save_reconstructions(unwrap(model), val_data, cfg, device, autocast,
+                                         run_dir / "recon" / f"epoch_{epoch:03d}.png")
+                    tqdm.write(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} (rec {row['train_reconstruction']:.4f}) "
+                               f"| val loss {row['val_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
+                               f"| codes {row['codes_used']}/{model_cfg.codebook_size} ppl {row['perplexity']:.1f} "
+                               f"| lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
+                               + (" *" if best else ""))
+            saved_epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved
+            if deadline and time_is_up(deadline, device):
                 if main_process:
                     print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes} reached")
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         if main_process:
-            done = epoch - 1
-            held = f"{run_dir / 'last.pt'} holds epoch {done}" if done >= 1 else "no epoch had finished"
-            print(f"\ninterrupted during epoch {epoch}; {held}. Resume with: python train.py --resume "
-                  f"{run_dir / 'last.pt'}", file=sys.stderr)
+            when = f"after epoch {epoch} was saved" if saved_epoch == epoch else f"during epoch {epoch}"
+            resume = ""
+            if saved_epoch >= 1:
+                resume = (f". Resume with: python train.py --resume "
+                          f"{run_dir / 'last.pt' if saved_epoch >= start_epoch else cfg.resume}"
+                          + (" (under the same torchrun command)" if world > 1 else ""))
+            print(f"\ninterrupted {when}; {kept()}{resume}", file=sys.stderr)
         raise SystemExit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return run_dir
 
 
@@ -364,22 +449,28 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def add_config_flags(group, cls, show_defaults: bool = True, exclude=()):
+    """One flag per field of the dataclass `cls` (--field-name; booleans also get --no-field-name). Used with
+    argument_default=SUPPRESS, so only the flags given explicitly come back from parse_args."""
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        kind = next(t for t in (bool, int, float, str) if t is f.type or t in getattr(f.type, "__args__", ()))
+        default = f.default if show_defaults else None
+        text = f"(default: {default})" if default is not None else None
+        if kind is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
+        else:
+            group.add_argument(flag(f.name), type=kind, metavar=f.name.upper(), help=text)
+
+
 def parse_args(argv=None) -> tuple[dict, dict]:
     """Returns the flags given explicitly, split into TrainConfig and VQVAEConfig fields."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
-    train_group = p.add_argument_group("training (TrainConfig)")
-    model_group = p.add_argument_group("model overrides (VQVAEConfig; default: the preset's value)")
-    for group, cls in ((train_group, TrainConfig), (model_group, VQVAEConfig)):
-        for f in fields(cls):
-            kind = next(t for t in (bool, int, float, str) if t is f.type or t in getattr(f.type, "__args__", ()))
-            default = f.default if cls is TrainConfig else None
-            if kind is bool:
-                group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction,
-                                   help=f"(default: {default})" if default is not None else None)
-            else:
-                group.add_argument(flag(f.name), type=kind, metavar=f.name.upper(),
-                                   help=f"(default: {default})" if default is not None else None)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
+    add_config_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    add_config_flags(p.add_argument_group("model overrides (VQVAEConfig; default: the preset's value)"), VQVAEConfig,
+                     show_defaults=False)
     args = vars(p.parse_args(argv))
     train_names = {f.name for f in fields(TrainConfig)}
     return ({k: v for k, v in args.items() if k in train_names},
@@ -388,6 +479,27 @@ def parse_args(argv=None) -> tuple[dict, dict]:
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "device", "compile", "max_minutes", "data_root", "resume")
+# What train() reads from a checkpoint it resumes.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_val_loss", "rng", "model_config", "train_config")
+
+
+def resumable_configs(state: dict, path) -> tuple[TrainConfig, VQVAEConfig]:
+    """The configs saved in a checkpoint, once it is clear that this code can continue from it: UserError if
+    it lacks something, or its weights do not fit the model its own config describes."""
+    try:
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
+        cfg, model_cfg = TrainConfig(**state["train_config"]), VQVAEConfig.from_dict(state["model_config"])
+        VQVAE(model_cfg).load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} cannot be resumed: it does not match the run it describes ({one_line_reason(e)}); "
+                        f"resume from another checkpoint of the run, or start a new run") from None
+    return cfg, model_cfg
+
+
+def holds_a_run(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("last.pt", "best.pt", "metrics.csv"))
 
 
 def configs_from_args(train_args: dict, model_args: dict) -> tuple[TrainConfig, VQVAEConfig, dict | None]:
@@ -402,8 +514,8 @@ def configs_from_args(train_args: dict, model_args: dict) -> tuple[TrainConfig, 
         run_dir = Path(train_args["resume"]).resolve().parent
         if run_dir.name == "checkpoints":
             run_dir = run_dir.parent
-        cfg = replace(TrainConfig(**state["train_config"]), **train_args, out=str(run_dir)).resolved()
-        model_cfg = VQVAEConfig.from_dict(state["model_config"])
+        saved_cfg, model_cfg = resumable_configs(state, train_args["resume"])
+        cfg = replace(saved_cfg, **train_args, out=str(run_dir)).resolved()
         if state["epoch"] >= cfg.epochs:
             raise UserError(f"{train_args['resume']} already finished epoch {state['epoch']} of {cfg.epochs}; "
                             f"pass a larger --epochs to train further")
@@ -413,18 +525,33 @@ def configs_from_args(train_args: dict, model_args: dict) -> tuple[TrainConfig, 
         model_cfg = replace(PRESETS[cfg.preset], **model_args)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.out and holds_a_run(Path(cfg.out)):  # a new run there would overwrite its checkpoints
+        raise UserError(f"--out {cfg.out} already holds a run; continue it with --resume {cfg.out}, or choose "
+                        f"another --out")
     cfg = replace(cfg, out=str(new_run_dir(cfg)))
     return cfg, model_cfg, None
 
 
 def main(argv=None):
+    rank, world, _ = distributed_env()
     try:
         cfg, model_cfg, state = configs_from_args(*parse_args(argv))
         train(cfg, model_cfg, state)
     except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except OSError as e:  # the run folder cannot be written: a file where a folder should be, permissions, disk full
+        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e.filename or ''}{': ' if e.filename else ''}"
+              f"{e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:  # before training started (loading data, building the model): nothing to keep
+        print("\ninterrupted before training started; no checkpoint was written or changed", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()  # a scheduler's SIGTERM stops like Ctrl-C: train() says what was saved and how to resume
     main()

@@ -1,0 +1,485 @@
+"""Issue 7: bad input, interruptions and untrusted files never crash with a traceback or lose work.
+
+Everything goes through the scripts (train.py and predict.py as subprocesses) unless a fault can only be
+injected in-process; loader-level behaviour is in test_dataset.py, checkpoint-level in test_utils.py.
+Tiny 32x32 demo slices read as OASIS and a tiny model keep it fast; runs that only have to fail go two at a
+time (one per core), since each spends most of its time importing torch.
+"""
+import csv
+import itertools
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+import utils
+from dataset import generate_demo
+from utils import load_checkpoint, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # light on a shared CPU, and the same arithmetic in every child
+TINY_MODEL = ["--batch-size", "8", "--hidden-channels", "16", "--residual-channels", "8", "--embedding-dim", "8"]
+SPLIT_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
+EPOCHS = 3  # of the shared run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers and the shared run
+# ---------------------------------------------------------------------------------------------------------
+
+def script(*args, **kwargs):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def scripts(*calls):
+    """Several script runs, two at a time; their results in order."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda args: script(*args), calls))
+
+
+def assert_one_line_error(result, *fragments):
+    """A non-zero exit, no traceback, and exactly one line on stderr, holding every fragment."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+
+
+def assert_ends_with_error_line(result, *fragments):
+    """For failures after progress bars were drawn: no traceback, and the last line is the one error line."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    assert errors[0].startswith("error: "), errors[0]
+    for fragment in fragments:
+        assert str(fragment) in errors[0], errors[0]
+
+
+def oasis_tree(source, where):
+    """A copy of demo slices, read as OASIS (so nothing is regenerated behind the test's back)."""
+    shutil.copytree(source, where, ignore=shutil.ignore_patterns("DEMO_OK"))
+    return where
+
+
+def train_args(data_root, out, *extra):
+    return ["train.py", "--dataset", "OASIS", "--data-root", str(data_root), *TINY_MODEL, "--out", str(out),
+            *map(str, extra)]
+
+
+def train_files(tree):
+    return sorted((tree / SPLIT_DIRS[0]).iterdir())
+
+
+def metrics_epochs(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def per_image_scores(folder):
+    with open(folder / "per_image.csv", newline="") as f:
+        return [(row["ssim"], row["psnr"]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """10 patients x 4 slices of 32x32: 32 train, 4 validate, 4 test."""
+    return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
+
+
+@pytest.fixture(scope="module")
+def shared(demo_root, tmp_path_factory):
+    """One finished run of EPOCHS epochs, its data and its run folder under paths with spaces and non-ASCII
+    letters, and predict.py's output on its test split. Tests read it or copy it; none changes it."""
+    base = tmp_path_factory.mktemp("shared")
+    tree = oasis_tree(demo_root, base / "données IRM" / "keras png ✓")
+    run, predicted = base / "runs ü" / "run 1", base / "sortie é"
+    r = script(*train_args(tree, run, "--epochs", EPOCHS))
+    assert r.returncode == 0, r.stderr
+    r = script("predict.py", "--checkpoint", run / "best.pt", "--out", predicted)
+    assert r.returncode == 0, r.stderr
+    return tree, run, predicted
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad data and bad flags, through the scripts
+# ---------------------------------------------------------------------------------------------------------
+
+def test_paths_with_spaces_and_non_ascii_letters_work_end_to_end(shared):
+    tree, run, predicted = shared
+    assert load_checkpoint(run / "last.pt")["train_config"]["data_root"] == str(tree)
+    assert len(per_image_scores(predicted)) == 4
+    assert "keras png ✓" in (predicted / "per_image.csv").read_text(encoding="utf-8")
+
+
+def empty_png(tree):
+    bad = train_files(tree)[3]
+    bad.write_bytes(b"")
+    return f"cannot read image {bad}: the file is empty", "--skip-bad"
+
+
+def truncated_png(tree):
+    bad = train_files(tree)[3]
+    bad.write_bytes(bad.read_bytes()[:200])
+    return f"cannot read image {bad}", "truncated", "--skip-bad"
+
+
+def truncated_jpeg(tree):
+    png = train_files(tree)[3]
+    bad = png.with_suffix(".jpeg")
+    Image.open(png).save(bad, "JPEG")
+    png.unlink()
+    bad.write_bytes(bad.read_bytes()[:300])
+    return f"cannot read image {bad}", "--skip-bad"
+
+
+def web_page_named_jpeg(tree):
+    bad = train_files(tree)[3].with_suffix(".jpeg")
+    bad.write_text("<html><body>404 Not Found</body></html>")
+    return f"cannot read image {bad}: not an image format", "--skip-bad"
+
+
+def odd_sized_png(tree):
+    odd = train_files(tree)[5]
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(odd)
+    return f"image {odd} is 32x30 pixels but {train_files(tree)[0]}, the first", "is 32x32", "--image-size", "--skip-bad"
+
+
+def empty_split_folder(tree):
+    for f in (tree / SPLIT_DIRS[1]).iterdir():
+        f.unlink()
+    return f"no images (.png/.jpg/.jpeg) in {tree / SPLIT_DIRS[1]}",
+
+
+def zip_of_another_layout(tree):
+    shutil.rmtree(tree)
+    with zipfile.ZipFile(tree, "w") as zf:
+        zf.writestr("scans/case_1.png", b"")
+        zf.writestr("README.txt", "hello")
+    return f"{tree} does not have the expected layout", "found README.txt, scans/", "--data-root"
+
+
+BAD_DATA = [empty_png, truncated_png, truncated_jpeg, web_page_named_jpeg, odd_sized_png, empty_split_folder,
+            zip_of_another_layout]
+
+
+def test_bad_data_stops_training_with_one_line_naming_the_file_and_the_fix(demo_root, tmp_path):
+    trees = [oasis_tree(demo_root, tmp_path / spoil.__name__) for spoil in BAD_DATA]
+    expected = [spoil(tree) for spoil, tree in zip(BAD_DATA, trees)]
+    results = scripts(*(train_args(tree, tmp_path / f"run {i}", "--epochs", 1) for i, tree in enumerate(trees)))
+    for spoil, result, fragments in zip(BAD_DATA, results, expected):
+        assert_one_line_error(result, *fragments)
+    assert not list(tmp_path.glob("run *"))
+
+
+def test_skip_bad_trains_on_the_readable_images_of_the_most_common_size(demo_root, tmp_path):
+    tree = oasis_tree(demo_root, tmp_path / "data")
+    files = train_files(tree)
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(files[0])  # the odd size comes first
+    files[1].write_bytes(b"")
+    files[2].write_bytes(files[2].read_bytes()[:200])
+    files[3].write_text("<html></html>")
+    r = script(*train_args(tree, tmp_path / "run", "--epochs", 1, "--skip-bad"))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped 4 unreadable or odd-sized files (first: {files[0]})" in r.stdout
+    assert "OASIS train: 28 slices" in r.stdout
+
+
+def test_predict_skips_a_bad_test_image_with_skip_bad_as_its_error_says(shared, tmp_path):
+    tree, run, _ = shared
+    copy = oasis_tree(tree, tmp_path / "data")
+    bad = sorted((copy / SPLIT_DIRS[2]).iterdir())[1]
+    bad.write_bytes(b"")
+    refused, skipped = scripts(*(["predict.py", "--checkpoint", run / "best.pt", "--data-root", copy,
+                                  "--out", tmp_path / "out", *flags] for flags in ([], ["--skip-bad"])))
+    assert_one_line_error(refused, f"cannot read image {bad}", "--skip-bad")
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"skipped 1 unreadable or odd-sized files (first: {bad})" in skipped.stdout
+    assert len(per_image_scores(tmp_path / "out")) == 3
+
+
+def test_error_while_a_long_split_loads_is_not_glued_to_its_progress_bar(tmp_path):
+    """Splits of more than 200 images draw a progress bar while they load."""
+    for split in SPLIT_DIRS:
+        (tmp_path / "data" / split).mkdir(parents=True)
+    for i in range(201):
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / "data" / SPLIT_DIRS[0] / f"case_{i}_slice_0.png")
+    bad = tmp_path / "data" / SPLIT_DIRS[0] / "case_150_slice_0.png"
+    bad.write_bytes(b"")
+    r = script(*train_args(tmp_path / "data", tmp_path / "run", "--epochs", 1))
+    assert "OASIS train:" in r.stderr  # the bar was drawn
+    assert_ends_with_error_line(r, f"cannot read image {bad}")
+
+
+def test_colour_16_bit_and_palette_images_are_read_as_the_same_grey_levels(shared, tmp_path):
+    tree, run, predicted = shared
+    recoded = oasis_tree(tree, tmp_path / "recoded")
+    perm = np.random.default_rng(0).permutation(256).astype(np.uint8)  # palette index -> grey level, shuffled
+
+    def palette(g):
+        image = Image.fromarray(np.argsort(perm).astype(np.uint8)[g], "P")
+        image.putpalette(np.stack([perm] * 3, -1).ravel().tolist())
+        return image
+
+    encoders = [lambda g: Image.fromarray(np.stack([g] * 3, -1)),                        # RGB
+                lambda g: Image.fromarray(np.stack([g] * 3 + [np.full_like(g, 255)], -1)),  # RGBA, opaque
+                lambda g: Image.fromarray(g.astype(np.uint16) * 257),                   # 16-bit grey
+                palette]
+    test_files = sorted((recoded / SPLIT_DIRS[2]).iterdir())
+    for path, encode in zip(test_files, encoders):
+        encode(np.asarray(Image.open(path))).save(path)
+    assert sorted(Image.open(p).mode for p in test_files) == ["I;16", "P", "RGB", "RGBA"]
+    r = script("predict.py", "--checkpoint", run / "best.pt", "--data-root", recoded, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert per_image_scores(tmp_path / "out") == per_image_scores(predicted)  # same pixels in, same scores out
+
+
+def test_bad_flags_exit_with_one_line(demo_root, shared, tmp_path):
+    (tmp_path / "a file").write_text("")
+    checkpoint = shared[1] / "best.pt"
+    cases = [
+        (train_args(demo_root, tmp_path / "run", "--dataset", "BraTS"),
+         "unknown --dataset 'BraTS'; choose one of OASIS, ADNI, demo"),
+        (train_args(demo_root, tmp_path / "run", "--device", "tpu"), "unknown --device 'tpu'; choose auto, cpu or cuda"),
+        (train_args(demo_root, tmp_path / "run", "--epochs", "ten"),
+         "argument --epochs: invalid int value: 'ten'; see python train.py --help"),
+        (train_args(demo_root, tmp_path / "a file" / "run", "--epochs", 1), f"{tmp_path / 'a file'}"),
+        (["predict.py", "--checkpoint", checkpoint, "--device", "tpu"], "unknown --device 'tpu'"),
+        (["predict.py", "--checkpoint", checkpoint, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ]
+    for (args, message), result in zip(cases, scripts(*(args for args, _ in cases))):
+        assert_one_line_error(result, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_never_overwrites_the_run_in_its_out_folder(shared):
+    tree, run, _ = shared
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    r = script(*train_args(tree, run, "--epochs", 1))
+    assert_one_line_error(r, f"--out {run} already holds a run; continue it with --resume {run}")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# untrusted and unsuitable checkpoints, through predict.py and train.py --resume
+# ---------------------------------------------------------------------------------------------------------
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"vqvae-test-{os.getpid()}-code-ran"
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch '{MARKER}'",))
+
+
+def truncated(good, path):
+    path.write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+
+
+def plain_state_dict(good, path):
+    torch.save(load_checkpoint(good)["model"], path)  # what another project's torch.save(model.state_dict()) is
+
+
+def code_in_a_checkpoint(good, path):
+    torch.save({**load_checkpoint(good), "payload": RunsCode()}, path)
+
+
+def code_in_a_pickle(good, path):
+    with open(path, "wb") as f:
+        pickle.dump(RunsCode(), f)
+
+
+def weights_of_another_config(good, path):
+    state = load_checkpoint(good)
+    state["model_config"] = {**state["model_config"], "codebook_size": 16}  # its weights hold 32 codes
+    save_checkpoint(state, path)
+
+
+UNSUITABLE = {truncated: "the file is truncated or corrupt", plain_state_dict: "is not a checkpoint of this project",
+              code_in_a_checkpoint: "could run code", code_in_a_pickle: "could run code",
+              weights_of_another_config: "size mismatch for quantizer.codebook"}
+
+
+def test_unsuitable_checkpoints_are_refused_with_one_line_and_run_no_code(shared, tmp_path):
+    MARKER.unlink(missing_ok=True)
+    calls, expected = [], []
+    for make, message in UNSUITABLE.items():
+        path = tmp_path / make.__name__ / "given.pt"
+        path.parent.mkdir()
+        make(shared[1] / "last.pt", path)
+        calls += [["predict.py", "--checkpoint", path, "--out", tmp_path / "out"],
+                  ["train.py", "--resume", path, "--epochs", EPOCHS + 1]]
+        expected += [(path, message)] * 2
+    for result, fragments in zip(scripts(*calls), expected):
+        assert_one_line_error(result, *fragments)
+    assert not MARKER.exists()
+    assert len(list(tmp_path.rglob("*"))) == 2 * len(UNSUITABLE)  # nothing written beside the given files
+
+
+def test_resume_refuses_to_change_the_model(shared, tmp_path):
+    run = shutil.copytree(shared[1], tmp_path / "run")
+    r = script("train.py", "--resume", run / "last.pt", "--epochs", EPOCHS + 1, "--codebook-size", 64, "--preset", "hq")
+    assert_one_line_error(r, "these flags cannot change: --preset, --codebook-size (start a new run instead)")
+
+
+def test_predict_says_where_the_missing_dataset_was_and_how_to_point_at_it(shared, tmp_path):
+    calls = []
+    for dataset in ("OASIS", "ADNI"):
+        state = load_checkpoint(shared[1] / "best.pt")
+        state["train_config"] = {**state["train_config"], "dataset": dataset, "data_root": str(tmp_path / "gone")}
+        save_checkpoint(state, tmp_path / dataset / "best.pt")
+        calls.append(["predict.py", "--checkpoint", tmp_path / dataset / "best.pt", "--out", tmp_path / "out"])
+    oasis, adni = scripts(*calls)
+    assert_one_line_error(oasis, f"trained on OASIS at {tmp_path / 'gone'}, which is not there now",
+                          "pass --data-root pointing at the folder holding keras_png_slices_train")
+    assert_one_line_error(adni, f"trained on ADNI at {tmp_path / 'gone'}, which is not there now",
+                          "pass --data-root pointing at the AD_NC folder")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# interruptions and failures while training
+# ---------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninterrupted_one(shared, tmp_path):
+    tree, uninterrupted, _ = shared
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, *train_args(tree, run, "--epochs", EPOCHS)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (run / "last.pt").exists():  # epoch 1 is saved
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    saved = load_checkpoint(run / "last.pt")["epoch"]
+    assert 1 <= saved < EPOCHS
+    assert f"{run / 'last.pt'} holds epoch {saved}. Resume with: python train.py --resume {run / 'last.pt'}" in err
+    assert metrics_epochs(run) == list(range(1, saved + 1))
+
+    r = script("train.py", "--resume", run / "last.pt")
+    assert r.returncode == 0, r.stderr
+    a, b = load_checkpoint(uninterrupted / "last.pt"), load_checkpoint(run / "last.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
+
+
+@pytest.fixture
+def sigterm_stops_like_ctrl_c():
+    """What train.py's __main__ sets up, undone afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    utils.stop_on_sigterm()
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_while_an_epoch_is_saved_lands_after_its_checkpoints_and_csv_rows(
+        demo_root, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
+    real_save = train.save_checkpoint
+
+    def save_after_an_interrupt(state, path):
+        os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
+        real_save(state, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_after_an_interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(demo_root, run, "--epochs", EPOCHS)[1:])
+    assert stop.value.code == 130
+    assert load_checkpoint(run / "last.pt")["epoch"] == load_checkpoint(run / "best.pt")["epoch"] == 1
+    assert metrics_epochs(run) == [1]
+    assert f"holds epoch 1. Resume with: python train.py --resume {run / 'last.pt'}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the writer it kills")
+def test_kill_9_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    target = tmp_path / "last.pt"
+    payload = torch.zeros(4_000_000)  # 16 MB: a save takes long enough to be killed in the middle of it
+    save_checkpoint({"kind": "vqvae", "version": 0, "stamp": torch.zeros(10), "w": payload}, target)
+    rng, mid_write_kills = random.Random(0), 0
+    for _ in range(10):
+        pid = os.fork()
+        if pid == 0:  # the writer: saves new versions until it is killed
+            try:
+                torch.set_num_threads(1)
+                for version in itertools.count(1):
+                    save_checkpoint({"kind": "vqvae", "version": version, "stamp": torch.full((10,), version),
+                                     "w": payload}, target)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        state = load_checkpoint(target)
+        assert torch.all(state["stamp"] == state["version"]) and state["w"].shape == payload.shape
+        leftovers = [p.name for p in tmp_path.iterdir() if p != target]
+        assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
+        mid_write_kills += bool(leftovers)
+    assert mid_write_kills >= 2  # the kills did land in the middle of writes
+    save_checkpoint({"kind": "vqvae"}, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the next save clears what the kills left
+
+
+def test_diverging_loss_stops_the_run_before_anything_is_saved(demo_root, tmp_path):
+    run = tmp_path / "run"
+    r = script(*train_args(demo_root, run, "--epochs", EPOCHS, "--lr", "1e8"))
+    assert_ends_with_error_line(r, "training diverged in epoch 1", "nothing was saved", "lower --lr")
+    assert not list(run.rglob("*.pt"))
+
+
+def test_loss_turning_nan_keeps_the_last_good_epoch(demo_root, tmp_path, monkeypatch, capsys):
+    real_epoch, calls = train.train_epoch, []
+
+    def nan_weights_in_epoch_2(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", nan_weights_in_epoch_2)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(demo_root, run, "--epochs", EPOCHS)[1:])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "training diverged in epoch 2" in err and f"{run / 'last.pt'} holds epoch 1 (the last good one)" in err
+    assert load_checkpoint(run / "last.pt")["epoch"] == load_checkpoint(run / "best.pt")["epoch"] == 1
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch_001.pt"]
+    assert metrics_epochs(run) == [1]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="simulates a full disk with RLIMIT_FSIZE")
+def test_full_disk_while_saving_is_reported_and_keeps_the_previous_checkpoint(shared, tmp_path):
+    import resource
+    run = shutil.copytree(shared[1], tmp_path / "run")
+    limit = (run / "last.pt").stat().st_size // 2  # no checkpoint fits; config.json and the CSV rows do
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = script("train.py", "--resume", run / "last.pt", "--epochs", EPOCHS + 1, preexec_fn=small_disk)
+    assert_ends_with_error_line(r, f"could not write checkpoint {run / 'checkpoints' / f'epoch_{EPOCHS + 1:03d}.pt'}",
+                                "File too large", "resume from the last checkpoint")
+    assert load_checkpoint(run / "last.pt")["epoch"] == EPOCHS
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"epoch_{e:03d}.pt" for e in
+                                                                       range(1, EPOCHS + 1)]
+    assert metrics_epochs(run) == list(range(1, EPOCHS + 1))

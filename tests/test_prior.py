@@ -1,0 +1,227 @@
+"""The PixelCNN prior: causality of its masks, sampling and completion, learning, conditioning; the Frechet
+distance and nearest-neighbour SSIM; train_prior.py and predict.py --sample end to end on tiny generated data."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import predict
+import train
+import train_prior
+from dataset import generate_demo
+from modules import PixelCNNConfig, PixelCNNPrior
+from test_dataset import make_adni
+from test_train import run_script, tiny_args
+from utils import frechet_distance, load_checkpoint, nearest_ssim, ssim
+
+
+def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0):
+    torch.manual_seed(seed)
+    return PixelCNNPrior(PixelCNNConfig(codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
+                                        num_classes=num_classes)).eval()
+
+
+@pytest.mark.parametrize("kernel_size, layers", [(3, 5), (5, 3)])
+def test_each_position_sees_exactly_the_positions_before_it(kernel_size, layers):
+    """d logits(i, j) / d one-hot input is zero at (i, j) and after it in raster order, and nonzero at every
+    position before it (the layers are deep enough to reach the whole 5x6 grid): no leak, no blind spot."""
+    prior, (h, w), k = tiny_prior(layers=layers, kernel_size=kernel_size), (5, 6), 8
+    codes = torch.randint(0, k, (2, h, w))
+    one_hot = F.one_hot(codes, k).float().requires_grad_()  # (B, h, w, K)
+    prior.embed.register_forward_hook(lambda module, args, out: one_hot @ module.weight)
+    logits = prior(codes)
+    raster = torch.arange(h * w).view(h, w)
+    for i in range(h):
+        for j in range(w):
+            weights = torch.randn(k)  # a random mix of the K logits, so no cancellation hides a dependency
+            grad, = torch.autograd.grad((logits[:, :, i, j] * weights).sum(), one_hot, retain_graph=True)
+            seen = grad.abs().sum((0, 3)) > 0  # (h, w)
+            assert torch.equal(seen, raster < i * w + j), (i, j)
+            if i > 0 and j + 1 < w:
+                assert seen[i - 1, j + 1], "blind spot: the position up-right does not influence (i, j)"
+
+
+def test_sampler_uses_the_same_conditionals_as_the_forward_pass():
+    """The sampler runs the stacks row by row on cropped inputs; at a temperature near 0 it picks the argmax, so
+    every sampled code must be the argmax of the full forward pass's logits on the finished map."""
+    prior = tiny_prior(k=16, num_classes=2)
+    labels = torch.tensor([0, 1, 1])
+    codes = prior.sample(3, (5, 7), labels, temperature=1e-4)
+    assert torch.equal(prior(codes, labels).argmax(1), codes)
+
+
+def test_sampling_shape_range_and_determinism_under_a_seed():
+    prior = tiny_prior()
+    draw = lambda seed: prior.sample(4, (3, 5), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.shape == (4, 3, 5) and a.dtype == torch.long and 0 <= a.min() and a.max() < 8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_completion_keeps_the_given_codes():
+    prior = tiny_prior(num_classes=2)
+    given = torch.randint(0, 8, (6, 4, 4))
+    top_half = torch.zeros(4, 4, dtype=torch.bool)
+    top_half[:2] = True
+    scattered = torch.rand(6, 4, 4) < 0.5
+    for mask in (top_half, scattered):
+        out = prior.sample(6, (4, 4), torch.arange(6) % 2, generator=torch.Generator().manual_seed(0),
+                           given=given, given_mask=mask)
+        kept = mask.expand(6, 4, 4)
+        assert torch.equal(out[kept], given[kept])
+        assert not torch.equal(out[~kept], given[~kept])  # the rest was sampled (32 of 8 codes: all equal by chance ~0)
+
+
+def test_a_tiny_prior_overfits_a_tiny_code_set():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 8, (4, 6, 6))  # log2 8 = 3 bits per code when nothing is learned
+    prior = tiny_prior(layers=4).train()
+    opt = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = F.cross_entropy(prior(codes), codes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    bits = F.cross_entropy(prior.eval()(codes), codes).item() / torch.log(torch.tensor(2.0)).item()
+    assert bits < 1.0
+
+
+def test_conditioning_changes_the_output():
+    prior = tiny_prior(num_classes=2)
+    codes = torch.randint(0, 8, (2, 4, 4))
+    zero, one = prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([1, 1]))
+    assert not torch.allclose(zero, one)
+    assert torch.equal(zero, prior(codes, torch.tensor([0, 0])))
+    with pytest.raises(ValueError, match="labels"):
+        prior(codes)
+
+
+def test_frechet_distance_matches_the_scipy_formula():
+    from scipy import linalg
+    a, b = torch.randn(200, 6, dtype=torch.float64), 1.5 * torch.randn(300, 6, dtype=torch.float64) + 0.3
+    mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
+    expected = float((mu_a - mu_b).square().sum()) + (s_a + s_b - 2 * linalg.sqrtm(s_a @ s_b).real).trace()
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-8
+
+
+def test_nearest_ssim_finds_copies_and_equals_an_exhaustive_search():
+    torch.manual_seed(0)
+    gallery, queries = torch.rand(12, 1, 16, 16), torch.rand(3, 1, 16, 16)
+    exhaustive = torch.stack([ssim(q.expand(12, 1, 16, 16), gallery).max() for q in queries])
+    assert torch.allclose(nearest_ssim(queries, gallery), exhaustive)
+    assert torch.allclose(nearest_ssim(gallery[[4, 7]], gallery, candidates=1), torch.ones(2))
+
+
+@pytest.fixture(scope="module")
+def vqvae(tmp_path_factory):
+    """A tiny VQ-VAE (4x4 code maps, K=32) trained for one epoch on a tiny 32x32 demo tree."""
+    root = tmp_path_factory.mktemp("prior")
+    data = generate_demo(root / "demo", size=32, n_patients=10, slices_per_patient=4)
+    train.main(tiny_args(data, root / "vqvae", "--epochs", "1"))
+    return root / "vqvae" / "best.pt"
+
+
+PRIOR_FLAGS = ["--batch-size", "8", "--channels", "8", "--layers", "2", "--kernel-size", "3", "--epoch-samples", "4"]
+
+
+def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_path, capsys):
+    out = tmp_path / "prior"
+    r = run_script("train_prior.py", "--vqvae", str(vqvae), "--epochs", "2", "--out", str(out), *PRIOR_FLAGS)
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "metrics.csv", "loss.png", "best.pt", "last.pt", "samples/epoch_001.png",
+                 "samples/epoch_002.png"):
+        assert (out / name).is_file(), name
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_bits_per_code", "val_bits_per_code", "lr"} <= set(header)
+    state = load_checkpoint(out / "last.pt", kind="prior")
+    assert state["epoch"] == 2 and state["model_config"]["codebook_size"] == 32
+    assert state["model_config"]["layers"] == 2 and state["vqvae_checkpoint"] == str(vqvae)
+    assert state["vqvae_model_config"] == load_checkpoint(vqvae)["model_config"]
+
+    r = run_script("train_prior.py", "--resume", str(out / "last.pt"), "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "last.pt", kind="prior")["epoch"] == 3
+    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+    r = run_script("predict.py", "--sample", "4", "--prior", str(out / "best.pt"), "--out", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    for name in ("samples.png", "completions.png", "sample_scores.json"):
+        assert (tmp_path / "s" / name).is_file(), name
+    scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())
+    assert 0 < scores["validation_nll_bits_per_code"] and scores["log2_codebook_size"] == 5
+    for name in ("samples", "validate_real", "validate_reconstructions"):
+        assert -1 <= scores["nearest_train_ssim"][name]["mean"] <= scores["nearest_train_ssim"][name]["max"] <= 1
+        assert scores["frechet_distance"][f"{name}_vs_train"] >= 0
+    assert scores["nearest_train_ssim"]["samples"]["images"] == 4
+    with pytest.raises(SystemExit):
+        predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--class", "AD"])
+    assert "--class needs a class-conditional prior" in capsys.readouterr().err
+
+
+def test_a_class_conditional_prior_trains_and_samples_the_asked_class(tmp_path, capsys):
+    """Tiny ADNI-layout data (AD and NC slices of different brightness) exercises the labels end to end."""
+    ad_nc = make_adni(tmp_path / "AD_NC")
+    train.main(tiny_args(ad_nc, tmp_path / "vqvae", "--dataset", "ADNI", "--image-size", "32", "--epochs", "1"))
+    train_prior.main(["--vqvae", str(tmp_path / "vqvae" / "best.pt"), "--conditional", "--epochs", "1",
+                      *PRIOR_FLAGS])
+    state = load_checkpoint(tmp_path / "vqvae" / "prior" / "best.pt", kind="prior")
+    assert state["model_config"]["num_classes"] == 2 and state["class_names"] == ["NC", "AD"]
+    predict.main(["--sample", "2", "--checkpoint", str(tmp_path / "vqvae" / "best.pt"), "--class", "ad"])
+    scores = json.loads((tmp_path / "vqvae" / "prior" / "predict_samples" / "sample_scores.json").read_text())
+    assert scores["class"] == "AD" and scores["validation_nll_bits_per_code"] > 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        predict.main(["--sample", "2", "--checkpoint", str(tmp_path / "vqvae" / "best.pt"), "--class", "MCI"])
+    err = capsys.readouterr().err
+    assert "unknown --class 'MCI'; choose one of NC, AD" in err and len(err.strip().splitlines()) == 1
+
+
+def test_interrupted_and_resumed_prior_training_equals_an_uninterrupted_run(vqvae, tmp_path, monkeypatch):
+    args = ["--vqvae", str(vqvae), "--epochs", "3", *PRIOR_FLAGS, "--dropout", "0.2"]  # dropout: RNG state matters
+    train_prior.main([*args, "--out", str(tmp_path / "straight")])
+
+    real_epoch, calls = train_prior.train_epoch, []
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train_prior, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit) as stop:
+        train_prior.main([*args, "--out", str(tmp_path / "resumed")])
+    assert stop.value.code == 130 and load_checkpoint(tmp_path / "resumed" / "last.pt", kind="prior")["epoch"] == 1
+    monkeypatch.setattr(train_prior, "train_epoch", real_epoch)
+    train_prior.main(["--resume", str(tmp_path / "resumed")])
+
+    a, b = (load_checkpoint(tmp_path / name / "last.pt", kind="prior") for name in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 3 and a["metrics"]["val_bits_per_code"] == b["metrics"]["val_bits_per_code"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--kernel-size", "4"], "kernel_size"),
+    (["--conditional"], "--conditional needs a dataset with classes"),
+])
+def test_train_prior_user_errors_exit_with_one_line(vqvae, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        train_prior.main(["--vqvae", str(vqvae), "--out", str(tmp_path / "p"), *PRIOR_FLAGS, *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_wrong_or_missing_checkpoints_exit_with_one_line(vqvae, tmp_path, capsys):
+    for argv, message in ((["--vqvae", str(tmp_path / "none.pt")], "does not exist"),
+                          (["--resume", str(vqvae)], "holds a vqvae checkpoint, but a prior checkpoint is needed"),
+                          ([], "--vqvae is required")):
+        with pytest.raises(SystemExit):
+            train_prior.main(argv)
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    r = run_script("predict.py", "--sample", "2", "--prior", str(vqvae))
+    assert r.returncode == 2 and "a prior checkpoint is needed" in r.stderr and "Traceback" not in r.stderr
