@@ -361,6 +361,18 @@ def default_demo_root():
     return Path(__file__).resolve().parent / "data" / "demo"
 
 
+def demo_settings(root=None) -> dict | None:
+    """The generate_demo settings (size, n_patients, slices_per_patient, seed) of the complete demo tree at `root`
+    (None: the default root), read from its marker file; None if there is no complete tree of this version."""
+    marker = Path(root if root is not None else default_demo_root()).expanduser() / DEMO_MARKER
+    try:
+        version, *fields = marker.read_text().split()
+        settings = {key: int(value) for key, value in (f.split("=") for f in fields)}
+    except (OSError, ValueError):
+        return None
+    return settings if version == DEMO_VERSION else None
+
+
 def generate_demo(root, size=128, n_patients=30, slices_per_patient=10, seed=0, verbose=False):
     """
     Write brain-like phantom slices as 8-bit PNGs in the OASIS layout, split 80/10/10 by patient.

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import SPLITS, DataError, build_dataset, to_float
+from dataset import DEMO_MARKER, SPLITS, DataError, build_dataset, default_demo_root, generate_demo, to_float
 from modules import VQVAE, PixelCNNConfig, PixelCNNPrior, VQVAEConfig
 from utils import (ArgumentParser, UserError, choose_device, frechet_distance, load_checkpoint, nearest_ssim,
                    one_line_reason, plot_histogram, plot_training_curves, plot_triplets, psnr, save_image_grid,
@@ -79,10 +79,19 @@ DATA_ROOT_HINTS = {
 }
 
 
-def load_split(train_config: dict, split: str, data_root: str | None = None, skip_bad: bool | None = None):
-    """One split of the dataset a VQ-VAE was trained on, as its checkpoint's train_config records it."""
+def load_split(train_config: dict, split: str, data_root: str | None = None, skip_bad: bool | None = None,
+               demo: dict | None = None):
+    """One split of the dataset a VQ-VAE was trained on, as its checkpoint's train_config records it. Demo data
+    that is gone is made again, with the generate_demo settings `demo` (the checkpoint's "demo_settings") if known."""
     cfg = train_config
     name, root = cfg["dataset"], data_root or cfg["data_root"]
+    if name == "demo":
+        folder = Path(root).expanduser() if root else default_demo_root()
+        if not (folder / DEMO_MARKER).is_file():
+            how = (f"with the settings it was made with ({', '.join(f'{k} {v}' for k, v in demo.items())})" if demo
+                   else "with the default settings (300 slices of 128x128; this checkpoint does not record its own)")
+            print(f"the demo data this checkpoint was trained on is not at {folder}; making it again there {how}")
+            generate_demo(folder, **(demo or {}))
     if name in DATA_ROOT_HINTS and (root is None or not Path(root).expanduser().exists()):
         where = (f"--data-root {data_root} does not exist" if data_root else
                  f"this checkpoint was trained on {name} at {root}, which is not there now" if root else
@@ -169,7 +178,8 @@ def main(argv=None):
     p.add_argument("--data-root", help="where the dataset is now, if not where training read it")
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction,
                    help="skip unreadable or odd-sized images and report how many (default: as in training)")
-    p.add_argument("--out", type=Path, help="output folder (default: <run>/predict_<split>)")
+    p.add_argument("--out", type=Path, help="output folder (default: <run>/predict_<split>; with --sample, "
+                   "predict_samples/ in the prior checkpoint's folder)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--batch-size", type=int, default=32)
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
@@ -205,7 +215,7 @@ def run(args):
     device = choose_device(args.device)
     model, state = load_model(path, device)
     cfg = state["train_config"]
-    data = load_split(cfg, args.split, args.data_root, args.skip_bad)
+    data = load_split(cfg, args.split, args.data_root, args.skip_bad, state.get("demo_settings"))
     run_dir = run_dir_of(path)
     out = args.out or run_dir / f"predict_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +277,7 @@ def generate(args):
             raise UserError(f"unknown --class {args.class_name!r}; choose one of {', '.join(class_names)}")
         class_index = lowered.index(args.class_name.lower())
     cfg = state["train_config"]
-    train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad)
+    train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state.get("demo_settings"))
                         for split in ("train", "validate", args.split))
     out = args.out or run_dir_of(prior_path) / "predict_samples"
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -22,12 +22,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from dataset import DATASETS, DataError, build_dataset, to_float
+from dataset import DATASETS, DataError, build_dataset, demo_settings, to_float
 from modules import PRESETS, VQVAE, VQVAEConfig, all_reduce_sum, broadcast_from_rank0
-from utils import (ArgumentParser, UserError, append_csv, choose_device, distributed_env, fail_together,
-                   interrupts_deferred, is_distributed, keep_freed_memory, load_checkpoint, one_line_reason,
-                   plot_bars, plot_training_curves, psnr, rng_state, save_checkpoint, save_side_by_side,
-                   seed_everything, set_rng_state, ssim, stop_on_sigterm, to_unit, unwrap, write_json)
+from utils import (ArgumentParser, SavedEpochs, UserError, append_csv, choose_device, distributed_env,
+                   drop_epochs_after, fail_together, interrupts_deferred, is_distributed, keep_freed_memory,
+                   load_checkpoint, one_line_reason, plot_bars, plot_training_curves, psnr, rng_state,
+                   save_checkpoint, save_side_by_side, seed_everything, set_rng_state, ssim, stop_on_sigterm,
+                   to_unit, unwrap, write_json)
 
 # Optimiser settings that belong to each model preset (the seed report used Adam at 2e-3, constant).
 PRESET_TRAINING = {
@@ -104,6 +105,7 @@ def speed_settings(device: torch.device):
     (utils.keep_freed_memory). bench.py times the yardstick before applying these."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the shapes repeat every step, so the fastest kernels are worth finding
     else:
         keep_freed_memory()
 
@@ -363,18 +365,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                   f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
 
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else 0.0
-    epoch = saved_epoch = start_epoch - 1  # saved_epoch: the newest epoch whose checkpoints are complete on disk
-
-    def kept() -> str:
-        """Where the newest complete epoch is, for messages: last.pt, or the --resume file if none was saved since."""
-        if saved_epoch < 1:
-            return "no epoch had finished, so nothing was saved"
-        return f"{run_dir / 'last.pt' if saved_epoch >= start_epoch else cfg.resume} holds epoch {saved_epoch}"
-
-    def diverged(what: str, value: float) -> UserError:
-        return UserError(f"training diverged in epoch {epoch} ({what} {value}); {kept()}"
-                         f"{' (the last good one)' if saved_epoch >= 1 else ''}; start a new run with a lower "
-                         f"--lr (this one had {cfg.lr:g}), --grad-clip 1 or --warmup-steps 500")
+    epoch = start_epoch - 1
+    saved = SavedEpochs("train.py", run_dir, start_epoch, cfg.resume,
+                        "(under the same torchrun command)" if world > 1 else "")
 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -386,11 +379,11 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                                                                 device, autocast, deadline, progress)
             train_seconds = time.perf_counter() - t0
             if not math.isfinite(train_metrics["train_loss"]):  # checked before anything of this epoch is saved
-                raise diverged("train loss", train_metrics["train_loss"])
+                raise saved.diverged(epoch, "train loss", train_metrics["train_loss"], cfg)
             average_batchnorm_stats(unwrap(model))
             val_metrics = evaluate(unwrap(model), val_data, cfg, device, autocast)
             if not math.isfinite(val_metrics["val_loss"]):  # e.g. the epoch's very last step broke the weights
-                raise diverged("validation loss", val_metrics["val_loss"])
+                raise saved.diverged(epoch, "validation loss", val_metrics["val_loss"], cfg)
             quantizer = unwrap(model).quantizer
             row = {"epoch": epoch, **train_metrics, **val_metrics, **codebook_stats(counts.cpu()),
                    "dead_codes": int((quantizer.usage < max(quantizer.dead_code_threshold, 1e-3)).sum()),
@@ -403,16 +396,19 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                     state = {"kind": "vqvae", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": best_val,
                              "rng": rng_state(), "model_config": asdict(model_cfg), "train_config": asdict(cfg),
-                             "world_size": world, "metrics": row}
+                             "world_size": world, "metrics": row,
+                             "demo_settings": demo_settings(cfg.data_root) if cfg.dataset == "demo" else None}
                     with interrupts_deferred():  # Ctrl-C here lands after the epoch's checkpoints and CSV rows
                         save_checkpoint(state, run_dir / "checkpoints" / f"epoch_{epoch:03d}.pt")
                         if best:
                             save_checkpoint(state, run_dir / "best.pt")
                         save_checkpoint(state, run_dir / "last.pt")
+                        if resume_state is not None and epoch == start_epoch:  # rows of a run that went further
+                            drop_epochs_after(epoch - 1, [run_dir / "metrics.csv", run_dir / "code_usage.csv"])
                         append_csv(run_dir / "metrics.csv", row)
                         append_csv(run_dir / "code_usage.csv", {"epoch": epoch, **{f"code_{i}": int(c)
                                                                                   for i, c in enumerate(counts)}})
-                        saved_epoch = epoch
+                        saved.epoch = epoch
                     plot_training_curves(run_dir / "metrics.csv", run_dir)
                     plot_bars(counts.cpu(), run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index",
                               "assignments")
@@ -423,20 +419,14 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                                f"| codes {row['codes_used']}/{model_cfg.codebook_size} ppl {row['perplexity']:.1f} "
                                f"| lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
                                + (" *" if best else ""))
-            saved_epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved
+            saved.epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved
             if deadline and time_is_up(deadline, device):
                 if main_process:
                     print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes} reached")
                 break
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         if main_process:
-            when = f"after epoch {epoch} was saved" if saved_epoch == epoch else f"during epoch {epoch}"
-            resume = ""
-            if saved_epoch >= 1:
-                resume = (f". Resume with: python train.py --resume "
-                          f"{run_dir / 'last.pt' if saved_epoch >= start_epoch else cfg.resume}"
-                          + (" (under the same torchrun command)" if world > 1 else ""))
-            print(f"\ninterrupted {when}; {kept()}{resume}", file=sys.stderr)
+            print(saved.interrupted(epoch), file=sys.stderr)
         raise SystemExit(130)
     return run_dir
 
@@ -502,23 +492,34 @@ def holds_a_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in ("last.pt", "best.pt", "metrics.csv"))
 
 
+def load_resume(train_args: dict, model_args: dict, allowed, kind: str = "vqvae") -> tuple[Path, dict]:
+    """The checkpoint that --resume names (a run folder: its last.pt), loaded, once it is clear that no flag but
+    those in `allowed` was given with it: everything else comes from the checkpoint. Also train_prior.py's."""
+    path = Path(train_args["resume"])
+    path = path / "last.pt" if path.is_dir() else path
+    state = load_checkpoint(path, kind)
+    changed = sorted(set(train_args) - set(allowed)) + sorted(model_args)
+    if changed:
+        raise UserError(f"--resume continues a run with its saved config; these flags cannot change: "
+                        f"{', '.join(flag(c) for c in changed)} (start a new run instead)")
+    return path, state
+
+
+def refuse_finished(path, state: dict, epochs: int):
+    if state["epoch"] >= epochs:
+        raise UserError(f"{path} already finished epoch {state['epoch']} of {epochs}; pass a larger --epochs to "
+                        f"train further")
+
+
 def configs_from_args(train_args: dict, model_args: dict) -> tuple[TrainConfig, VQVAEConfig, dict | None]:
     if "resume" in train_args:
-        if Path(train_args["resume"]).is_dir():  # a run folder: continue from its last.pt
-            train_args["resume"] = str(Path(train_args["resume"]) / "last.pt")
-        state = load_checkpoint(train_args["resume"])
-        changed = sorted(set(train_args) - set(RESUMABLE_OVERRIDES)) + sorted(model_args)
-        if changed:
-            raise UserError(f"--resume continues a run with its saved config; these flags cannot change: "
-                            f"{', '.join(flag(c) for c in changed)} (start a new run instead)")
-        run_dir = Path(train_args["resume"]).resolve().parent
+        path, state = load_resume(train_args, model_args, RESUMABLE_OVERRIDES)
+        run_dir = path.resolve().parent
         if run_dir.name == "checkpoints":
             run_dir = run_dir.parent
-        saved_cfg, model_cfg = resumable_configs(state, train_args["resume"])
-        cfg = replace(saved_cfg, **train_args, out=str(run_dir)).resolved()
-        if state["epoch"] >= cfg.epochs:
-            raise UserError(f"{train_args['resume']} already finished epoch {state['epoch']} of {cfg.epochs}; "
-                            f"pass a larger --epochs to train further")
+        saved_cfg, model_cfg = resumable_configs(state, path)
+        cfg = replace(saved_cfg, **{**train_args, "resume": str(path)}, out=str(run_dir)).resolved()
+        refuse_finished(path, state, cfg.epochs)
         return cfg, model_cfg, state
     cfg = TrainConfig(**train_args).resolved()
     try:
@@ -532,21 +533,30 @@ def configs_from_args(train_args: dict, model_args: dict) -> tuple[TrainConfig, 
     return cfg, model_cfg, None
 
 
+@contextmanager
+def exits_with_one_line(prefix: str = "error"):
+    """Around a training script's main (train.py, train_prior.py): what the user can fix stops it with one line
+    and exit status 2, and Ctrl-C or SIGTERM before training started (the training loops handle their own) with
+    status 130."""
+    try:
+        yield
+    except (UserError, DataError) as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except OSError as e:  # the run folder cannot be written: a file where a folder should be, permissions, disk full
+        print(f"{prefix}: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:  # loading data, building the model: nothing to keep
+        print("\ninterrupted before training started; no checkpoint was written or changed", file=sys.stderr)
+        raise SystemExit(130)
+
+
 def main(argv=None):
     rank, world, _ = distributed_env()
     try:
-        cfg, model_cfg, state = configs_from_args(*parse_args(argv))
-        train(cfg, model_cfg, state)
-    except (UserError, DataError) as e:
-        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except OSError as e:  # the run folder cannot be written: a file where a folder should be, permissions, disk full
-        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e.filename or ''}{': ' if e.filename else ''}"
-              f"{e.strerror or e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:  # before training started (loading data, building the model): nothing to keep
-        print("\ninterrupted before training started; no checkpoint was written or changed", file=sys.stderr)
-        raise SystemExit(130)
+        with exits_with_one_line(f"error (rank {rank})" if world > 1 else "error"):
+            cfg, model_cfg, state = configs_from_args(*parse_args(argv))
+            train(cfg, model_cfg, state)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dataset import DataError
 from modules import PixelCNNConfig, PixelCNNPrior
 from predict import batched, encode_images, load_model, load_split, prior_bits, run_dir_of, sample_labels
-from train import add_config_flags, flag, lr_lambda, use_bf16
-from utils import (ArgumentParser, UserError, append_csv, choose_device, load_checkpoint, plot_curves, read_csv,
-                   rng_state, save_checkpoint, save_image_grid, seed_everything, set_rng_state, write_json)
+from train import add_config_flags, exits_with_one_line, load_resume, lr_lambda, refuse_finished, use_bf16
+from utils import (ArgumentParser, SavedEpochs, UserError, append_csv, choose_device, drop_epochs_after,
+                   interrupts_deferred, plot_curves, read_csv, rng_state, save_checkpoint, save_image_grid,
+                   seed_everything, set_rng_state, stop_on_sigterm, write_json)
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
     vqvae, vqvae_state = load_model(cfg.vqvae, device)
-    train_data, val_data = (load_split(vqvae_state["train_config"], split, cfg.data_root)
-                            for split in ("train", "validate"))
+    train_data, val_data = (load_split(vqvae_state["train_config"], split, cfg.data_root,
+                                       demo=vqvae_state.get("demo_settings")) for split in ("train", "validate"))
     if cfg.conditional and len(train_data.class_names) < 2:
         raise UserError(f"--conditional needs a dataset with classes (ADNI: AD / NC); {train_data.name} has none")
     codes = {d.split: encode_images(vqvae, d.images, device, desc=f"encoding {d.split}").to(device)
@@ -139,6 +139,7 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
           f"{sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters; {device}, "
           f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
     epoch = start_epoch - 1
+    saved = SavedEpochs("train_prior.py", run_dir, start_epoch, cfg.resume)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
@@ -147,10 +148,11 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
                 train_bits = train_epoch(prior, opt, scheduler, codes["train"], labels["train"], cfg, autocast,
                                          progress)
             train_seconds = time.perf_counter() - t0
-            if not math.isfinite(train_bits):
-                raise UserError(f"training diverged in epoch {epoch} (NLL {train_bits}); {run_dir / 'last.pt'} "
-                                f"still holds the last good epoch; lower --lr and resume")
+            if not math.isfinite(train_bits):  # checked before anything of this epoch is saved
+                raise saved.diverged(epoch, "train NLL", train_bits, cfg)
             val_bits = prior_bits(prior, codes["validate"], labels["validate"], autocast=autocast)
+            if not math.isfinite(val_bits):
+                raise saved.diverged(epoch, "validation NLL", val_bits, cfg)
             row = {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
                    "lr": opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
                    "train_codes_per_s": codes["train"].numel() / train_seconds}
@@ -163,10 +165,14 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
                      "vqvae_model_config": vqvae_state["model_config"],
                      "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(),
                      "class_names": list(train_data.class_names), "metrics": row}
-            if best:
-                save_checkpoint(state, run_dir / "best.pt")
-            save_checkpoint(state, run_dir / "last.pt")
-            append_csv(run_dir / "metrics.csv", row)
+            with interrupts_deferred():  # Ctrl-C here lands after the epoch's checkpoints and CSV row
+                if best:
+                    save_checkpoint(state, run_dir / "best.pt")
+                save_checkpoint(state, run_dir / "last.pt")
+                if resume_state is not None and epoch == start_epoch:  # rows of a run that went further
+                    drop_epochs_after(epoch - 1, [run_dir / "metrics.csv"])
+                append_csv(run_dir / "metrics.csv", row)
+                saved.epoch = epoch
             plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
                         {"train_bits_per_code": "train", "val_bits_per_code": "validation"}, run_dir / "loss.png",
                         f"Prior NLL (uniform over K={k}: {math.log2(k):.2f} bits/code)", "bits / code")
@@ -175,11 +181,8 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
                              f"epoch {epoch}: validation NLL {val_bits:.3f} bits/code")
             tqdm.write(f"epoch {epoch:3d} | train {train_bits:.4f} | val {val_bits:.4f} bits/code | lr {row['lr']:.2e} "
                        f"| {row['epoch_seconds']:.1f}s {row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
-    except KeyboardInterrupt:
-        done = epoch - 1
-        held = f"{run_dir / 'last.pt'} holds epoch {done}" if done >= 1 else "no epoch had finished"
-        print(f"\ninterrupted during epoch {epoch}; {held}. Resume with: python train_prior.py --resume "
-              f"{run_dir / 'last.pt'}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see __main__)
+        print(saved.interrupted(epoch), file=sys.stderr)
         raise SystemExit(130)
     return run_dir
 
@@ -192,7 +195,7 @@ DERIVED = ("codebook_size", "num_classes")  # prior config fields set from the V
 def parse_args(argv=None) -> tuple[dict, dict]:
     """Returns the flags given explicitly, split into PriorTrainConfig and PixelCNNConfig fields."""
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+                       argument_default=argparse.SUPPRESS)
     add_config_flags(p.add_argument_group("training (PriorTrainConfig)"), PriorTrainConfig)
     add_config_flags(p.add_argument_group("prior (PixelCNNConfig)"), PixelCNNConfig, exclude=DERIVED)
     args = vars(p.parse_args(argv))
@@ -203,18 +206,10 @@ def parse_args(argv=None) -> tuple[dict, dict]:
 
 def configs_from_args(train_args: dict, prior_args: dict):
     if "resume" in train_args:
-        path = Path(train_args["resume"])
-        path = path / "last.pt" if path.is_dir() else path
-        state = load_checkpoint(path, kind="prior")
-        changed = sorted(set(train_args) - set(RESUMABLE_OVERRIDES)) + sorted(prior_args)
-        if changed:
-            raise UserError(f"--resume continues a run with its saved config; these flags cannot change: "
-                            f"{', '.join(flag(c) for c in changed)} (start a new run instead)")
+        path, state = load_resume(train_args, prior_args, RESUMABLE_OVERRIDES, kind="prior")
         cfg = replace(PriorTrainConfig(**state["train_config"]), **{**train_args, "resume": str(path)},
                       out=str(run_dir_of(path))).checked()
-        if state["epoch"] >= cfg.epochs:
-            raise UserError(f"{path} already finished epoch {state['epoch']} of {cfg.epochs}; pass a larger --epochs "
-                            f"to train further")
+        refuse_finished(path, state, cfg.epochs)
         return cfg, PixelCNNConfig(**state["model_config"]), state
     cfg = PriorTrainConfig(**train_args).checked()
     if cfg.vqvae is None:
@@ -231,12 +226,10 @@ def configs_from_args(train_args: dict, prior_args: dict):
 
 
 def main(argv=None):
-    try:
+    with exits_with_one_line():
         train_prior(*configs_from_args(*parse_args(argv)))
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()  # a scheduler's SIGTERM stops like Ctrl-C: train_prior() says what was saved and how to resume
     main()

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = "vqvae-mri/1"
 
@@ -236,6 +235,45 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
+class SavedEpochs:
+    """The newest epoch whose checkpoints (and CSV rows) are complete on disk, and what a training run that stops
+    early says about it. train.py and train_prior.py set `.epoch` when an epoch's writes are done."""
+
+    def __init__(self, script: str, run_dir: Path, start_epoch: int, resume: str | None, resume_note: str = ""):
+        self.script, self.run_dir, self.start_epoch, self.resume = script, Path(run_dir), start_epoch, resume
+        self.resume_note = resume_note  # appended to the resume command, e.g. "(under the same torchrun command)"
+        self.epoch = start_epoch - 1    # a resumed run starts with the epoch of its --resume file
+
+    def path(self):
+        """The file that holds self.epoch: last.pt, or the --resume file if nothing was saved since."""
+        return self.run_dir / "last.pt" if self.epoch >= self.start_epoch else self.resume
+
+    def kept(self) -> str:
+        if self.epoch < 1:
+            return "no epoch had finished, so nothing was saved"
+        return f"{self.path()} holds epoch {self.epoch}"
+
+    def diverged(self, epoch: int, what: str, value: float, cfg) -> UserError:
+        """The error for a NaN/inf loss in `epoch`; cfg: the run's config (its lr, grad_clip and warmup_steps)."""
+        fixes = [f"a lower --lr (this one had {cfg.lr:g})"]
+        if not cfg.grad_clip:
+            fixes.append("--grad-clip 1")
+        if not cfg.warmup_steps:
+            fixes.append("--warmup-steps 500")
+        return UserError(f"training diverged in epoch {epoch} ({what} {value}); {self.kept()}"
+                         f"{' (the last good one)' if self.epoch >= 1 else ''}; start a new run with "
+                         f"{' or '.join([', '.join(fixes[:-1]), fixes[-1]]) if len(fixes) > 1 else fixes[0]}")
+
+    def interrupted(self, epoch: int) -> str:
+        """The message for Ctrl-C or SIGTERM in `epoch`: what is kept and the command that resumes it."""
+        when = f"after epoch {epoch} was saved" if self.epoch == epoch else f"during epoch {epoch}"
+        resume = ""
+        if self.epoch >= 1:
+            resume = (f". Resume with: python {self.script} --resume {self.path()}"
+                      + (f" {self.resume_note}" if self.resume_note else ""))
+        return f"\ninterrupted {when}; {self.kept()}{resume}"
+
+
 def one_line_reason(e: BaseException, limit: int = 200) -> str:
     """The informative part of an exception's message on one line: its first line, or the first detail line when
     the first only announces them (load_state_dict's "Error(s) in loading state_dict for VQVAE:")."""
@@ -269,15 +307,16 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
     with its defaults (7x7 uniform window, sample covariance, K1=0.01, K2=0.03) -> (B,).
 
     skimage averages over the image minus a (win_size-1)/2 border, which is exactly the 'valid' region
-    of a stride-1 average pool, so no cropping is needed."""
+    of a stride-1 window mean, so no cropping is needed. The window means are taken over unfolded rows, then
+    columns, of the five maps at once: on the CPU ~8x faster than F.avg_pool2d, with the same result."""
     x, y = x.float(), y.float()
-    pool = lambda t: F.avg_pool2d(t, win_size, stride=1)  # noqa: E731
+    maps = torch.stack([x, y, x * x, y * y, x * y])  # (5, B, 1, H, W)
+    ux, uy, uxx, uyy, uxy = maps.unfold(-1, win_size, 1).mean(-1).unfold(-2, win_size, 1).mean(-1)
     n = win_size * win_size
     cov_norm = n / (n - 1)
-    ux, uy = pool(x), pool(y)
-    vx = cov_norm * (pool(x * x) - ux * ux)
-    vy = cov_norm * (pool(y * y) - uy * uy)
-    vxy = cov_norm * (pool(x * y) - ux * uy)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
@@ -325,6 +364,52 @@ def append_csv(path: Path, row: dict):
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def drop_rows_after(path: Path, epoch: int) -> list[int]:
+    """Remove the rows whose "epoch" is above `epoch` from a CSV (metrics.csv, code_usage.csv); returns their epochs.
+    The file is replaced atomically (a hidden temporary file beside it, fsynced, renamed over it), so a crash
+    leaves either the old file or the new one; a missing file, or one with nothing to remove, is left alone."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "epoch" not in rows[0]:
+        return []
+    column = rows[0].index("epoch")
+    is_later = lambda r: bool(r) and _is_number(r[column]) and float(r[column]) > epoch  # noqa: E731
+    later = [int(float(r[column])) for r in rows[1:] if is_later(r)]
+    if not later:
+        return []
+    text = io.StringIO()
+    csv.writer(text).writerows([rows[0], *(r for r in rows[1:] if not is_later(r))])  # csv.DictWriter's dialect
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "x", newline="") as f:
+            f.write(text.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return later
+
+
+def drop_epochs_after(epoch: int, paths) -> list[int]:
+    """For a run resumed from `epoch` of a run that had gone further (--resume checkpoints/epoch_NNN.pt): the rows
+    of the later epochs out of each CSV in `paths`, so that they do not appear twice once those epochs are trained
+    again; says so in one line. Called as the first resumed epoch is saved, so that an interruption before then
+    leaves the CSVs agreeing with last.pt. Returns the epochs removed."""
+    dropped = {Path(p).name: drop_rows_after(p, epoch) for p in paths}
+    epochs = sorted({e for removed in dropped.values() for e in removed})
+    if epochs:
+        span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
+        print(f"resumed from epoch {epoch}: removed the rows of {span}, which this run trains again, from "
+              f"{', '.join(name for name, removed in dropped.items() if removed)}")
+    return epochs
 
 
 def read_csv(path: Path) -> list[dict]:

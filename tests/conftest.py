@@ -1,4 +1,26 @@
+"""Fixtures shared by several test modules; plain helpers shared by them are in helpers.py."""
+import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the flat repo root: modules, dataset, ...
+
+import utils  # noqa: E402
+from dataset import generate_demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """A tiny demo tree: 10 patients x 4 slices of 32x32 (32 train, 4 validate, 4 test); one per test module."""
+    return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
+
+
+@pytest.fixture
+def sigterm_stops_like_ctrl_c():
+    """What the __main__ of train.py and train_prior.py sets up, undone afterwards."""
+    previous = signal.getsignal(signal.SIGTERM)
+    utils.stop_on_sigterm()
+    yield
+    signal.signal(signal.SIGTERM, previous)

@@ -11,15 +11,10 @@ from PIL import Image
 
 import dataset
 from dataset import DataError, build_dataset, generate_demo, read_slice, to_float
+from helpers import make_adni, write_image
 
 # -----------------------------------------------------------------------------
-# helpers: tiny OASIS / ADNI trees
-
-def write_image(path, pixels, mode=None, **save_kwargs):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels, mode).save(path, **save_kwargs)
-    return path
-
+# helpers: tiny OASIS / ADNI trees (make_adni is in helpers.py, shared with test_prior.py)
 
 def noise(seed, shape=(32, 32)):
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
@@ -35,17 +30,6 @@ def make_oasis(holder, patients=("2", "10"), n_slices=3, size=32):
     (holder / "keras_png_seg_train").mkdir()
     (holder / "keras_png_seg_train" / "case_2_slice_0.nii.png").write_bytes(b"not an image")
     return holder
-
-
-def make_adni(ad_nc, train_patients=10, test_patients=2, n_slices=2):
-    """AD_NC/{train,test}/{AD,NC}/<patient>_<slice>.jpeg, 256 wide x 240 high; AD patients 1000+, NC 2000+."""
-    for split, n in (("train", train_patients), ("test", test_patients)):
-        for cls, base in (("AD", 1000), ("NC", 2000)):
-            for p in range(n):
-                for s in range(n_slices):
-                    pixels = np.full((240, 256), 60 if cls == "AD" else 180, np.uint8)
-                    write_image(ad_nc / split / cls / f"{base + p}_{s}.jpeg", pixels)
-    return ad_nc
 
 
 def zip_tree(folder, zip_path, arc_prefix):

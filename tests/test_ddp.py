@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import train
 from modules import VQVAE, VQVAEConfig
-from test_train import REPO, demo_root, tiny_args  # noqa: F401 (demo_root is a fixture)
+from helpers import REPO, tiny_args
 from utils import UserError, fail_together, load_checkpoint, seed_everything
 
 ARGS = ("--lr-schedule", "constant", "--precision", "fp32")

@@ -25,11 +25,9 @@ import torch
 from PIL import Image
 
 import train
-import utils
-from dataset import generate_demo
+from helpers import REPO
 from utils import load_checkpoint, save_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # light on a shared CPU, and the same arithmetic in every child
 TINY_MODEL = ["--batch-size", "8", "--hidden-channels", "16", "--residual-channels", "8", "--embedding-dim", "8"]
 SPLIT_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
@@ -95,12 +93,6 @@ def metrics_epochs(run):
 def per_image_scores(folder):
     with open(folder / "per_image.csv", newline="") as f:
         return [(row["ssim"], row["psnr"]) for row in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """10 patients x 4 slices of 32x32: 32 train, 4 validate, 4 test."""
-    return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
 
 
 @pytest.fixture(scope="module")
@@ -381,13 +373,17 @@ def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninter
     assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
 
 
-@pytest.fixture
-def sigterm_stops_like_ctrl_c():
-    """What train.py's __main__ sets up, undone afterwards."""
-    previous = signal.getsignal(signal.SIGTERM)
-    utils.stop_on_sigterm()
-    yield
-    signal.signal(signal.SIGTERM, previous)
+def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_path):
+    run = shutil.copytree(shared[1], tmp_path / "run")
+    r = script("train.py", "--resume", run / "checkpoints" / "epoch_001.pt")
+    assert r.returncode == 0, r.stderr
+    assert ("resumed from epoch 1: removed the rows of epochs 2-3, which this run trains again, from metrics.csv, "
+            "code_usage.csv") in r.stdout
+    assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
+    with open(run / "code_usage.csv", newline="") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, EPOCHS + 1))
+    a, b = load_checkpoint(shared[1] / "last.pt"), load_checkpoint(run / "last.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS and a["metrics"]["val_loss"] == b["metrics"]["val_loss"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -1,6 +1,12 @@
 """The PixelCNN prior: causality of its masks, sampling and completion, learning, conditioning; the Frechet
 distance and nearest-neighbour SSIM; train_prior.py and predict.py --sample end to end on tiny generated data."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,8 +17,7 @@ import train
 import train_prior
 from dataset import generate_demo
 from modules import PixelCNNConfig, PixelCNNPrior
-from test_dataset import make_adni
-from test_train import run_script, tiny_args
+from helpers import REPO, make_adni, run_script, tiny_args
 from utils import frechet_distance, load_checkpoint, nearest_ssim, ssim
 
 
@@ -225,3 +230,93 @@ def test_wrong_or_missing_checkpoints_exit_with_one_line(vqvae, tmp_path, capsys
         assert message in err and len(err.strip().splitlines()) == 1, err
     r = run_script("predict.py", "--sample", "2", "--prior", str(vqvae))
     assert r.returncode == 2 and "a prior checkpoint is needed" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train_prior.py stops as train.py does: interruptions, divergence, unwritable folders, resuming an earlier epoch
+# ---------------------------------------------------------------------------------------------------------
+
+def metrics_epochs(out):
+    return [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_while_a_prior_epoch_is_saved_lands_after_its_checkpoints_and_csv_row(
+        vqvae, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
+    real_save = train_prior.save_checkpoint
+
+    def save_after_an_interrupt(state, path):
+        os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
+        real_save(state, path)
+
+    monkeypatch.setattr(train_prior, "save_checkpoint", save_after_an_interrupt)
+    out = tmp_path / "prior"
+    with pytest.raises(SystemExit) as stop:
+        train_prior.main(["--vqvae", str(vqvae), "--epochs", "3", "--out", str(out), *PRIOR_FLAGS])
+    assert stop.value.code == 130
+    assert load_checkpoint(out / "last.pt", kind="prior")["epoch"] == 1
+    assert load_checkpoint(out / "best.pt", kind="prior")["epoch"] == 1 and metrics_epochs(out) == [1]
+    assert (f"interrupted after epoch 1 was saved; {out / 'last.pt'} holds epoch 1. Resume with: python "
+            f"train_prior.py --resume {out / 'last.pt'}") in capsys.readouterr().err
+
+
+def test_sigterm_stops_train_prior_like_ctrl_c_and_says_how_to_resume(vqvae, tmp_path):
+    out = tmp_path / "prior"
+    process = subprocess.Popen([sys.executable, "train_prior.py", "--vqvae", str(vqvae), "--epochs", "1000",
+                                "--out", str(out), *PRIOR_FLAGS], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (out / "last.pt").exists():  # epoch 1 is saved
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    saved = load_checkpoint(out / "last.pt", kind="prior")["epoch"]
+    assert (f"{out / 'last.pt'} holds epoch {saved}. Resume with: python train_prior.py --resume "
+            f"{out / 'last.pt'}") in err
+    assert metrics_epochs(out) == list(range(1, saved + 1))
+
+
+def test_prior_loss_turning_nan_keeps_the_last_good_epoch_and_suggests_a_new_run(vqvae, tmp_path, monkeypatch,
+                                                                                 capsys):
+    real_epoch, calls = train_prior.train_epoch, []
+
+    def nan_weights_in_epoch_2(prior, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(prior.parameters()).fill_(float("nan"))
+        return real_epoch(prior, *args, **kwargs)
+
+    monkeypatch.setattr(train_prior, "train_epoch", nan_weights_in_epoch_2)
+    out = tmp_path / "prior"
+    with pytest.raises(SystemExit) as stop:
+        train_prior.main(["--vqvae", str(vqvae), "--epochs", "3", "--out", str(out), *PRIOR_FLAGS])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert "training diverged in epoch 2 (train NLL nan)" in err
+    assert f"{out / 'last.pt'} holds epoch 1 (the last good one); start a new run with a lower --lr" in err
+    assert load_checkpoint(out / "last.pt", kind="prior")["epoch"] == 1 and metrics_epochs(out) == [1]
+
+
+def test_a_prior_run_folder_that_cannot_be_written_exits_with_one_error_line(vqvae, tmp_path, capsys):
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        train_prior.main(["--vqvae", str(vqvae), "--out", str(tmp_path / "a file" / "prior"), *PRIOR_FLAGS])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the progress bars of the encoding
+    assert last.startswith("error: ") and str(tmp_path / "a file") in last and "Not a directory" in last, err
+
+
+def test_resuming_a_prior_from_an_earlier_epoch_replaces_the_later_csv_rows(vqvae, tmp_path, capsys):
+    out = tmp_path / "prior"
+    train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--out", str(out), *PRIOR_FLAGS])
+    shutil.copy(out / "last.pt", out / "epoch_1.pt")
+    train_prior.main(["--resume", str(out), "--epochs", "3"])
+    assert metrics_epochs(out) == [1, 2, 3]
+    capsys.readouterr()
+    train_prior.main(["--resume", str(out / "epoch_1.pt"), "--epochs", "3"])
+    assert ("resumed from epoch 1: removed the rows of epochs 2-3, which this run trains again, from metrics.csv"
+            in capsys.readouterr().out)
+    assert metrics_epochs(out) == [1, 2, 3]

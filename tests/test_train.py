@@ -1,32 +1,14 @@
 """train.py and predict.py end to end on tiny generated data: outputs, resume, and user errors."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import predict
 import train
 from dataset import generate_demo
-from utils import load_checkpoint
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """A tiny demo tree: 10 patients x 4 slices of 32x32 (32 train, 4 validate, 4 test)."""
-    return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
-
-
-def run_script(*args, cwd=REPO):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
-def tiny_args(demo_root, out, *extra):
-    return ["--dataset", "demo", "--data-root", str(demo_root), "--batch-size", "8", "--hidden-channels", "16",
-            "--residual-channels", "8", "--embedding-dim", "8", "--out", str(out), *extra]
+from helpers import run_script, tiny_args
+from utils import load_checkpoint, save_checkpoint
 
 
 def test_train_then_predict_write_every_promised_file(demo_root, tmp_path):
@@ -121,3 +103,24 @@ def test_predict_says_how_to_point_at_a_dataset_that_moved(demo_root, tmp_path):
     assert r.returncode != 0 and "--data-root" in r.stderr and "Traceback" not in r.stderr
     r = run_script("predict.py", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data-root", str(demo_root))
     assert r.returncode == 0, r.stderr
+
+
+def test_predict_makes_missing_demo_data_again_as_it_was_and_says_so(tmp_path, capsys):
+    import shutil
+    data = generate_demo(tmp_path / "demo", size=16, n_patients=10, slices_per_patient=2)
+    train.main(tiny_args(data, tmp_path / "run", "--epochs", "1"))
+    original = {p.relative_to(data): p.read_bytes() for p in data.rglob("*.png")}
+    shutil.rmtree(data)
+    capsys.readouterr()
+    predict.main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "predicted")])
+    assert (f"the demo data this checkpoint was trained on is not at {data}; making it again there with the settings "
+            f"it was made with (size 16, n_patients 10, slices_per_patient 2, seed 0)") in capsys.readouterr().out
+    assert {p.relative_to(data): p.read_bytes() for p in data.rglob("*.png")} == original
+
+    state = load_checkpoint(tmp_path / "run" / "best.pt")  # a checkpoint from before they were recorded
+    del state["demo_settings"]
+    save_checkpoint(state, tmp_path / "old" / "best.pt")
+    shutil.rmtree(data)
+    predict.main(["--checkpoint", str(tmp_path / "old" / "best.pt"), "--out", str(tmp_path / "predicted")])
+    assert (f"the demo data this checkpoint was trained on is not at {data}; making it again there with the default "
+            f"settings (300 slices of 128x128; this checkpoint does not record its own)") in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from utils import UserError, load_checkpoint, psnr, save_checkpoint, ssim
+from utils import UserError, append_csv, drop_rows_after, load_checkpoint, psnr, save_checkpoint, ssim
 
 
 def test_batched_ssim_equals_skimage_per_image():
@@ -80,3 +80,16 @@ def test_truncated_foreign_and_missing_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(UserError, match="prior checkpoint"):
         load_checkpoint(tmp_path / "good.pt", kind="prior")
+
+
+def test_dropping_later_epochs_keeps_the_earlier_rows_byte_for_byte_and_replaces_the_file(tmp_path):
+    rows = [{"epoch": e, "loss": 1 / e, "note": "a, b"} for e in (1, 2, 3)]
+    for row in rows:
+        append_csv(tmp_path / "metrics.csv", row)
+    append_csv(tmp_path / "expected.csv", rows[0])
+    inode = (tmp_path / "metrics.csv").stat().st_ino
+    assert drop_rows_after(tmp_path / "metrics.csv", 1) == [2, 3]
+    assert (tmp_path / "metrics.csv").read_bytes() == (tmp_path / "expected.csv").read_bytes()
+    assert (tmp_path / "metrics.csv").stat().st_ino != inode  # a new file renamed over it, not rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.csv", "metrics.csv"]  # no temporary file left
+    assert drop_rows_after(tmp_path / "metrics.csv", 1) == [] and drop_rows_after(tmp_path / "none.csv", 0) == []

@@ -1,0 +1,380 @@
+"""Speed of training and evaluation against the yardstick, measured in one run on one machine.
+
+    python bench.py                          # seed preset, 256x256, batch 16: a table, and bench.json
+    python bench.py --steps 20 --threads 2   # longer, less noisy
+    python bench.py --device cuda --steps 100
+    python bench.py --quality                # validation SSIM after bf16 and after fp32 training (demo data)
+
+The yardstick is ../shared/bench/reference_vqvae.py (the seed recipe as a first version is written: fp32, NCHW,
+eager, PIL decoding per item). It runs first, in the process as Python starts it; then come train.py's
+process-wide settings (train.speed_settings) and the project's side:
+
+- training: img/s of the step train.py runs (train.build_training, train.train_step, uint8 batches from images
+  decoded once) against the yardstick's step on a batch already in memory, as its `throughput` command does;
+- FLOP/s of that step (FlopCounterMode: convolutions and matmuls) as a fraction of this machine's bf16 and fp32
+  matmul peaks (best of a few large square matmuls; on CUDA the fp32 one runs in TF32, as train.py allows);
+- SSIM evaluation: utils.ssim on batches against skimage's structural_similarity one image at a time, and the
+  largest difference between their values;
+- data-loader wait as a share of step time: the project's in-memory batches, and the yardstick's DataLoader
+  decoding each PNG with PIL, on PNG slices written to a temporary folder;
+- peak memory during the timed steps: RSS on the CPU, torch.cuda.max_memory_allocated on CUDA.
+
+--quality trains a preset (default seed) on the demo slices (128x128) twice, through train.train, in bf16 and in
+fp32, with the same seed and steps, and compares their validation SSIM after the last epoch.
+"""
+import argparse
+import importlib.util
+import math
+import platform
+import resource
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from skimage.metrics import structural_similarity
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from dataset import DataError, build_dataset, generate_demo, to_float
+from modules import PRESETS
+from train import TrainConfig, batches, build_training, speed_settings, train, train_step, use_bf16
+from utils import UserError, choose_device, read_csv, seed_everything, ssim, to_unit, unwrap, write_json
+
+REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "reference_vqvae.py"
+# What issue 3 asks for; bench.py reports them, it does not enforce them.
+TARGETS = {"train_speedup": 5.0, "fraction_of_bf16_peak": 0.6, "ssim_speedup": 20.0, "ssim_max_abs_diff": 1e-4,
+           "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005}
+
+
+def load_reference(path: Path):
+    if not path.is_file():
+        raise UserError(f"the yardstick {path} does not exist: it is expected at ../shared/bench/reference_vqvae.py "
+                        f"beside this checkout; pass --reference PATH, or --skip-reference to time the project alone")
+    spec = importlib.util.spec_from_file_location("reference_vqvae", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: the process's peak RSS starts again from its current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass  # elsewhere the peak covers the whole process so far
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def best_of(fn, device: torch.device, desc: str, repeats: int = 3):
+    """fn() -> (its result, the fastest of `repeats` runs in seconds)."""
+    seconds = []
+    for _ in tqdm(range(repeats), desc=desc, leave=False, dynamic_ncols=True):
+        sync(device)
+        t = time.perf_counter()
+        result = fn()
+        sync(device)
+        seconds.append(time.perf_counter() - t)
+    return result, min(seconds)
+
+
+def timed(step, warmup: int, steps: int, device: torch.device, desc: str) -> tuple[float, float]:
+    """Run `step` warmup + steps times; returns (seconds of the last `steps`, peak memory over them in MiB)."""
+    for _ in tqdm(range(warmup), desc=f"{desc} (warm-up)", leave=False, dynamic_ncols=True):
+        step()
+    sync(device)
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    for _ in tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True):
+        step()
+    sync(device)
+    return time.perf_counter() - t0, peak_memory_mib(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, sizes: list[int]) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul over `sizes`, each timed over ~0.2 s, best of 3."""
+    best = 0.0
+    for n in tqdm(sizes, desc=f"{str(dtype)[6:]} matmul peak", leave=False, dynamic_ncols=True):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        reps = max(1, min(100, round(0.2 / (time.perf_counter() - t))))
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            sync(device)
+            best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The yardstick's side
+# ---------------------------------------------------------------------------------------------------------
+
+def reference_training(ref, args, device) -> dict:
+    torch.manual_seed(0)
+    model = ref.SeedVQVAE().to(device)
+    opt = torch.optim.Adam(model.parameters(), ref.LR)
+    x = (torch.rand(args.batch, 1, args.size, args.size) * 2 - 1).to(device)
+    seconds, peak = timed(lambda: ref.step(model, opt, x), args.warmup, args.steps, device, "yardstick training")
+    return {"img_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak}
+
+
+def reference_loader(ref, folder: Path, args) -> float:
+    """Seconds per batch from the yardstick's DataLoader (PIL decoding in the loop, as in its `fit`)."""
+    loader = torch.utils.data.DataLoader(ref.Folder(folder, args.size), args.batch, shuffle=True, drop_last=True)
+    it, n = iter(loader), min(args.steps, len(loader))
+    t = time.perf_counter()
+    for _ in tqdm(range(n), desc="yardstick loader", leave=False, dynamic_ncols=True):
+        next(it)
+    return (time.perf_counter() - t) / n
+
+
+def per_image_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """skimage, one image at a time, as the yardstick evaluates -> (N,) values."""
+    return torch.tensor([structural_similarity(a[0], b[0], data_range=1.0) for a, b in zip(x.numpy(), y.numpy())],
+                        dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The project's side
+# ---------------------------------------------------------------------------------------------------------
+
+def project_training(args, device, data) -> dict:
+    """The step train.py runs, on batches drawn from `data` as train_epoch draws them; also its FLOPs."""
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch, precision=args.precision,
+                      channels_last=args.channels_last, compile=args.compile).resolved()
+    seed_everything(0)
+    model, opt, scheduler = build_training(cfg, PRESETS[args.preset], device, args.warmup + args.steps + 1)
+    if cfg.compile:
+        model = torch.compile(model)
+    bf16 = use_bf16(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    model.train()
+    it = batches(data, torch.randperm(len(data)).tolist(), args.batch, device, drop_last=True)
+    waits = []
+
+    def step():
+        t = time.perf_counter()
+        x = next(it)
+        waits.append(time.perf_counter() - t)
+        train_step(model, opt, scheduler, x, cfg, autocast)
+
+    seconds, peak = timed(step, args.warmup, args.steps, device, f"{args.preset} training")
+    with FlopCounterMode(display=False) as counter:  # on the eager model: the same FLOPs, counted exactly
+        train_step(unwrap(model), opt, scheduler, next(it), cfg, autocast)
+    return {"img_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak,
+            "wait_fraction": sum(waits[args.warmup:]) / seconds, "flops_per_step": counter.get_total_flops(),
+            "precision": "bf16" if bf16 else "fp32"}
+
+
+def batched_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """utils.ssim on batches of 32, as train.evaluate and predict.py run it -> (N,) values."""
+    return torch.cat([ssim(x[i:i + 32], y[i:i + 32]) for i in range(0, len(x), 32)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------------------
+
+def machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                    platform.processor() or platform.machine())
+    return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def speed(args, device) -> dict:
+    ref = None if args.skip_reference else load_reference(Path(args.reference))
+    with tempfile.TemporaryDirectory() as tmp:
+        # PNG slices in the OASIS layout, enough for every batch of the timed runs without repeating one
+        per_patient = math.ceil((args.warmup + args.steps + 1) * args.batch / 8)  # 8 of the 10 patients train
+        print(f"writing {10 * per_patient} {args.size}x{args.size} PNG slices to {tmp}")
+        generate_demo(tmp, size=args.size, n_patients=10, slices_per_patient=per_patient)
+        folder = Path(tmp) / "keras_png_slices_train"
+
+        # The yardstick first, before speed_settings changes the process
+        reference = reference_training(ref, args, device) if ref else None
+        reference_batch_s = reference_loader(ref, folder, args) if ref else None
+        t = time.perf_counter()
+        data = build_dataset("OASIS", tmp, "train", verbose=False)
+        decode_s = time.perf_counter() - t
+        x = to_unit(to_float(data.images).unsqueeze(1))  # (N, 1, H, W) in [0, 1]
+        y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+        per_image, per_image_s = best_of(lambda: per_image_ssim(x, y), torch.device("cpu"), "skimage SSIM")
+
+        speed_settings(device)
+        project = project_training(args, device, data)
+    x, y = x.to(device), y.to(device)
+    batched_ssim(x[:2], y[:2])  # warm-up
+    batched, batched_s = best_of(lambda: batched_ssim(x, y), device, "batched SSIM")
+    peak_bf16 = matmul_peak(torch.bfloat16, device, args.peak_sizes)
+    peak_fp32 = matmul_peak(torch.float32, device, args.peak_sizes)
+
+    achieved = project["flops_per_step"] / project["step_s"]
+    r = {
+        "machine": machine(device),
+        "settings": {"preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps,
+                     "warmup": args.warmup, "precision": project["precision"], "channels_last": args.channels_last,
+                     "compile": args.compile},
+        "train": {"project_img_per_s": project["img_per_s"],
+                  "reference_img_per_s": reference and reference["img_per_s"],
+                  "speedup": reference and project["img_per_s"] / reference["img_per_s"],
+                  "project_step_s": project["step_s"], "reference_step_s": reference and reference["step_s"]},
+        "flops": {"per_step": project["flops_per_step"], "achieved_per_s": achieved,
+                  "peak_bf16_per_s": peak_bf16, "peak_fp32_per_s": peak_fp32,
+                  "fraction_of_bf16_peak": achieved / peak_bf16, "fraction_of_fp32_peak": achieved / peak_fp32},
+        "ssim": {"images": len(x), "batched_img_per_s": len(x) / batched_s,
+                 "per_image_img_per_s": len(x) / per_image_s, "speedup": per_image_s / batched_s,
+                 "max_abs_diff": float((batched.double().cpu() - per_image).abs().max())},
+        "loader": {"project_wait_fraction": project["wait_fraction"],
+                   "reference_wait_fraction": reference and reference_batch_s / (reference_batch_s
+                                                                                 + reference["step_s"]),
+                   "reference_batch_s": reference_batch_s, "project_decode_once_s": decode_s,
+                   "images": len(data)},
+        "memory": {"what": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
+                   "project_mib": project["peak_mib"], "reference_mib": reference and reference["peak_mib"]},
+    }
+    r["targets"] = {
+        "train_speedup": reference and r["train"]["speedup"] >= TARGETS["train_speedup"],
+        "fraction_of_bf16_peak": r["flops"]["fraction_of_bf16_peak"] >= TARGETS["fraction_of_bf16_peak"],
+        "ssim_speedup": r["ssim"]["speedup"] >= TARGETS["ssim_speedup"],
+        "ssim_max_abs_diff": r["ssim"]["max_abs_diff"] <= TARGETS["ssim_max_abs_diff"],
+        "loader_wait_fraction": r["loader"]["project_wait_fraction"] < TARGETS["loader_wait_fraction"],
+    }
+    return r
+
+
+def quality(args, device) -> dict:
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for precision in ("bf16", "fp32"):
+            print(f"--- {args.preset} preset, {precision}, {args.epochs} epochs on the demo slices")
+            cfg = TrainConfig(dataset="demo", preset=args.preset, epochs=args.epochs, batch_size=args.batch,
+                              precision=precision, channels_last=args.channels_last, compile=args.compile,
+                              device=args.device, seed=0, out=str(Path(tmp) / precision)).resolved()
+            rows = read_csv(train(cfg, PRESETS[args.preset]) / "metrics.csv")
+            runs[precision] = {"val_ssim": rows[-1]["val_ssim"], "val_psnr": rows[-1]["val_psnr"],
+                               "train_img_per_s": rows[-1]["train_img_per_s"]}
+    gap = runs["bf16"]["val_ssim"] - runs["fp32"]["val_ssim"]
+    return {"machine": machine(device),
+            "settings": {"preset": args.preset, "epochs": args.epochs, "batch": args.batch, "data": "demo"},
+            "bf16": runs["bf16"], "fp32": runs["fp32"], "val_ssim_bf16_minus_fp32": gap,
+            "targets": {"quality_ssim_gap": abs(gap) <= TARGETS["quality_ssim_gap"]}}
+
+
+def fmt(value, spec: str) -> str:
+    return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
+
+
+def mark(ok) -> str:
+    return {True: "yes", False: "NO", None: "-"}[ok]
+
+
+def print_speed(r: dict):
+    m, s, t, f, e, w, mem, ok = (r[k] for k in ("machine", "settings", "train", "flops", "ssim", "loader", "memory",
+                                               "targets"))
+    print(f"\n{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}; {s['preset']} preset, "
+          f"{s['size']}x{s['size']}, batch {s['batch']}, {s['steps']} steps after {s['warmup']} warm-up, "
+          f"{s['precision']}, channels_last {s['channels_last']}, compile {s['compile']}")
+    print(f"{'':34s}{'project':>12s}{'yardstick':>12s}{'ratio':>9s}   target met")
+    print(f"{'training (img/s)':34s}{t['project_img_per_s']:12.1f}{fmt(t['reference_img_per_s'], '12.1f')}"
+          f"{fmt(t['speedup'], '8.1f')}x   >= {TARGETS['train_speedup']:g}x: {mark(ok['train_speedup'])}")
+    print(f"{'SSIM evaluation (img/s)':34s}{e['batched_img_per_s']:12.1f}{e['per_image_img_per_s']:12.1f}"
+          f"{e['speedup']:8.1f}x   >= {TARGETS['ssim_speedup']:g}x: {mark(ok['ssim_speedup'])}; "
+          f"max |diff| {e['max_abs_diff']:.1e} <= {TARGETS['ssim_max_abs_diff']:g}: {mark(ok['ssim_max_abs_diff'])}")
+    print(f"{'data-loader wait (% of step)':34s}{100 * w['project_wait_fraction']:12.2f}"
+          f"{fmt(w['reference_wait_fraction'] and 100 * w['reference_wait_fraction'], '12.1f')}{'':9s}   "
+          f"< {100 * TARGETS['loader_wait_fraction']:g} %: {mark(ok['loader_wait_fraction'])}  "
+          f"(decoding once: {w['images']} images in {w['project_decode_once_s']:.2f} s)")
+    print(f"{'peak memory (MiB)':34s}{mem['project_mib']:12.0f}{fmt(mem['reference_mib'], '12.0f')}{'':9s}   "
+          f"({mem['what']})")
+    print(f"training step: {f['per_step'] / 1e9:.1f} GFLOP, {f['achieved_per_s'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * f['fraction_of_bf16_peak']:.0f} % of the bf16 matmul peak ({f['peak_bf16_per_s'] / 1e9:.0f} GFLOP/s; "
+          f">= {100 * TARGETS['fraction_of_bf16_peak']:g} %: {mark(ok['fraction_of_bf16_peak'])}), "
+          f"{100 * f['fraction_of_fp32_peak']:.0f} % of the fp32 peak ({f['peak_fp32_per_s'] / 1e9:.0f} GFLOP/s)")
+
+
+def int_list(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=256, help="image side for the speed runs (default: 256)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps, each side (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them; with --compile give 3, as "
+                   "the first two compile (default: 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--preset", default="seed", choices=list(PRESETS), help="the project's model (default: seed, "
+                   "the yardstick's recipe)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="the project's precision, as train.py --precision (default: auto)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="the project's memory format, as train.py (default: on)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
+    p.add_argument("--skip-reference", action="store_true", help="time the project alone")
+    p.add_argument("--reference", default=str(REFERENCE), help="the yardstick (default: %(default)s)")
+    p.add_argument("--peak-sizes", type=int_list, default=None,
+                   help="matmul sizes for the peak FLOP/s (default: 1024,2048,4096 on the CPU, 4096,8192,16384 on "
+                        "CUDA)")
+    p.add_argument("--quality", action="store_true", help="compare validation SSIM after bf16 and fp32 training")
+    p.add_argument("--epochs", type=int, default=20, help="--quality: epochs of each run (default: 20; the demo "
+                   "train split is 240 slices)")
+    p.add_argument("--json", default=None, help="where to write the results (default: bench.json, or "
+                   "bench_quality.json with --quality)")
+    args = p.parse_args(argv)
+    try:
+        if min(args.size, args.batch, args.steps, args.epochs) < 1 or args.warmup < 0 or args.threads < 0:
+            raise UserError("--size, --batch, --steps and --epochs must be at least 1, --warmup and --threads "
+                            "at least 0")
+        if args.size % PRESETS[args.preset].downsampling_factor:
+            raise UserError(f"--size must be a multiple of {PRESETS[args.preset].downsampling_factor} for the "
+                            f"{args.preset} preset")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = choose_device(args.device)
+        if args.quality:
+            results = quality(args, device)
+            print(f"\nvalidation SSIM after {args.epochs} epochs of the {args.preset} preset on the demo data: "
+                  f"bf16 {results['bf16']['val_ssim']:.4f}, fp32 {results['fp32']['val_ssim']:.4f}, difference "
+                  f"{results['val_ssim_bf16_minus_fp32']:+.4f} (|difference| <= {TARGETS['quality_ssim_gap']:g}: "
+                  f"{mark(results['targets']['quality_ssim_gap'])})")
+        else:
+            args.peak_sizes = args.peak_sizes or ([4096, 8192, 16384] if device.type == "cuda" else [1024, 2048, 4096])
+            results = speed(args, device)
+            print_speed(results)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    path = Path(args.json or ("bench_quality.json" if args.quality else "bench.json"))
+    write_json(path, results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""bench.py end to end at a tiny size, and the fast path's promises: the speed-ups change no result, and a
+training step never waits for the GPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bench
+from modules import ConvTranspose2d, count_codes, preset
+from train import TrainConfig, build_training, train_step
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "bench.py", *TINY, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_bench_measures_everything_it_promises(tmp_path):
+    out = tmp_path / "bench.json"
+    have_reference = bench.REFERENCE.is_file()
+    r = run_bench("--json", str(out), *([] if have_reference else ["--skip-reference"]))
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    expected = {
+        "machine": {"device", "name", "threads", "torch", "python"},
+        "settings": {"preset", "size", "batch", "steps", "warmup", "precision", "channels_last", "compile"},
+        "train": {"project_img_per_s", "reference_img_per_s", "speedup", "project_step_s", "reference_step_s"},
+        "flops": {"per_step", "achieved_per_s", "peak_bf16_per_s", "peak_fp32_per_s", "fraction_of_bf16_peak",
+                  "fraction_of_fp32_peak"},
+        "ssim": {"images", "batched_img_per_s", "per_image_img_per_s", "speedup", "max_abs_diff"},
+        "loader": {"project_wait_fraction", "reference_wait_fraction", "reference_batch_s", "project_decode_once_s",
+                   "images"},
+        "memory": {"what", "project_mib", "reference_mib"},
+        "targets": {"train_speedup", "fraction_of_bf16_peak", "ssim_speedup", "ssim_max_abs_diff",
+                    "loader_wait_fraction"},
+    }
+    assert {k: set(v) for k, v in results.items()} == expected
+    assert results["train"]["project_img_per_s"] > 0 and results["flops"]["per_step"] > 0
+    assert results["ssim"]["max_abs_diff"] <= 1e-4
+    assert (results["train"]["speedup"] is not None) == have_reference
+    assert "training (img/s)" in r.stdout
+
+
+def test_a_missing_yardstick_is_named_with_the_fix(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*TINY, "--reference", str(tmp_path / "nowhere.py"), "--json", str(tmp_path / "b.json")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "nowhere.py does not exist" in err and "--skip-reference" in err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_conv_transpose_with_the_bias_outside_equals_torchs():
+    torch.manual_seed(0)
+    ours, theirs = ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    a, b = ours(x), theirs(x)
+    torch.testing.assert_close(a, b)
+    g = torch.randn_like(a)
+    for u, v in zip(torch.autograd.grad(a, [x, ours.weight, ours.bias], g),
+                    torch.autograd.grad(b, [x, theirs.weight, theirs.bias], g)):
+        torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_code_counts_equal_bincount(k):
+    indices = torch.randint(0, k, (1000,))
+    assert torch.equal(count_codes(indices, k), torch.bincount(indices, minlength=k))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["seed", "default"])
+def test_a_training_step_never_waits_for_the_gpu(name):
+    device = torch.device("cuda")
+    cfg = TrainConfig(preset=name, batch_size=4, grad_clip=1.0).resolved()
+    model, opt, scheduler = build_training(cfg, preset(name, hidden_channels=16, residual_channels=8,
+                                                       embedding_dim=8), device, 10)
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    train_step(model, opt, scheduler, x, cfg, autocast)  # the first step may read the k-means flag, once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(model, opt, scheduler, x, cfg, autocast)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
