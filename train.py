@@ -198,13 +198,18 @@ def train_step(model, opt, scheduler, x, cfg, autocast):
     with autocast:
         out = model(x)
     loss = sum(out.losses.values())
+    optimizer_step(loss, model, opt, scheduler, cfg.grad_clip)
+    return out, loss
+
+
+def optimizer_step(loss, model, opt, scheduler, grad_clip: float):
+    """Backward, optional gradient clipping, then one step of the optimiser and of the LR schedule."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     scheduler.step()
-    return out, loss
 
 
 def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, deadline, progress):

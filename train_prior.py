@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from modules import PixelCNNConfig, PixelCNNPrior
 from predict import batched, encode_images, load_model, load_split, prior_bits, run_dir_of, sample_labels
-from train import add_config_flags, exits_with_one_line, load_resume, lr_lambda, refuse_finished, use_bf16
+from train import (add_config_flags, exits_with_one_line, load_resume, lr_lambda, optimizer_step, refuse_finished,
+                   use_bf16)
 from utils import (ArgumentParser, SavedEpochs, UserError, append_csv, choose_device, drop_epochs_after,
                    interrupts_deferred, plot_curves, read_csv, rng_state, save_checkpoint, save_image_grid,
                    seed_everything, set_rng_state, stop_on_sigterm, write_json)
@@ -79,12 +80,7 @@ def train_epoch(prior, opt, scheduler, codes, labels, cfg, autocast, progress) -
         with autocast:
             logits = prior(x, labels[batch] if labels is not None else None)  # (B, K, h, w)
         loss = F.cross_entropy(logits.float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
-        opt.step()
-        scheduler.step()
+        optimizer_step(loss, prior, opt, scheduler, cfg.grad_clip)
         nats += loss.detach() * x.numel()
         progress.update(1)
     return float(nats) / codes.numel() / math.log(2)
