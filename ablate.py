@@ -16,7 +16,7 @@ from dataset import DataError
 from modules import PRESETS
 from predict import load_model, load_split, reconstruct
 from train import TrainConfig, train
-from utils import UserError, choose_device, load_checkpoint, read_csv, write_json
+from utils import ArgumentParser, UserError, choose_device, load_checkpoint, read_csv, write_json
 
 # name -> (preset, model overrides)
 VARIANTS = {
@@ -45,7 +45,7 @@ def run_variant(name: str, args) -> dict:
         train(cfg, model_cfg)
     device = choose_device(args.device)
     model, state = load_model(run_dir / "best.pt", device)
-    test = load_split(state["train_config"], "test")
+    test = load_split(state["train_config"], "test", demo=state.get("demo_settings"))
     scores, _ = reconstruct(model, test, device)
     rows = read_csv(run_dir / "metrics.csv")
     last = rows[-1]
@@ -73,7 +73,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="demo", help="OASIS, ADNI or demo (default: demo)")
     p.add_argument("--data-root")
     p.add_argument("--image-size", type=int)

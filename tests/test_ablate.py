@@ -1,0 +1,27 @@
+"""ablate.py trains each variant on the same data and budget and writes one table; finished variants are reused."""
+import json
+
+from helpers import run_script
+
+
+def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path):
+    args = ["ablate.py", "--dataset", "demo", "--data-root", str(demo_root), "--epochs", "1", "--batch-size", "8",
+            "--variants", "seed,default-no-restart", "--out", str(tmp_path)]
+    first = run_script(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("=== ") == 2  # both variants trained
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["seed", "default-no-restart"]
+    assert all(r["bits_per_slice"] == 4 * 4 * 5 and -1 <= r["test_ssim"] <= 1 for r in rows)  # 4x4 codes, K=32
+    assert len((tmp_path / "ablation.csv").read_text().splitlines()) == 3
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| seed", "| default-no-restart"]
+
+    again = run_script(*args)
+    assert again.returncode == 0 and "=== " not in again.stdout  # scored again, not retrained
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"] == rows
+
+
+def test_unknown_variant_is_one_line_error(tmp_path):
+    r = run_script("ablate.py", "--variants", "seed,huge", "--out", str(tmp_path))
+    assert r.returncode == 2 and "unknown --variants huge" in r.stderr and len(r.stderr.strip().splitlines()) == 1
