@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from dataset import DataError, build_dataset, generate_demo, to_float
 from modules import PRESETS
-from train import TrainConfig, batches, build_training, speed_settings, train, train_step, use_bf16
+from train import (TrainConfig, batches, build_training, compile_model, speed_settings, stage_images, train,
+                   train_step, use_bf16)
 from utils import UserError, choose_device, read_csv, seed_everything, ssim, to_unit, unwrap, write_json
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "reference_vqvae.py"
@@ -165,7 +166,8 @@ def project_training(args, device, data) -> dict:
     seed_everything(0)
     model, opt, scheduler = build_training(cfg, PRESETS[args.preset], device, args.warmup + args.steps + 1)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_model(model, device, distributed=False)
+    stage_images(cfg, device, data, verbose=False)
     bf16 = use_bf16(cfg.precision, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     model.train()

@@ -117,33 +117,60 @@ def set_rng_state(state: dict):
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(state: dict, path: Path):
+def save_checkpoint(state: dict, path: Path, *also: Path):
     """Write atomically: serialise in memory, write a temp file in the same folder, fsync, rename over the target.
+    Each path in `also` (same file system) then becomes another name of the same file, again by an atomic rename,
+    so an epoch's epoch/best/last checkpoints cost one write.
 
     A crash or kill mid-write leaves the previous file intact, plus at most a hidden `.<name>.<random>.tmp`
     file, which the next save of the same path removes; a full disk is reported as a UserError, never left
     behind as a truncated checkpoint. One writer per path (under DDP only rank 0 saves)."""
     path = Path(path)
+    buffer = io.BytesIO()  # serialised first: torch.save into a file reports a failed write as a vague RuntimeError
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+    _replace_atomically(path, lambda tmp: _write_synced(tmp, buffer))
+    for other in map(Path, also):
+        _replace_atomically(other, lambda tmp: _link_or_write(path, tmp, buffer))
+
+
+def _replace_atomically(path: Path, make):
+    """make(tmp) creates a hidden temp file beside `path`, which then replaces `path` by a rename."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        buffer = io.BytesIO()  # serialised first: torch.save into a file reports a failed write as a vague RuntimeError
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a save that was killed
             stale.unlink(missing_ok=True)
-        with open(tmp, "xb") as f:  # not tempfile.mkstemp: its files are 0600 whatever the umask says
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
+        make(tmp)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     except OSError as e:
         _remove_quietly(tmp)
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or choose "
-                        f"another --out, then resume from the last checkpoint") from None
+        raise _write_failed(path, e) from None
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _write_failed(path: Path, e: OSError) -> UserError:
+    return UserError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or choose another "
+                     f"--out, then resume from the last checkpoint")
+
+
+def _write_synced(tmp: Path, buffer: io.BytesIO):
+    with open(tmp, "xb") as f:  # not tempfile.mkstemp: its files are 0600 whatever the umask says
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _link_or_write(source: Path, tmp: Path, buffer: io.BytesIO):
+    try:
+        os.link(source, tmp)
+    except OSError:  # another file system, or one without hard links
+        _write_synced(tmp, buffer)
 
 
 def _remove_quietly(path: Path):

@@ -1,6 +1,8 @@
 """ablate.py trains each variant on the same data and budget and writes one table; finished variants are reused."""
 import json
 
+import pytest
+
 from helpers import run_script
 
 
@@ -19,7 +21,10 @@ def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_p
 
     again = run_script(*args)
     assert again.returncode == 0 and "=== " not in again.stdout  # scored again, not retrained
-    assert json.loads((tmp_path / "ablation.json").read_text())["rows"] == rows
+    rescored = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    # equal up to float rounding: on CUDA, cuDNN may pick other (equally valid) kernels the second time
+    assert [{k: pytest.approx(v, rel=1e-4) if isinstance(v, float) else v for k, v in r.items()} for r in rows] \
+        == rescored
 
 
 def test_unknown_variant_is_one_line_error(tmp_path):

@@ -23,7 +23,7 @@ from modules import VQVAE, VQVAEConfig
 from helpers import REPO, tiny_args
 from utils import UserError, fail_together, load_checkpoint, seed_everything
 
-ARGS = ("--lr-schedule", "constant", "--precision", "fp32")
+ARGS = ("--lr-schedule", "constant", "--precision", "fp32", "--device", "cpu")  # CPU DDP, also where GPUs exist
 
 
 def torchrun(*args):

@@ -391,9 +391,9 @@ def test_interrupt_while_an_epoch_is_saved_lands_after_its_checkpoints_and_csv_r
         demo_root, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
     real_save = train.save_checkpoint
 
-    def save_after_an_interrupt(state, path):
+    def save_after_an_interrupt(state, path, *also):
         os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
-        real_save(state, path)
+        real_save(state, path, *also)
 
     monkeypatch.setattr(train, "save_checkpoint", save_after_an_interrupt)
     run = tmp_path / "run"

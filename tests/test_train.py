@@ -35,6 +35,15 @@ def test_train_then_predict_write_every_promised_file(demo_root, tmp_path):
     assert len((tmp_path / "pred" / "per_image.csv").read_text().splitlines()) == 1 + 4
 
 
+def test_figures_of_quick_epochs_are_drawn_at_most_every_interval_and_for_the_last_epoch(demo_root, tmp_path,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(train, "FIGURES_EVERY_S", 3600.0)
+    train.main(tiny_args(demo_root, tmp_path / "run", "--epochs", "3"))
+    assert sorted(p.name for p in (tmp_path / "run" / "recon").iterdir()) == ["epoch_001.png", "epoch_003.png"]
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 3  # checkpoints and CSV rows every epoch
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
 def test_checkpoint_rebuilds_the_model_from_its_own_config(demo_root, tmp_path):
     train.main(tiny_args(demo_root, tmp_path / "run", "--epochs", "1", "--preset", "seed", "--codebook-size", "8"))
     state = load_checkpoint(tmp_path / "run" / "last.pt")

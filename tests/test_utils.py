@@ -38,6 +38,15 @@ def test_checkpoint_round_trip_keeps_tensors_and_plain_data(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
 
 
+def test_one_save_under_several_names_writes_once_and_later_saves_replace_only_their_name(tmp_path):
+    save_checkpoint({"kind": "vqvae", "epoch": 1}, tmp_path / "epoch_001.pt", tmp_path / "best.pt", tmp_path / "last.pt")
+    assert os.stat(tmp_path / "epoch_001.pt").st_ino == os.stat(tmp_path / "last.pt").st_ino  # one file, three names
+    save_checkpoint({"kind": "vqvae", "epoch": 2}, tmp_path / "epoch_002.pt", tmp_path / "last.pt")
+    epochs = {name: load_checkpoint(tmp_path / name)["epoch"] for name in ("epoch_001.pt", "best.pt", "last.pt")}
+    assert epochs == {"epoch_001.pt": 1, "best.pt": 1, "last.pt": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_001.pt", "epoch_002.pt", "last.pt"]
+
+
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     save_checkpoint({"kind": "vqvae", "epoch": 1}, tmp_path / "last.pt")
 
