@@ -334,19 +334,31 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
     with its defaults (7x7 uniform window, sample covariance, K1=0.01, K2=0.03) -> (B,).
 
     skimage averages over the image minus a (win_size-1)/2 border, which is exactly the 'valid' region
-    of a stride-1 window mean, so no cropping is needed. The window means are taken over unfolded rows, then
-    columns, of the five maps at once: on the CPU ~8x faster than F.avg_pool2d, with the same result."""
+    of a stride-1 window, so no cropping is needed. On the CPU a few images at a time, so that their maps stay
+    in cache (~1 MB per 256x256 image): ~3x faster than whole batches of 32."""
     x, y = x.float(), y.float()
-    maps = torch.stack([x, y, x * x, y * y, x * y])  # (5, B, 1, H, W)
-    ux, uy, uxx, uyy, uxy = maps.unfold(-1, win_size, 1).mean(-1).unfold(-2, win_size, 1).mean(-1)
+    chunk = len(x) if x.is_cuda else 3
+    return torch.cat([_ssim(x[i:i + chunk], y[i:i + chunk], data_range, win_size) for i in range(0, len(x), chunk)])
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) -> torch.Tensor:
+    """ssim on one chunk. Four maps instead of the usual five (only var(x) + var(y) enters the formula), window
+    sums over unfolded rows, then columns (on the CPU ~8x faster than F.avg_pool2d), and the formula multiplied
+    through by n^2 so that it takes the sums as they are: with Sx = n * mean(x) over a window of n pixels,
+    2 ux uy + C1 = (2 Sx Sy + n^2 C1) / n^2 and var(x) = (n Sxx - Sx^2) / (n (n - 1))."""
     n = win_size * win_size
     cov_norm = n / (n - 1)
-    vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
+    c1, c2 = (0.01 * data_range * n) ** 2, (0.03 * data_range * n) ** 2
+    maps = x.new_empty((4, *x.shape))
+    maps[0], maps[1] = x, y
+    torch.mul(x, x, out=maps[2]).addcmul_(y, y)
+    torch.mul(x, y, out=maps[3])
+    sx, sy, sq, sxy = maps.unfold(-1, win_size, 1).sum(-1).unfold(-2, win_size, 1).sum(-1)  # (B, 1, H-6, W-6) each
+    p = sx * sy
+    m = (sx * sx).addcmul_(sy, sy)
+    numerator = (p * 2 + c1).mul_(sxy.mul_(n).sub_(p).mul_(2 * cov_norm).add_(c2))
+    denominator = (m + c1).mul_(sq.mul_(n).sub_(m).mul_(cov_norm).add_(c2))
+    return numerator.div_(denominator).flatten(1).mean(1)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
