@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import train
-from helpers import REPO
+from helpers import REPO, nan_weights_on_second_call
 from utils import load_checkpoint, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # light on a shared CPU, and the same arithmetic in every child
@@ -442,16 +442,7 @@ def test_diverging_loss_stops_the_run_before_anything_is_saved(demo_root, tmp_pa
 
 
 def test_loss_turning_nan_keeps_the_last_good_epoch(demo_root, tmp_path, monkeypatch, capsys):
-    real_epoch, calls = train.train_epoch, []
-
-    def nan_weights_in_epoch_2(model, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return real_epoch(model, *args, **kwargs)
-
-    monkeypatch.setattr(train, "train_epoch", nan_weights_in_epoch_2)
+    monkeypatch.setattr(train, "train_epoch", nan_weights_on_second_call(train.train_epoch))
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(demo_root, run, "--epochs", EPOCHS)[1:])

@@ -17,7 +17,7 @@ import train
 import train_prior
 from dataset import generate_demo
 from modules import PixelCNNConfig, PixelCNNPrior
-from helpers import REPO, make_adni, run_script, tiny_args
+from helpers import REPO, make_adni, nan_weights_on_second_call, run_script, tiny_args
 from utils import frechet_distance, load_checkpoint, nearest_ssim, ssim
 
 
@@ -279,16 +279,7 @@ def test_sigterm_stops_train_prior_like_ctrl_c_and_says_how_to_resume(vqvae, tmp
 
 def test_prior_loss_turning_nan_keeps_the_last_good_epoch_and_suggests_a_new_run(vqvae, tmp_path, monkeypatch,
                                                                                  capsys):
-    real_epoch, calls = train_prior.train_epoch, []
-
-    def nan_weights_in_epoch_2(prior, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            with torch.no_grad():
-                next(prior.parameters()).fill_(float("nan"))
-        return real_epoch(prior, *args, **kwargs)
-
-    monkeypatch.setattr(train_prior, "train_epoch", nan_weights_in_epoch_2)
+    monkeypatch.setattr(train_prior, "train_epoch", nan_weights_on_second_call(train_prior.train_epoch))
     out = tmp_path / "prior"
     with pytest.raises(SystemExit) as stop:
         train_prior.main(["--vqvae", str(vqvae), "--epochs", "3", "--out", str(out), *PRIOR_FLAGS])
