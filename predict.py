@@ -148,14 +148,14 @@ def sample_labels(prior_config: PixelCNNConfig, n: int, class_index: int | None 
 
 
 @torch.no_grad()
-def reconstruct(model: VQVAE, data, device: torch.device, batch_size: int = 32):
+def reconstruct(model: VQVAE, data, device: torch.device, batch_size: int = 32, compiled_ssim: bool = False):
     """Per-image SSIM and PSNR over the whole split, plus the first 64 inputs/reconstructions/indices."""
     scores, keep = {"ssim": [], "psnr": []}, {"inputs": [], "outputs": [], "indices": []}
     for start in tqdm(range(0, len(data), batch_size), desc="reconstructing", leave=False):
         x = to_float(data.images[start:start + batch_size].unsqueeze(1).to(device))
         out = model(x)
         rec, ref = to_unit(out.reconstruction), to_unit(x)
-        scores["ssim"].append(ssim(rec, ref).cpu())
+        scores["ssim"].append(ssim(rec, ref, compiled=compiled_ssim).cpu())
         scores["psnr"].append(psnr(rec, ref).cpu())
         if start < 64:
             keep["inputs"].append(x.cpu())
@@ -182,6 +182,8 @@ def main(argv=None):
                    "predict_samples/ in the prior checkpoint's folder)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: ~4x faster once "
+                   "compiled (a few seconds), worth it for tens of thousands of images")
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
     sampling.add_argument("--sample", type=int, metavar="N", help="number of new slices to sample and score")
     sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py "
@@ -220,7 +222,7 @@ def run(args):
     out = args.out or run_dir / f"predict_{args.split}"
     out.mkdir(parents=True, exist_ok=True)
 
-    scores, keep = reconstruct(model, data, device, args.batch_size)
+    scores, keep = reconstruct(model, data, device, args.batch_size, args.compile)
     with open(out / "per_image.csv", "w") as f:
         f.write("file,ssim,psnr\n")
         for name, s, q in zip(data.files, scores["ssim"], scores["psnr"]):
@@ -315,7 +317,7 @@ def generate(args):
     val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size)
     reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
     gallery = to_unit(train_images).to(device)
-    nearest = {name: nearest_ssim(to_unit(x).to(device), gallery).cpu().numpy() for name, x in
+    nearest = {name: nearest_ssim(to_unit(x).to(device), gallery, compiled=args.compile).cpu().numpy() for name, x in
                (("samples", samples), ("validate_real", val_images[reference]),
                 ("validate_reconstructions", val_recon[reference]))}
     features = {name: encoder_features(model, x, device, args.batch_size) for name, x in

@@ -59,7 +59,8 @@ class TrainConfig:
     grad_clip: float = 0.0            # 0: no clipping
     precision: str = "auto"           # "auto" (bf16 where the hardware has it), "bf16" or "fp32"
     channels_last: bool = True
-    compile: bool = False             # torch.compile; on a single CUDA GPU with CUDA graphs ("reduce-overhead")
+    compile: bool = False             # torch.compile the model (on one CUDA GPU with CUDA graphs) and, on the CPU,
+                                      # the validation SSIM
     images_on_device: bool = True     # CUDA: keep the decoded uint8 images on the GPU (else pinned host copies)
     sync_bn: bool = False             # SyncBatchNorm under DDP on CUDA
     max_minutes: float = 0.0          # stop training after this many minutes (0: no limit)
@@ -286,7 +287,7 @@ def evaluate(model, data, cfg, device, autocast) -> dict:
         b = x.shape[0]
         ref, rec = to_unit(x), to_unit(out.reconstruction)
         sums += torch.stack([*(out.losses[k].double() * b for k in LOSS_NAMES),
-                             ssim(rec, ref).double().sum(), psnr(rec, ref).double().sum(),
+                             ssim(rec, ref, compiled=cfg.compile).double().sum(), psnr(rec, ref).double().sum(),
                              torch.tensor(float(b), device=device, dtype=torch.float64)])
     all_reduce_sum(sums)
     n = sums[-1].clamp(min=1)

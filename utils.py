@@ -2,6 +2,7 @@
 import argparse
 import csv
 import ctypes
+import functools
 import glob
 import io
 import json
@@ -329,36 +330,82 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7,
+         compiled: bool = False) -> torch.Tensor:
     """Per-image mean SSIM of (B, 1, H, W) batches, equal to skimage.metrics.structural_similarity
     with its defaults (7x7 uniform window, sample covariance, K1=0.01, K2=0.03) -> (B,).
 
     skimage averages over the image minus a (win_size-1)/2 border, which is exactly the 'valid' region
-    of a stride-1 window, so no cropping is needed. On the CPU a few images at a time, so that their maps stay
-    in cache (~1 MB per 256x256 image): ~3x faster than whole batches of 32."""
+    of a stride-1 window, so no cropping is needed. On the CPU four images at a time, so that their maps stay in
+    cache (~1 MB per 256x256 image): ~3x faster than whole batches of 32. compiled=True runs the same code through
+    torch.compile on the CPU (CUDA is fast as it is): one fused pass instead of ~20, ~4x faster after a one-off
+    compile of a few seconds per image size, so it pays off from a few tens of thousands of images. Where compiling
+    fails (no C++ compiler), it warns once and runs eagerly."""
     x, y = x.float(), y.float()
-    chunk = len(x) if x.is_cuda else 3
-    return torch.cat([_ssim(x[i:i + chunk], y[i:i + chunk], data_range, win_size) for i in range(0, len(x), chunk)])
+    if x.is_cuda:
+        return _ssim(x, y, data_range, win_size)
+    chunk = 4
+    full = len(x) - len(x) % chunk
+    parts = [(_compiled_ssim if compiled else _ssim)(x[i:i + chunk], y[i:i + chunk], data_range, win_size)
+             for i in range(0, full, chunk)]
+    if full < len(x):  # a last, smaller chunk runs eagerly rather than compiling for its size too
+        parts.append(_ssim(x[full:], y[full:], data_range, win_size))
+    return torch.cat(parts)
 
 
 def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) -> torch.Tensor:
-    """ssim on one chunk. Four maps instead of the usual five (only var(x) + var(y) enters the formula), window
-    sums over unfolded rows, then columns (on the CPU ~8x faster than F.avg_pool2d), and the formula multiplied
-    through by n^2 so that it takes the sums as they are: with Sx = n * mean(x) over a window of n pixels,
-    2 ux uy + C1 = (2 Sx Sy + n^2 C1) / n^2 and var(x) = (n Sxx - Sx^2) / (n (n - 1))."""
+    """ssim on one chunk. Four maps instead of the usual five (only var(x) + var(y) enters the formula), and the
+    formula multiplied through by n^2 so that it takes the window sums as they are: with Sx = n * mean(x) over a
+    window of n pixels, 2 ux uy + C1 = (2 Sx Sy + n^2 C1) / n^2 and var(x) = (n Sxx - Sx^2) / (n (n - 1))."""
     n = win_size * win_size
     cov_norm = n / (n - 1)
     c1, c2 = (0.01 * data_range * n) ** 2, (0.03 * data_range * n) ** 2
-    maps = x.new_empty((4, *x.shape))
-    maps[0], maps[1] = x, y
-    torch.mul(x, x, out=maps[2]).addcmul_(y, y)
-    torch.mul(x, y, out=maps[3])
-    sx, sy, sq, sxy = maps.unfold(-1, win_size, 1).sum(-1).unfold(-2, win_size, 1).sum(-1)  # (B, 1, H-6, W-6) each
+    sx, sy, sq, sxy = (window_sums(window_sums(m, -1, win_size), -2, win_size)  # (B, 1, H-6, W-6) each
+                       for m in (x, y, x * x + y * y, x * y))
     p = sx * sy
     m = (sx * sx).addcmul_(sy, sy)
     numerator = (p * 2 + c1).mul_(sxy.mul_(n).sub_(p).mul_(2 * cov_norm).add_(c2))
     denominator = (m + c1).mul_(sq.mul_(n).sub_(m).mul_(cov_norm).add_(c2))
     return numerator.div_(denominator).flatten(1).mean(1)
+
+
+def window_sums(m: torch.Tensor, dim: int, width: int) -> torch.Tensor:
+    """Sums of every `width` consecutive entries along `dim` (the 'valid' positions, size - width + 1 of them), by
+    doubling: sums of 1, 2, 4, ... entries, each from the previous, added up by the binary digits of `width`
+    (7 = 4 + 2 + 1: four additions where a direct sum takes six). Only out-of-place additions of slices, which
+    torch.compile fuses into one loop."""
+    powers = [m]  # powers[k][i] = m[i] + ... + m[i + 2**k - 1]
+    while 2 ** len(powers) <= width:
+        span = 2 ** (len(powers) - 1)
+        size = powers[-1].shape[dim] - span
+        powers.append(powers[-1].narrow(dim, 0, size) + powers[-1].narrow(dim, span, size))
+    length, total, offset = m.shape[dim] - width + 1, None, 0
+    for k in reversed(range(len(powers))):
+        if width >> k & 1:
+            part = powers[k].narrow(dim, offset, length)
+            total = part if total is None else total + part
+            offset += 2 ** k
+    return total
+
+
+_compile_failed = False
+
+
+def _compiled_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) -> torch.Tensor:
+    global _compile_failed
+    if not _compile_failed:
+        try:
+            return _ssim_compiled_once()(x, y, data_range, win_size)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            _compile_failed = True
+            warnings.warn(f"torch.compile failed for SSIM ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "running it eagerly")
+    return _ssim(x, y, data_range, win_size)
+
+
+@functools.cache
+def _ssim_compiled_once():
+    return torch.compile(_ssim, dynamic=False)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -367,14 +414,15 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return (10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-10))).clamp(max=100)
 
 
-def nearest_ssim(queries: torch.Tensor, gallery: torch.Tensor, candidates: int = 64) -> torch.Tensor:
+def nearest_ssim(queries: torch.Tensor, gallery: torch.Tensor, candidates: int = 64,
+                 compiled: bool = False) -> torch.Tensor:
     """For each (1, H, W) image of `queries`, its highest SSIM to any image of `gallery` (all in [0, 1]) -> (Nq,).
 
     SSIM is computed against the `candidates` gallery images nearest in pixel L2 distance (exact when the
     gallery is no larger), which keeps a search over a whole training split of thousands of slices cheap."""
     distances = torch.cdist(queries.flatten(1).float(), gallery.flatten(1).float())  # (Nq, Ng)
     nearest = distances.topk(min(candidates, len(gallery)), dim=1, largest=False).indices  # (Nq, candidates)
-    return torch.stack([ssim(q.expand(len(i), *q.shape), gallery[i]).max() for q, i in zip(queries, nearest)])
+    return torch.stack([ssim(q.expand(len(i), *q.shape), gallery[i], compiled=compiled).max() for q, i in zip(queries, nearest)])
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

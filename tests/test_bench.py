@@ -33,8 +33,9 @@ def test_bench_measures_everything_it_promises(tmp_path):
         "settings": {"preset", "size", "batch", "steps", "warmup", "precision", "channels_last", "compile"},
         "train": {"project_img_per_s", "reference_img_per_s", "speedup", "project_step_s", "reference_step_s"},
         "flops": {"per_step", "achieved_per_s", "peak_bf16_per_s", "peak_fp32_per_s", "fraction_of_bf16_peak",
-                  "fraction_of_fp32_peak"},
-        "ssim": {"images", "batched_img_per_s", "per_image_img_per_s", "speedup", "max_abs_diff"},
+                  "fraction_of_fp32_peak", "fraction_of_bf16_peak_for_train_target"},
+        "ssim": {"images", "batched_img_per_s", "per_image_img_per_s", "speedup", "max_abs_diff",
+                 "compiled_img_per_s", "compiled_speedup", "compiled_max_abs_diff", "compile_s"},
         "loader": {"project_wait_fraction", "reference_wait_fraction", "reference_batch_s", "project_decode_once_s",
                    "images"},
         "memory": {"what", "project_mib", "reference_mib"},
@@ -43,7 +44,7 @@ def test_bench_measures_everything_it_promises(tmp_path):
     }
     assert {k: set(v) for k, v in results.items()} == expected
     assert results["train"]["project_img_per_s"] > 0 and results["flops"]["per_step"] > 0
-    assert results["ssim"]["max_abs_diff"] <= 1e-4
+    assert results["ssim"]["max_abs_diff"] <= 1e-4 and results["ssim"]["compiled_max_abs_diff"] <= 1e-4
     assert (results["train"]["speedup"] is not None) == have_reference
     assert "training (img/s)" in r.stdout
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import utils
 from utils import UserError, append_csv, drop_rows_after, load_checkpoint, psnr, save_checkpoint, ssim
 
 
@@ -19,6 +20,33 @@ def test_batched_ssim_equals_skimage_per_image():
     for i in range(4):
         ref = structural_similarity(x[i, 0].numpy(), y[i, 0].numpy(), data_range=1.0)
         assert abs(ours[i].item() - ref) < 1e-4
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 7, 8, 11])
+def test_window_sums_equal_direct_sums_along_either_axis(width):
+    m = torch.randn(2, 1, 13, 17, dtype=torch.float64)
+    for dim in (-1, -2):
+        assert torch.allclose(utils.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
+
+
+def test_compiled_ssim_equals_the_eager_one():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 24, 20, generator=g)  # a chunk of 4 compiled, the last 2 eager
+    y = (x + 0.2 * torch.randn(6, 1, 24, 20, generator=g)).clamp(0, 1)
+    assert torch.allclose(ssim(x, y, compiled=True), ssim(x, y), atol=1e-6)
+
+
+def test_ssim_runs_eagerly_with_one_warning_where_compiling_fails(monkeypatch):
+    def no_compiler():
+        def fail(*args):
+            raise RuntimeError("no C++ compiler found\nlong details")
+        return fail
+    monkeypatch.setattr(utils, "_ssim_compiled_once", no_compiler)
+    monkeypatch.setattr(utils, "_compile_failed", False)
+    x = torch.rand(8, 1, 16, 16)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler found\\); running it eagerly"):
+        values = ssim(x, x.flip(-1), compiled=True)
+    assert torch.allclose(values, ssim(x, x.flip(-1)))
 
 
 def test_psnr_equals_skimage():
