@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import bench
+from dataset import generate_demo
 from modules import ConvTranspose2d, count_codes, preset
 from train import TrainConfig, build_training, train_step
 
@@ -47,6 +48,18 @@ def test_bench_measures_everything_it_promises(tmp_path):
     assert results["ssim"]["max_abs_diff"] <= 1e-4 and results["ssim"]["compiled_max_abs_diff"] <= 1e-4
     assert (results["train"]["speedup"] is not None) == have_reference
     assert "training (img/s)" in r.stdout
+
+
+def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path):
+    generate_demo(tmp_path / "slices", size=32, n_patients=10, slices_per_patient=2)
+    out = tmp_path / "quality.json"
+    r = run_bench("--quality", "--epochs", "1", "--data-root", str(tmp_path / "slices"), "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert results["settings"]["data"] == str(tmp_path / "slices")
+    assert results["val_ssim_bf16_minus_fp32"] == pytest.approx(results["bf16"]["val_ssim"]
+                                                               - results["fp32"]["val_ssim"])
+    assert f"on {tmp_path / 'slices'}: bf16" in r.stdout
 
 
 def test_a_missing_yardstick_is_named_with_the_fix(tmp_path, capsys):

@@ -34,6 +34,10 @@ def test_train_then_predict_write_every_promised_file(demo_root, tmp_path):
     assert set(summary["ssim"]) == {"mean", "std", "min", "max"} and "fraction_ssim_ge_0.6" in summary
     assert len((tmp_path / "pred" / "per_image.csv").read_text().splitlines()) == 1 + 4
 
+    predict.main(["--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "compiled"), "--compile"])
+    assert json.loads((tmp_path / "compiled" / "summary.json").read_text())["ssim"] == pytest.approx(summary["ssim"],
+                                                                                                   abs=1e-5)
+
 
 def test_figures_of_quick_epochs_are_drawn_at_most_every_interval_and_for_the_last_epoch(demo_root, tmp_path,
                                                                                         monkeypatch):
