@@ -182,8 +182,8 @@ def main(argv=None):
                    "predict_samples/ in the prior checkpoint's folder)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: ~4x faster once "
-                   "compiled (a few seconds), worth it for tens of thousands of images")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: ~5x faster once "
+                   "compiled (a few seconds), worth it from about ten thousand images")
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
     sampling.add_argument("--sample", type=int, metavar="N", help="number of new slices to sample and score")
     sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py "
@@ -317,9 +317,9 @@ def generate(args):
     val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size)
     reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
     gallery = to_unit(train_images).to(device)
-    nearest = {name: nearest_ssim(to_unit(x).to(device), gallery, compiled=args.compile).cpu().numpy() for name, x in
-               (("samples", samples), ("validate_real", val_images[reference]),
-                ("validate_reconstructions", val_recon[reference]))}
+    nearest = {name: nearest_ssim(to_unit(x).to(device), gallery, compiled=args.compile).cpu().numpy()
+               for name, x in (("samples", samples), ("validate_real", val_images[reference]),
+                               ("validate_reconstructions", val_recon[reference]))}
     features = {name: encoder_features(model, x, device, args.batch_size) for name, x in
                 (("train", train_images), ("samples", samples), ("validate_real", val_images),
                  ("validate_reconstructions", val_recon))}
