@@ -283,17 +283,18 @@ class VectorQuantizer(nn.Module):
                 self._initialised_checked = True
             indices = self.nearest(flat)  # (N,)
             counts = count_codes(indices, self.codebook_size)
-            if self.training:
-                self._update_statistics(flat.detach(), indices, counts)
-            indices = indices.view(b, h, w)
-            codes = self.lookup(indices)  # (B, D, h, w)
+            codes = self.lookup(indices.view(b, h, w))  # (B, D, h, w)
             commitment = self.commitment_cost * F.mse_loss(z, codes.detach())
             if self.update == "loss":
                 codebook_loss = F.mse_loss(codes, z.detach())
             else:
                 codebook_loss = z.new_zeros(())
             quantized = z + (codes - z).detach()  # straight-through estimator
-        return QuantizerOutput(quantized, indices, codebook_loss, commitment, counts)
+            # Only now, after this batch was quantised with the codes it was assigned to: moving the codebook (EMA,
+            # restarts) first would hand a vector the new value of a code restarted in this very step.
+            if self.training:
+                self._update_statistics(flat.detach(), indices, counts)
+        return QuantizerOutput(quantized, indices.view(b, h, w), codebook_loss, commitment, counts)
 
     @torch.no_grad()
     def _initialise(self, flat: torch.Tensor):

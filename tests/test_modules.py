@@ -154,3 +154,17 @@ def test_dead_codes_restart_on_encoder_outputs():
     flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
     for code in vq.codebook[1:]:
         assert torch.isclose(flat, code).all(1).any()  # moved onto one of this batch's vectors
+
+
+@pytest.mark.parametrize("update", ["ema", "loss"])
+def test_a_vector_is_quantised_to_the_code_it_was_assigned_even_if_that_code_restarts_in_the_same_step(update):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(2, 2, update=update, ema_decay=0.5, dead_code_threshold=2.0).train()
+    vq.codebook.data.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    vq.usage.copy_(torch.tensor([5.0, 0.0]))  # code 1 is dead and restarts in this step
+    z = torch.tensor([[0.1, -0.1], [0.0, 0.2], [-0.2, 0.0], [10.0, 10.0]]).t().reshape(1, 2, 1, 4)
+    out = vq(z)
+    assert out.indices.flatten().tolist() == [0, 0, 0, 1]
+    assert torch.equal(out.quantized[0, :, 0, 3], torch.tensor([10.0, 10.0]))  # the code as it was when chosen
+    assert out.commitment_loss.item() == pytest.approx(0.25 * (0.01 + 0.01 + 0.04 + 0.04 + 0 + 0) / 8, rel=1e-5)
+    assert vq.usage[1].item() == 2.0  # and only then was it restarted
