@@ -123,7 +123,7 @@ def build_training(cfg: TrainConfig, model_cfg: VQVAEConfig, device: torch.devic
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                            weight_decay=cfg.weight_decay)
-    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    return model, opt, lr_scheduler(opt, cfg, total_steps)
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
@@ -136,15 +136,102 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return root / f"{cfg.dataset}-{cfg.preset}-{n:03d}"
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+class LRSchedule:
+    """The LambdaLR factor: a linear warmup over `warmup_steps`, then constant, or a cosine down to zero at
+    `total_steps`. An object rather than a closure because LambdaLR's state_dict saves an object's fields: a total
+    fitted to a --max-minutes deadline (TimeBudget) comes back on resume, so the resumed run anneals exactly as the
+    uninterrupted one would have."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int):
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+        self.fitted_to_deadline = False
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
+
+
+def lr_scheduler(opt, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(cfg.lr_schedule, cfg.warmup_steps, total_steps))
+
+
+class TimeBudget:
+    """--max-minutes: a hard deadline by rank 0's clock, and a plan that fits the LR schedule to it.
+
+    Early in a new run (global steps FROM_STEP..AT_STEP) the step time is measured, and the schedule's total is cut
+    to the steps that fit before the deadline, with each epoch's validation and saving estimated as well; the run
+    then ends at that step, annealed, instead of being stopped with the learning rate still high."""
+    FROM_STEP, AT_STEP = 10, 40
+    EVAL_COST = 0.5        # a validation image costs about this share of a training image (forward only, SSIM)
+    EPOCH_OVERHEAD_S = 3.0  # checkpoint, CSV rows and figures
+    SAFETY = 0.97          # plan for this share of the time left
+
+    def __init__(self, minutes: float, val_images: int, batch_size: int, verbose: bool):
+        self.minutes, self.val_images, self.batch_size, self.verbose = minutes, val_images, batch_size, verbose
+        self.deadline = time.monotonic() + 60 * minutes if minutes else 0.0
+        self._started = None
+
+    def __bool__(self):
+        return bool(self.deadline)
+
+    def up(self, device) -> bool:
+        return bool(self.deadline) and time_is_up(self.deadline, device)
+
+    def observe(self, scheduler, steps_per_epoch: int, device):
+        """Call after every optimiser step; fits the schedule once, at global step AT_STEP, if not fitted yet."""
+        schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
+        if not self.deadline or schedule.fitted_to_deadline or step not in (self.FROM_STEP, self.AT_STEP):
+            return
+        now = time.perf_counter() if device.type != "cuda" else (torch.cuda.synchronize(device), time.perf_counter())[1]
+        if step == self.FROM_STEP:
+            self._started = now
+            return
+        if self._started is None:
+            return
+        step_seconds = (now - self._started) / (self.AT_STEP - self.FROM_STEP)
+        eval_seconds = self.val_images / self.batch_size * step_seconds * self.EVAL_COST + self.EPOCH_OVERHEAD_S
+        fit = steps_that_fit(self.SAFETY * (self.deadline - time.monotonic()), step_seconds, steps_per_epoch,
+                             step % steps_per_epoch, eval_seconds, schedule.total_steps - step)
+        total = int(broadcast_from_rank0(torch.tensor([step + fit], device=device, dtype=torch.float64)).item())
+        schedule.fitted_to_deadline = True
+        if total < schedule.total_steps:
+            schedule.total_steps = total
+            if self.verbose:
+                tqdm.write(f"--max-minutes {self.minutes:g}: {total} steps ({total / steps_per_epoch:.2f} epochs) fit "
+                           f"before the deadline at {step_seconds:.3f} s/step; the learning rate schedule ends there")
+
+
+def steps_that_fit(seconds: float, step_seconds: float, steps_per_epoch: int, step_in_epoch: int,
+                   eval_seconds: float, most: int) -> int:
+    """How many more optimiser steps fit in `seconds` (at most `most`), when every epoch that is begun, the
+    current one included, also pays `eval_seconds` at its end."""
+    steps = 0
+    while steps < most:
+        epoch_steps = steps_per_epoch - step_in_epoch
+        cost = epoch_steps * step_seconds + eval_seconds
+        if cost > seconds:
+            return min(most, steps + max(0, int((seconds - eval_seconds) // step_seconds)))
+        steps, seconds, step_in_epoch = steps + epoch_steps, seconds - cost, 0
+    return most
+
+
+def restore_scheduler(scheduler, state: dict, total_steps: int):
+    """Load a resumed LR schedule. Unless it was fitted to a --max-minutes deadline, its cosine ends at
+    `total_steps`, which a larger --epochs given with --resume moves further out."""
+    scheduler.load_state_dict(state)
+    schedule = scheduler.lr_lambdas[0]
+    if not schedule.fitted_to_deadline:
+        schedule.total_steps = total_steps
+
+
+def schedule_done(scheduler) -> bool:
+    """Whether a schedule fitted to a --max-minutes deadline has taken its last step."""
+    schedule = scheduler.lr_lambdas[0]
+    return schedule.fitted_to_deadline and scheduler.last_epoch >= schedule.total_steps
 
 
 def batches(data, sampler, batch_size: int, device: torch.device, drop_last: bool):
@@ -241,7 +328,7 @@ def optimizer_step(loss, model, opt, scheduler, grad_clip: float):
     scheduler.step()
 
 
-def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, deadline, progress):
+def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, budget, progress):
     """One pass over the training split; returns epoch-mean losses over all ranks and the code counts."""
     model.train()
     sums = torch.zeros(len(LOSS_NAMES) + 1, device=device)  # loss terms, images
@@ -262,7 +349,8 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, dea
             progress.set_postfix(loss=f"{value:.4f}")
             if diverged_anywhere(value, device):
                 break  # a NaN/inf loss: stop now rather than at the end of the epoch; train() reports it
-        if deadline and step % 10 == 9 and time_is_up(deadline, device):  # a collective: not every step
+        budget.observe(scheduler, len(sampler) // cfg.batch_size, device)
+        if schedule_done(scheduler) or (budget and step % 10 == 9 and budget.up(device)):  # a collective: not every step
             break
     all_reduce_sum(sums)
     all_reduce_sum(counts)
@@ -359,7 +447,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        restore_scheduler(scheduler, resume_state["scheduler"], cfg.epochs * steps_per_epoch)
         start_epoch, best_val = resume_state["epoch"] + 1, resume_state["best_val_loss"]
         if main_process:
             set_rng_state(resume_state["rng"])
@@ -399,7 +487,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                   f"({model_cfg.bits_per_image(height, width):.0f} bits/slice); {device} x {world}, "
                   f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
 
-    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else 0.0
+    budget = TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=main_process)
     epoch = start_epoch - 1
     figures_at = -math.inf  # when the figures were last drawn
     saved = SavedEpochs("train.py", run_dir, start_epoch, cfg.resume,
@@ -412,7 +500,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
             with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not main_process,
                       leave=False, dynamic_ncols=True) as progress:
                 train_metrics, counts, seen, wait = train_epoch(model, opt, scheduler, train_data, sampler, cfg,
-                                                                device, autocast, deadline, progress)
+                                                                device, autocast, budget, progress)
             train_seconds = time.perf_counter() - t0
             if not math.isfinite(train_metrics["train_loss"]):  # checked before anything of this epoch is saved
                 raise saved.diverged(epoch, "train loss", train_metrics["train_loss"], cfg)
@@ -427,7 +515,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                    "train_img_per_s": seen / train_seconds, "data_wait_pct": 100 * wait / train_seconds}
             best = row["val_loss"] < best_val
             best_val = min(best_val, row["val_loss"])
-            stopping = bool(deadline) and time_is_up(deadline, device)
+            stopping = schedule_done(scheduler) or budget.up(device)
             last_epoch = stopping or epoch == cfg.epochs
             with fail_together(device):  # also the barrier: no rank goes on before rank 0 has saved
                 if main_process:
@@ -460,7 +548,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
             saved.epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved
             if stopping:
                 if main_process:
-                    print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes} reached")
+                    print(f"stopping after epoch {epoch}: " + ("the steps planned for --max-minutes "
+                          f"{cfg.max_minutes:g} are done" if schedule_done(scheduler) else
+                          f"--max-minutes {cfg.max_minutes:g} reached"))
                 break
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         if main_process:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from modules import PixelCNNConfig, PixelCNNPrior
 from predict import batched, encode_images, load_model, load_split, prior_bits, run_dir_of, sample_labels
-from train import (add_config_flags, exits_with_one_line, load_resume, lr_lambda, optimizer_step, refuse_finished,
-                   use_bf16)
+from train import (add_config_flags, exits_with_one_line, load_resume, lr_scheduler, optimizer_step, refuse_finished,
+                   restore_scheduler, use_bf16)
 from utils import (ArgumentParser, SavedEpochs, UserError, append_csv, choose_device, drop_epochs_after,
                    interrupts_deferred, plot_curves, read_csv, rng_state, save_checkpoint, save_image_grid,
                    seed_everything, set_rng_state, stop_on_sigterm, write_json)
@@ -115,12 +115,12 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
     prior = PixelCNNPrior(prior_cfg).to(device)
     opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.epochs * steps_per_epoch))
+    scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     start_epoch, best_val = 1, float("inf")
     if resume_state is not None:
         prior.load_state_dict(resume_state["model"])
         opt.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        restore_scheduler(scheduler, resume_state["scheduler"], cfg.epochs * steps_per_epoch)
         start_epoch, best_val = resume_state["epoch"] + 1, resume_state["best_val_bits"]
         set_rng_state(resume_state["rng"])
     bf16 = use_bf16(cfg.precision, device)

@@ -97,14 +97,16 @@ def epoch(model_cfg, images, batch_size, rank=0, world=1, shuffle=False, deadlin
     model = VQVAE(model_cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # not Adam: it would hide a gradient scaled
     # by the number of ranks
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, train.LRSchedule("constant", 0, 1))
+    budget = train.TimeBudget(0, 0, batch_size, verbose=False)
+    budget.deadline = deadline
     if world > 1:
         model = DistributedDataParallel(model)
         model.broadcast_buffers = False
     sampler = DistributedSampler(range(len(images)), world, rank, shuffle=shuffle, drop_last=True)
     cfg = train.TrainConfig(batch_size=batch_size, channels_last=False)
     result = train.train_epoch(model, opt, scheduler, SimpleNamespace(images=images), sampler, cfg,
-                               torch.device("cpu"), nullcontext(), deadline, tqdm(disable=True))
+                               torch.device("cpu"), nullcontext(), budget, tqdm(disable=True))
     train.average_batchnorm_stats(train.unwrap(model))
     return train.unwrap(model), result
 

@@ -137,3 +137,24 @@ def test_predict_makes_missing_demo_data_again_as_it_was_and_says_so(tmp_path, c
     predict.main(["--checkpoint", str(tmp_path / "old" / "best.pt"), "--out", str(tmp_path / "predicted")])
     assert (f"the demo data this checkpoint was trained on is not at {data}; making it again there with the default "
             f"settings (300 slices of 128x128; this checkpoint does not record its own)") in capsys.readouterr().out
+
+
+def test_steps_that_fit_count_each_begun_epochs_validation():
+    # 10 steps of 1 s per epoch, 5 s of validation per epoch: 15 s per epoch
+    assert train.steps_that_fit(30, 1.0, 10, 0, 5.0, 1000) == 20
+    assert train.steps_that_fit(37, 1.0, 10, 0, 5.0, 1000) == 22  # 2 epochs, then 2 steps and a validation
+    assert train.steps_that_fit(33, 1.0, 10, 4, 5.0, 1000) == 18  # the current epoch has 6 steps left: 6 + 10 + 2
+    assert train.steps_that_fit(3, 1.0, 10, 0, 5.0, 1000) == 0
+    assert train.steps_that_fit(1e9, 1.0, 10, 0, 5.0, 123) == 123
+
+
+def test_a_schedule_fitted_to_the_deadline_is_restored_on_resume_and_others_stretch_to_new_epochs():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fitted = train.lr_scheduler(opt, train.TrainConfig(lr_schedule="cosine"), 100)
+    fitted.lr_lambdas[0].total_steps, fitted.lr_lambdas[0].fitted_to_deadline = 37, True
+    plain = train.lr_scheduler(opt, train.TrainConfig(lr_schedule="cosine"), 100)
+    for saved, expected in ((fitted, 37), (plain, 200)):
+        resumed = train.lr_scheduler(opt, train.TrainConfig(lr_schedule="cosine"), 999)
+        train.restore_scheduler(resumed, saved.state_dict(), total_steps=200)
+        assert resumed.lr_lambdas[0].total_steps == expected
+    assert train.LRSchedule("cosine", 0, 37)(37) == pytest.approx(0.0)
