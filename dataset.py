@@ -3,13 +3,23 @@ Brain MRI slice datasets (OASIS, ADNI, and a synthetic demo set).
 
 Every split is decoded once into a uint8 (N, H, W) tensor, so training epochs do no image decoding.
 Datasets can be read from a folder or in place from the official zip archive.
+
+Grey levels: 8-bit, colour and palette images are converted to 8-bit grey. A 16-bit grey image is scaled by the
+bit depth its maximum implies, so that 12-bit scanner data is not left nearly black: a slice whose maximum is at
+most 4095 holds 12-bit data and is scaled by 255/4095, any other by 255/65535 (1/257). Every slice of a 12-bit
+volume is at most 4095, so all its slices get the same scale.
+
+Limits: a file is at most MAX_FILE_BYTES and an image at most MAX_IMAGE_SIDE pixels per side, both checked before
+anything is decoded; unless --image-size resizes them, images are at least MIN_IMAGE_SIDE pixels per side.
 """
 
 import io
+import lzma
 import random
 import re
-import shutil
+import warnings
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -25,8 +35,18 @@ OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
 ADNI_PREFIXES = ("", "AD_NC/")
 ADNI_CLASSES = ["NC", "AD"]  # label = index
-DEMO_VERSION = "demo-v1"
-DEMO_MARKER = "DEMO_OK"
+DEMO_VERSION = "demo-v2"
+DEMO_MARKER = "DEMO_OK"  # written last: the demo tree is complete
+DEMO_MANIFEST = "DEMO_FILES"  # written before the first image: every file generate_demo is writing
+DEMO_NAME = re.compile(r"demo_\d+_slice_\d+\.png")  # never an OASIS name (case_<id>_slice_<n>.nii.png)
+# file name up to its first "." -> patient id, which keeps each patient's slices in one split
+NAME_PATTERNS = {"OASIS": re.compile(r"(?:case|demo)_(?P<patient>.+)_slice_\d+"),
+                 "ADNI": re.compile(r"(?P<patient>.+)_\d+")}
+EXPECTED_NAMES = {"OASIS": "case_<id>_slice_<n>.nii.png (or the demo's demo_<id>_slice_<n>.png)",
+                  "ADNI": "<patient>_<slice>.jpeg (e.g. 1003730_84.jpeg)"}
+MAX_FILE_BYTES = 64 << 20  # one slice image; a bigger file is refused before it is read
+MAX_IMAGE_SIDE = 8192  # pixels; checked from the image header, before decoding allocates anything
+MIN_IMAGE_SIDE = 8  # SSIM's 7x7 window, and the model's downsampling of the default preset (2^3)
 
 
 class DataError(Exception):
@@ -68,26 +88,52 @@ def read_slice(data: bytes, name: str, image_size: int | None = None) -> np.ndar
     """
     Decode one image file into a uint8 (H, W) grayscale array.
     With image_size=N the image is centre-cropped to a square of its shorter side, then resized to NxN if needed.
-    `name` is only used in the error message.
+    Without image_size, an image smaller than MIN_IMAGE_SIDE on a side is a DataError. `name` is only used in
+    error messages.
     """
     try:
         if not data:
             raise ValueError("the file is empty")
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decodes everything now, so truncated files fail here rather than later
-            gray = _to_gray(img)
+        with warnings.catch_warnings():
+            # Pillow warns from 89M pixels; _check_not_huge's limit is lower, and says which file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                _check_not_huge(img.size, name)  # from the header: nothing is decoded yet
+                img.load()  # decodes everything now, so truncated files fail here rather than later
+                gray = _to_gray(img)
+    except DataError:
+        raise
     except UnidentifiedImageError:
         raise DataError(_unreadable(name, "not an image format Pillow recognises")) from None
-    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, zlib.error, DecompressionBomb...
         raise DataError(_unreadable(name, str(e) or type(e).__name__)) from None
     if image_size is not None:
         gray = _square(gray, image_size)
+    else:
+        _check_not_tiny(gray.size, name)
     return np.array(gray)
+
+
+def _check_not_huge(size, name):
+    w, h = size
+    if max(w, h) > MAX_IMAGE_SIDE:
+        raise DataError(f"image {name} is {w}x{h} pixels, over the limit of {MAX_IMAGE_SIDE} pixels per side for a "
+                        f"slice; downscale or remove it, or pass --skip-bad to skip such files")
+
+
+def _check_not_tiny(size, name):
+    w, h = size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise DataError(f"image {name} is {w}x{h} pixels; SSIM needs at least 7x7 and the model's downsampling at "
+                        f"least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}: pass --image-size N (N >= {MIN_IMAGE_SIDE}) to "
+                        f"resize every image, or --skip-bad to skip such files")
 
 
 def _to_gray(img):
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        scaled = np.rint(np.asarray(img, dtype=np.float64) / 257)  # 0..65535 -> 0..255
+        pixels = np.asarray(img, dtype=np.float64)
+        full_scale = 4095 if pixels.max() <= 4095 else 65535  # 12-bit data, else 16-bit (module docstring)
+        scaled = np.rint(pixels * (255 / full_scale))
         return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         black = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -180,6 +226,7 @@ class _Tree:
                 raise DataError(f"{root} is not a readable zip archive ({e}); re-download it, "
                                 f"or extract it and pass the extracted folder as --data-root") from None
             self.members = [n for n in self.zip.namelist() if not n.endswith("/")]
+            self.member_set = set(self.members)
 
     def close(self):
         if self.zip is not None:
@@ -192,6 +239,15 @@ class _Tree:
         if self.zip:
             return any(n.startswith(rel + "/") for n in self.members)
         return (self.root / rel).is_dir()
+
+    def is_file(self, rel):
+        return rel in self.member_set if self.zip else (self.root / rel).is_file()
+
+    def need_folder(self, rel, what, fix):
+        """DataError unless `rel` is a folder: "<what> <path> is missing" or "... is a file, not a folder; <fix>"."""
+        if not self.is_dir(rel):
+            problem = "is a file, not a folder" if self.is_file(rel) else "is missing"
+            raise DataError(f"{what} {self.display(rel)} {problem}; {fix}")
 
     def images_in(self, rel):
         """Image files directly inside folder `rel`, in natural sort order (case_2 before case_10)."""
@@ -213,15 +269,48 @@ class _Tree:
         return sorted(p.name + "/" * p.is_dir() for p in (self.root / rel).iterdir())
 
     def read(self, rel):
+        """The bytes of file `rel`. Any problem is the DataError of an unreadable file, so --skip-bad skips it."""
         try:
-            return self.zip.read(rel) if self.zip else (self.root / rel).read_bytes()
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
-            raise DataError(_unreadable(self.display(rel), str(e))) from None
+            return self._read_member(rel) if self.zip else self._read_file(rel)
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error, lzma.LZMAError) as e:
+            raise DataError(_unreadable(self.display(rel), str(e) or type(e).__name__)) from None
+
+    def _read_file(self, rel):
+        path = self.root / rel
+        self._check_file_size(rel, path.stat().st_size)
+        with open(path, "rb") as f:
+            return self._capped_read(rel, f)  # the file may have grown since stat()
+
+    def _read_member(self, rel):
+        info = self.zip.getinfo(rel)
+        if info.flag_bits & 0x1:
+            raise DataError(_unreadable(self.display(rel), "it is an encrypted zip member; extract the archive with "
+                                                           "its password and pass the folder as --data-root"))
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+            method = zipfile.compressor_names.get(info.compress_type, "unknown")
+            raise DataError(_unreadable(self.display(rel), f"it is compressed with zip method {info.compress_type} "
+                                        f"({method}), which Python cannot read; extract the archive with a tool that "
+                                        f"can (e.g. 7-Zip) and pass the folder as --data-root"))
+        self._check_file_size(rel, info.file_size)  # as the archive declares it, before anything is inflated
+        with self.zip.open(info) as f:
+            return self._capped_read(rel, f)
+
+    def _capped_read(self, rel, f):
+        """At most MAX_FILE_BYTES of open file `f`: one byte more is read to tell that there is more."""
+        data = f.read(MAX_FILE_BYTES + 1)
+        self._check_file_size(rel, len(data))
+        return data
+
+    def _check_file_size(self, rel, n_bytes):
+        if n_bytes > MAX_FILE_BYTES:
+            raise DataError(_unreadable(self.display(rel), f"it is over the {MAX_FILE_BYTES >> 20} MiB limit for one "
+                                        f"slice image (at least {n_bytes / 2 ** 20:.1f} MiB)"))
 
     def find_prefix(self, prefixes, folders, expected):
-        """The first prefix under which one of `folders` exists, else DataError saying what was expected."""
+        """The first prefix under which one of `folders` exists (as a folder, or wrongly as a file: need_folder then
+        says so), else DataError saying what was expected."""
         for prefix in prefixes:
-            if any(self.is_dir(prefix + f) for f in folders):
+            if any(self.is_dir(prefix + f) or self.is_file(prefix + f) for f in folders):
                 return prefix
         found = self.entries()
         shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
@@ -237,46 +326,73 @@ def _parent(rel):
     return rel.rpartition("/")[0]
 
 
-def patient_id(filename):
-    """'case_402_slice_12.nii.png' -> '402' (OASIS); '1003730_84.jpeg' -> '1003730' (ADNI)."""
-    m = re.match(r"case_(.+)_slice_\d+", filename)
-    if m:
-        return m.group(1)
-    stem = filename.split(".")[0]
-    return stem.rpartition("_")[0] or stem
+def patient_id(filename, layout="OASIS"):
+    """The patient of a slice file named the way `layout` names them, else None: 'case_402_slice_12.nii.png' -> '402'
+    and the demo's 'demo_007_slice_3.png' -> '007' (OASIS layout); '1003730_84.jpeg' -> '1003730' (ADNI)."""
+    m = NAME_PATTERNS[layout].fullmatch(filename.split(".")[0])
+    return m["patient"] if m else None
 
 
 # -----------------------------------------------------------------------------
 # dataset layouts
 
 def _oasis_files(tree, split):
+    """(path, label, patient) of the split's files; the demo tree is read through this layout too."""
     expected = "folders keras_png_slices_train/, _validate/, _test/ (inside it or inside keras_png_slices_data/)"
     folder = tree.find_prefix(OASIS_PREFIXES, OASIS_DIRS.values(), expected) + OASIS_DIRS[split]
-    return [(rel, 0) for rel in _images_of(tree, folder)]
+    return _with_patients(tree, [(rel, 0) for rel in _images_of(tree, folder)], "OASIS")
 
 
 def _adni_files(tree, split, val_fraction, seed):
     expected = "folders train/ and test/, each holding AD/ and NC/ (inside it or inside AD_NC/)"
     prefix = tree.find_prefix(ADNI_PREFIXES, ("train", "test"), expected)
     folder = prefix + ("test" if split == "test" else "train")
-    if not tree.is_dir(folder):
-        raise DataError(f"split folder {tree.display(folder)} is missing; it should hold AD/ and NC/ image folders")
+    if not tree.is_dir(folder) and not tree.is_file(folder):
+        raise DataError(_adni_split_missing(tree, prefix, split))
+    tree.need_folder(folder, "split folder", "it should hold AD/ and NC/ image folders")
     class_dirs = [f"{folder}/{c}" for c in ADNI_CLASSES]
+    for d in class_dirs:
+        if tree.is_file(d):
+            tree.need_folder(d, "class folder", "it should hold that class's slice images; check the extraction")
     if not any(tree.is_dir(d) for d in class_dirs):
         found = ", ".join(tree.entries(folder)) or "nothing"
         raise DataError(f"{tree.display(folder)} has no AD/ or NC/ folder (found {found}); check the extraction")
     files = [(rel, label) for label, d in enumerate(class_dirs) if tree.is_dir(d) for rel in tree.images_in(d)]
     if not files:
         raise DataError(f"no images (.png/.jpg/.jpeg) in {tree.display(folder)}/AD or /NC; check the extraction")
+    files = _with_patients(tree, files, "ADNI")
     if split == "test":
         return files
-    patients = [patient_id(Path(rel).name) for rel, _ in files]
+    patients = [patient for _, _, patient in files]
     held_out = _validation_patients(patients, val_fraction, seed)
     files = [f for f, p in zip(files, patients) if (p in held_out) == (split == "validate")]
     if not files:
         raise DataError(f"{tree.display(folder)} has too few patients ({len(set(patients))}) to carve a "
                         f"{val_fraction:.0%} validation split and keep some for training; lower the validation fraction")
     return files
+
+
+def _adni_split_missing(tree, prefix, split):
+    where = tree.display(prefix.rstrip("/")) if prefix else str(tree.root)
+    if split == "test":
+        return (f"{where} has no test/ folder; ADNI's test split is the release's own AD_NC/test/ (patients that are "
+                f"not in train/): extract it there, or use --split validate for a patient-disjoint part of train/")
+    return (f"{where} has no train/ folder; ADNI's train and validate splits both come from AD_NC/train/: "
+            f"extract it there")
+
+
+def _with_patients(tree, files, layout):
+    """(path, label) -> (path, label, patient). A name without a patient id is a DataError rather than a patient of
+    its own, which could put one patient's slices in both train and validate."""
+    out = []
+    for rel, label in files:
+        patient = patient_id(rel.rpartition("/")[2], layout)
+        if patient is None:
+            raise DataError(f"cannot tell which patient {tree.display(rel)} belongs to: its name does not follow "
+                            f"{EXPECTED_NAMES[layout]}, which keeps each patient's slices in one split; rename or "
+                            f"remove the file")
+        out.append((rel, label, patient))
+    return out
 
 
 def _validation_patients(patients, val_fraction, seed):
@@ -287,8 +403,7 @@ def _validation_patients(patients, val_fraction, seed):
 
 
 def _images_of(tree, folder):
-    if not tree.is_dir(folder):
-        raise DataError(f"split folder {tree.display(folder)} is missing; check the download/extraction of the dataset")
+    tree.need_folder(folder, "split folder", "check the download/extraction of the dataset")
     files = tree.images_in(folder)
     if not files:
         raise DataError(f"no images (.png/.jpg/.jpeg) in {tree.display(folder)}; check the download/extraction")
@@ -305,8 +420,9 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     """
     name = _choice(name, DATASETS, "dataset")
     split = _choice(split, SPLITS, "split")
-    if image_size is not None and image_size < 1:
-        raise DataError(f"image size must be a positive integer, got {image_size!r}")
+    if image_size is not None and not MIN_IMAGE_SIDE <= image_size <= MAX_IMAGE_SIDE:
+        raise DataError(f"image size must be an integer from {MIN_IMAGE_SIDE} (SSIM's 7x7 window and the model's "
+                        f"downsampling) to {MAX_IMAGE_SIDE}, got {image_size!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
     if name == "demo":
@@ -324,7 +440,7 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     tree = _Tree(root)
     try:
         files = _adni_files(tree, split, val_fraction, seed) if name == "ADNI" else _oasis_files(tree, split)
-        rels = [rel for rel, _ in files]
+        rels = [rel for rel, _, _ in files]
         images, kept = _decode_all(tree, rels, image_size, skip_bad, desc=f"{name} {split}" if verbose else None)
         paths = [tree.display(rels[i]) for i in kept]
     finally:
@@ -332,11 +448,21 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
 
     labels = torch.tensor([files[i][1] for i in kept], dtype=torch.int64)
     class_names = ADNI_CLASSES if name == "ADNI" else ["none"]
-    patients = [patient_id(Path(rels[i]).name) for i in kept]
+    patients = [files[i][2] for i in kept]
     ds = SliceDataset(images, labels, list(class_names), patients, paths, name, split)
     if verbose:
         print(_summary(ds))
     return ds
+
+
+def check_compatible(train_shape, other, against="train"):
+    """DataError unless the images of `other` (a SliceDataset) are `train_shape` (H, W), the size of the images the
+    model trains (or was trained) on. Check every split right after loading it, so that a mismatch stops the run
+    before training starts rather than at the first validation. `against` names those images in the message."""
+    if tuple(other.image_shape) != tuple(train_shape):
+        (h, w), (th, tw) = other.image_shape, train_shape
+        raise DataError(f"{other.name} {other.split} images are {w}x{h} pixels (e.g. {other.files[0]}) but {against} "
+                        f"images are {tw}x{th}; pass --image-size N to resize every split to NxN")
 
 
 def _choice(value, choices, what):
@@ -375,33 +501,88 @@ def demo_settings(root=None) -> dict | None:
 
 def generate_demo(root, size=128, n_patients=30, slices_per_patient=10, seed=0, verbose=False):
     """
-    Write brain-like phantom slices as 8-bit PNGs in the OASIS layout, split 80/10/10 by patient.
-    Skips the work if `root` already holds a complete tree with the same settings. Same seed -> identical files.
+    Write brain-like phantom slices as 8-bit PNGs named demo_<patient>_slice_<n>.png (never an OASIS name) in the
+    OASIS folder layout, split 80/10/10 by patient. Same seed -> identical files. Returns `root`.
+
+    It writes only into a new or empty folder, or one that holds nothing but an earlier demo tree, and deletes only
+    files it wrote: before the first image it writes the manifest DEMO_FILES, listing every file it is about to
+    write, and the marker DEMO_OK last. So a complete tree with the same settings is left as it is; an interrupted
+    run (manifest, no marker) or a tree with other settings is replaced, deleting just the files its manifest lists;
+    and a folder holding anything else is refused with a DataError, since that may be real data.
     """
     root = Path(root).expanduser()
-    marker = root / DEMO_MARKER
-    stamp = f"{DEMO_VERSION} size={size} n_patients={n_patients} slices_per_patient={slices_per_patient} seed={seed}\n"
-    if marker.is_file():
-        if marker.read_text() == stamp:
-            return root
-        # a complete demo tree with other settings: only then is it safe to delete (it holds nothing but demo files)
-        marker.unlink()
-        for d in OASIS_DIRS.values():
-            shutil.rmtree(root / d, ignore_errors=True)
+    settings = dict(size=size, n_patients=n_patients, slices_per_patient=slices_per_patient, seed=seed)
+    if demo_settings(root) == settings:
+        return root
+    if size < MIN_IMAGE_SIDE or n_patients < 3 or slices_per_patient < 1:
+        raise DataError(f"demo settings {settings} make no usable dataset: size must be at least {MIN_IMAGE_SIDE}, "
+                        f"n_patients at least 3 (one for each split) and slices_per_patient at least 1")
+    earlier = _earlier_demo_files(root)
     if verbose:
         print(f"generating {n_patients * slices_per_patient} synthetic demo slices in {root}")
+    try:
+        _write_demo(root, earlier, settings)
+    except OSError as e:
+        raise DataError(f"cannot write demo data to {root} ({e}); pass a writable --data-root") from None
+    return root
 
+
+def _write_demo(root, earlier, settings):
+    """Replace the demo files `earlier` by a demo tree made with `settings` (generate_demo's)."""
+    n_patients, per_patient = settings["n_patients"], settings["slices_per_patient"]
+    (root / DEMO_MARKER).unlink(missing_ok=True)  # first: from here on the tree counts as interrupted
+    for rel in earlier:
+        (root / rel).unlink()
+    for folder in OASIS_DIRS.values():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    names = [[_demo_file(p, s, n_patients) for s in range(per_patient)] for p in range(n_patients)]
+    (root / DEMO_MANIFEST).write_text("".join(f"{rel}\n" for patient in names for rel in patient))
+    for p, patient in enumerate(names):
+        slices = _phantom(np.random.default_rng([settings["seed"], p]), settings["size"], per_patient)
+        for rel, img in zip(patient, slices):
+            Image.fromarray(img).save(root / rel)
+    (root / DEMO_MARKER).write_text(f"{DEMO_VERSION} " + " ".join(f"{k}={v}" for k, v in settings.items()) + "\n")
+
+
+def _demo_file(patient, slice_index, n_patients):
+    """Where generate_demo writes slice `slice_index` of patient `patient` (0-based): the first 80% of the patients
+    train, the next 10% validate, the last 10% test (at least one patient each)."""
     n_held_out = max(1, n_patients // 10)
     n_train = n_patients - 2 * n_held_out
-    for p in range(n_patients):
-        split = "train" if p < n_train else "validate" if p < n_train + n_held_out else "test"
-        folder = root / OASIS_DIRS[split]
-        folder.mkdir(parents=True, exist_ok=True)
-        slices = _phantom(np.random.default_rng([seed, p]), size, slices_per_patient)
-        for s, img in enumerate(slices):
-            Image.fromarray(img).save(folder / f"case_{p + 1:03d}_slice_{s}.nii.png")
-    marker.write_text(stamp)  # written last, so an interrupted run is redone next time
-    return root
+    split = "train" if patient < n_train else "validate" if patient < n_train + n_held_out else "test"
+    return f"{OASIS_DIRS[split]}/demo_{patient + 1:03d}_slice_{slice_index}.png"
+
+
+def _earlier_demo_files(root):
+    """The files in `root` that an earlier generate_demo wrote (its manifest lists them); a DataError if `root`
+    holds anything else, which may be real data: an OASIS tree has the same folders, and its files once had the
+    demo's names."""
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise DataError(f"demo data root {root} is a file, not a folder; pass an empty or new --data-root for demo "
+                        f"data")
+    try:
+        listed = set((root / DEMO_MANIFEST).read_text().splitlines())
+    except (OSError, ValueError):  # no manifest, or not one of ours: then nothing here counts as a demo file
+        listed = set()
+    earlier = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() or not (entry.name in (DEMO_MARKER, DEMO_MANIFEST) and entry.is_file()
+                                      or entry.name in OASIS_DIRS.values() and entry.is_dir()):
+            raise _not_demo(root, entry)
+        for file in sorted(entry.iterdir()) if entry.is_dir() else []:
+            rel = f"{entry.name}/{file.name}"
+            if file.is_symlink() or not file.is_file() or rel not in listed or not DEMO_NAME.fullmatch(file.name):
+                raise _not_demo(root, file)
+            earlier.append(rel)
+    return earlier
+
+
+def _not_demo(root, path):
+    shown = path.relative_to(root).as_posix() + "/" * (path.is_dir() and not path.is_symlink())
+    return DataError(f"{root} already holds {shown}, which generate_demo did not write (it may be real data); pass an "
+                     f"empty or new --data-root for demo data")
 
 
 def _phantom(rng, size, n_slices):
