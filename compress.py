@@ -925,6 +925,8 @@ def cmd_rd(args):
             raise UserError(f"{ckpt} records other {args.split} images than {args.checkpoints[0]}; compare "
                             f"checkpoints trained on the same dataset")
         label = f"{cfg.preset} ({run_dir_of(ckpt).name})"
+        if label in models:  # the same run twice (e.g. with and without its prior)
+            label = f"{label} #{len(models) + 1}"
         n, (height, width) = len(images), images.shape[1:]
         t0 = time.perf_counter()
         codes = codec.codes(images)

@@ -358,3 +358,18 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(models, tm
     speed = next(iter(summary["speed"].values()))
     assert speed["prior_encode_slices_per_s"] > 0 and speed["prior_decode_slices_per_s"] > 0
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--out", str(out)], "already exists")
+
+
+def test_rd_compares_several_checkpoints(models, tmp_path, capsys):
+    checkpoint, prior = models
+    out = tmp_path / "rd2"
+    compress.main(["rd", "--checkpoint", str(checkpoint), "--checkpoint", str(checkpoint), "--prior", "none",
+                   "--prior", str(prior), "--budgets", "500", "--codecs", "jpeg2000", "--no-verify", "--out", str(out)])
+    rows = list(csv.DictReader(open(out / "rd.csv")))
+    assert len({r["codec"] for r in rows if r["codec"].startswith("VQ-VAE")}) == 2
+    assert sum(r["setting"] == "prior" for r in rows) == 1
+    assert len(json.loads((out / "rd.json").read_text())["models"]) == 2
+    fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--prior", "none", "--prior", "none",
+                        "--out", str(tmp_path / "rd3")], "one --prior per --checkpoint")
+    fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--codecs", "gif", "--out", str(tmp_path / "rd3")],
+               "unknown codec 'gif'")
