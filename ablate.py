@@ -4,20 +4,22 @@ write one table (ablation.csv, ablation.json, ablation.md) for the README.
     python ablate.py --dataset OASIS --data-root ../shared/data/mni152-dev --epochs 20
     python ablate.py --dataset demo --epochs 10 --variants seed,default
 
-Each variant is a normal run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
-already finished its epochs is scored again without retraining, so an interrupted ablation can be re-run.
+Each variant is a normal train.py run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
+already finished its epochs is scored again without retraining and an unfinished one is resumed, so an interrupted
+ablation can be re-run.
 """
 import argparse
+import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from dataset import DataError
-from modules import PRESETS
-from predict import load_model, load_split, reconstruct
-from train import TrainConfig, train
-from utils import ArgumentParser, UserError, choose_device, load_checkpoint, read_csv, write_json
+from checkpoints import load_checkpoint, load_split, load_vqvae
+from engine import flag
+from metrics import score_split
+from utils import (ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, read_csv,
+                   write_atomically, write_json)
 
+TRAIN = Path(__file__).resolve().parent / "train.py"
 # name -> (preset, model overrides)
 VARIANTS = {
     "seed": ("seed", {}),
@@ -29,34 +31,46 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, args) -> dict:
+def train_variant(name: str, args, run_dir: Path, resume: bool):
+    """train.py for one variant, as a user would run it (a subprocess: one run, one process, one folder); an
+    unfinished run of it is resumed."""
     preset_name, overrides = VARIANTS[name]
+    if resume:
+        command = ["--resume", str(run_dir), "--epochs", str(args.epochs), "--device", args.device]
+    else:
+        command = ["--dataset", args.dataset, "--preset", preset_name, "--epochs", str(args.epochs), "--batch-size",
+                   str(args.batch_size), "--seed", str(args.seed), "--device", args.device, "--out", str(run_dir),
+                   *(["--data-root", args.data_root] if args.data_root else []),
+                   *(["--image-size", str(args.image_size)] if args.image_size else []),
+                   *[part for k, v in overrides.items() for part in (flag(k), str(v))]]
+    print(f"\n=== {name}: preset {preset_name} {overrides or ''}{' (resumed)' if resume else ''}", flush=True)
+    if subprocess.run([sys.executable, str(TRAIN), *command]).returncode != 0:
+        raise UserError(f"training variant {name} failed (its error is above); fix it and run ablate.py again: "
+                        f"finished variants are not trained again, an unfinished one is resumed")
+
+
+def run_variant(name: str, args) -> dict:
+    """Train the variant unless its run already finished its epochs, then score its best.pt on the test split."""
     run_dir = args.out / name
-    cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, image_size=args.image_size,
-                      preset=preset_name, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                      device=args.device, out=str(run_dir)).resolved()
-    model_cfg = replace(PRESETS[preset_name], **overrides)
-    finished = (run_dir / "last.pt").is_file() and load_checkpoint(run_dir / "last.pt")["epoch"] >= args.epochs
+    last = run_dir / "last.pt"
+    finished = last.is_file() and load_checkpoint(last)["epoch"] >= args.epochs
     if not finished:
-        if (run_dir / "metrics.csv").exists():  # an unfinished earlier attempt: start it again from scratch
-            for stale in [run_dir / "metrics.csv", run_dir / "code_usage.csv"]:
-                stale.unlink()
-        print(f"\n=== {name}: preset {preset_name} {overrides or ''}")
-        train(cfg, model_cfg)
+        train_variant(name, args, run_dir, resume=last.is_file())
     device = choose_device(args.device)
-    model, state = load_model(run_dir / "best.pt", device)
-    test = load_split(state["train_config"], "test", demo=state.get("demo_settings"))
-    scores, _ = reconstruct(model, test, device)
+    model, cfg, state = load_vqvae(run_dir / "best.pt", device)
+    test = load_split(cfg, "test", demo=state["demo_settings"])
+    scores = score_split(model, test.images, device, autocast(cfg.precision, device))
     rows = read_csv(run_dir / "metrics.csv")
-    last = rows[-1]
+    last_row, model_cfg = rows[-1], model.config
     h, w = test.image_shape
     grid = model_cfg.latent_grid(h, w)
+    preset_name, overrides = VARIANTS[name]
     return {"variant": name, "preset": preset_name, "overrides": overrides, "latent_grid": f"{grid[0]}x{grid[1]}",
             "codebook_size": model_cfg.codebook_size, "bits_per_slice": round(model_cfg.bits_per_image(h, w)),
-            "epochs": int(last["epoch"]), "best_epoch": state["epoch"],
-            "test_ssim": float(scores["ssim"].mean()), "test_ssim_std": float(scores["ssim"].std()),
-            "test_psnr": float(scores["psnr"].mean()), "codes_used_pct": last["codes_used_pct"],
-            "perplexity": last["perplexity"],
+            "epochs": int(last_row["epoch"]), "best_epoch": state["epoch"],
+            "test_ssim": float(scores.ssim.mean()), "test_ssim_std": float(scores.ssim.std(unbiased=False)),
+            "test_psnr": float(scores.psnr.mean()), "codes_used_pct": last_row["codes_used_pct"],
+            "perplexity": last_row["perplexity"],
             "train_img_per_s": sum(r["train_img_per_s"] for r in rows) / len(rows),
             "train_minutes": sum(r["epoch_seconds"] for r in rows) / 60}
 
@@ -73,37 +87,36 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="demo", help="OASIS, ADNI or demo (default: demo)")
-    p.add_argument("--data-root")
-    p.add_argument("--image-size", type=int)
+    p = ArgumentParser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="demo", choices=("OASIS", "ADNI", "demo"), help="the dataset (default: demo)")
+    p.add_argument("--data-root", help="where the dataset is (train.py's --data-root)")
+    p.add_argument("--image-size", type=int, help="train.py's --image-size for every variant")
     p.add_argument("--epochs", type=int, default=20, help="the same budget for every variant (default: 20)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="train.py's --batch-size (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="train.py's --seed (default: 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    args = p.parse_args(argv)
-    try:
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per variant in here, and "
+                   "the tables (default: runs/ablation)")
+    with exits_with_one_line():
+        args = p.parse_args(argv)
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
         if unknown or not names:
             raise UserError(f"unknown --variants {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}")
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
+        args.out.mkdir(parents=True, exist_ok=True)
         rows = []
         for name in names:
             rows.append(run_variant(name, args))
-            args.out.mkdir(parents=True, exist_ok=True)
             write_json(args.out / "ablation.json", {"dataset": args.dataset, "data_root": args.data_root,
                                                     "epochs": args.epochs, "rows": rows})
-            with open(args.out / "ablation.csv", "w") as f:
-                keys = [k for k in rows[0] if k != "overrides"]
-                f.write(",".join(keys) + "\n")
-                f.writelines(",".join(str(r[k]) for k in keys) + "\n" for r in rows)
-            (args.out / "ablation.md").write_text(markdown_table(rows))
+            keys = [k for k in rows[0] if k != "overrides"]
+            write_atomically(args.out / "ablation.csv", ",".join(keys) + "\n"
+                             + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+            write_atomically(args.out / "ablation.md", markdown_table(rows))
         print("\n" + markdown_table(rows))
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
 
 
 if __name__ == "__main__":

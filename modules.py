@@ -3,7 +3,8 @@
 A model is `Encoder -> VectorQuantizer -> Decoder`; every hyper-parameter lives in `VQVAEConfig`, which is
 saved inside every checkpoint so the exact model can be rebuilt from the file alone.
 """
-from dataclasses import dataclass, fields, replace
+import math
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -12,9 +13,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+IMAGE_CHANNELS = 1  # grayscale MRI: every loader yields one channel
+
+
+class ConfigError(ValueError):
+    """A config field holds a value it cannot take."""
+
+    def __init__(self, what: str, field: str, value):
+        super().__init__(f"invalid {what} value for {field}: {value!r}")
+        self.field, self.value = field, value
+
+
+def first_failure(config, checks: dict[str, bool], what: str):
+    """The one validation idiom of every config's __post_init__: ConfigError naming the first field that fails."""
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ConfigError(what, bad[0], getattr(config, bad[0]))
+
+
+def config_from_dict(cls, values: dict, legacy: dict | None = None):
+    """Build the dataclass `cls` from a dict read from a checkpoint or JSON, refusing unknown fields and values of
+    the wrong type (a config from a file someone hands you is checked as strictly as flags). `legacy` maps removed
+    fields to the only value they could have had; a file that holds exactly that value still loads."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{cls.__name__} is a {type(values).__name__}, not a mapping")
+    values = {k: v for k, v in values.items() if not (legacy and k in legacy and v == legacy[k])}
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+    for name, value in values.items():
+        allowed = getattr(known[name], "__args__", (known[name],))  # int | None -> (int, NoneType)
+        ok = any(value is None if t is type(None) else
+                 isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+                 isinstance(value, t) and (t is bool or not isinstance(value, bool)) for t in allowed)
+        if not ok:
+            raise ValueError(f"{cls.__name__}.{name} is {value!r}, not of type {known[name]}")
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class VQVAEConfig:
-    in_channels: int = 1
     hidden_channels: int = 128      # width of every conv layer outside the residual branches
     downsamplings: int = 3          # each halves H and W: latent_grid = (H / 2^n, W / 2^n)
     residual_blocks: int = 0        # residual blocks at the latent resolution, in encoder and in decoder
@@ -24,24 +63,30 @@ class VQVAEConfig:
     embedding_dim: int = 128        # D
     commitment_cost: float = 0.25   # beta
     codebook_update: str = "loss"   # "loss": codebook term in the loss; "ema": exponential moving averages
-    ema_decay: float = 0.99
+    ema_decay: float = 0.99         # EMA codebook: decay of the running counts and sums
     kmeans_init: bool = False       # initialise the codebook by k-means on the first training batch
     dead_code_threshold: float = 0.0  # restart codes whose EMA usage per step drops below this (0: never)
-    reconstruction_loss: str = "mse"  # "mse" or "l1"
+    output: str = "tanh"            # the decoder's last activation: tanh, or linear (clamped to [-1, 1] in eval)
+
+    CHOICES = {"norm": ("batch", "group", "none"), "codebook_update": ("loss", "ema"), "output": ("tanh", "linear")}
+    # Upper bounds keep a mistyped value (--codebook-size 1e10) from allocating before anything else is checked.
+    LIMITS = {"hidden_channels": 4096, "residual_blocks": 64, "residual_channels": 4096, "codebook_size": 65536,
+              "embedding_dim": 4096}
 
     def __post_init__(self):
-        checks = {
-            "in_channels": self.in_channels >= 1, "hidden_channels": self.hidden_channels >= 1,
-            "downsamplings": 1 <= self.downsamplings <= 6, "residual_blocks": self.residual_blocks >= 0,
-            "residual_channels": self.residual_channels >= 1, "norm": self.norm in ("batch", "group", "none"),
-            "codebook_size": self.codebook_size >= 2, "embedding_dim": self.embedding_dim >= 1,
-            "commitment_cost": self.commitment_cost >= 0, "codebook_update": self.codebook_update in ("loss", "ema"),
-            "ema_decay": 0 <= self.ema_decay < 1, "dead_code_threshold": self.dead_code_threshold >= 0,
-            "reconstruction_loss": self.reconstruction_loss in ("mse", "l1"),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid model config value for {bad[0]}: {getattr(self, bad[0])!r}")
+        first_failure(self, {
+            "hidden_channels": 1 <= self.hidden_channels <= self.LIMITS["hidden_channels"],
+            "downsamplings": 1 <= self.downsamplings <= 6,
+            "residual_blocks": 0 <= self.residual_blocks <= self.LIMITS["residual_blocks"],
+            "residual_channels": 1 <= self.residual_channels <= self.LIMITS["residual_channels"],
+            "norm": self.norm in self.CHOICES["norm"],
+            "codebook_size": 2 <= self.codebook_size <= self.LIMITS["codebook_size"],
+            "embedding_dim": 1 <= self.embedding_dim <= self.LIMITS["embedding_dim"],
+            "commitment_cost": 0 <= self.commitment_cost < float("inf"),
+            "codebook_update": self.codebook_update in self.CHOICES["codebook_update"],
+            "output": self.output in self.CHOICES["output"],
+            "ema_decay": 0 <= self.ema_decay < 1, "dead_code_threshold": 0 <= self.dead_code_threshold < float("inf"),
+        }, "model config")
 
     @property
     def downsampling_factor(self) -> int:
@@ -56,38 +101,42 @@ class VQVAEConfig:
 
     def bits_per_image(self, height: int, width: int) -> float:
         h, w = self.latent_grid(height, width)
-        return h * w * torch.tensor(float(self.codebook_size)).log2().item()
+        return h * w * math.log2(self.codebook_size)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VQVAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, values: dict) -> "VQVAEConfig":
+        return config_from_dict(cls, values, legacy={"in_channels": 1, "reconstruction_loss": "mse"})
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe: the model and the optimiser settings that go with it."""
+    model: VQVAEConfig
+    lr: float
+    lr_schedule: str   # "constant" or "cosine" (after warmup)
+    warmup_steps: int
 
 
 PRESETS = {
-    # The first report's recipe, layer for layer (see the reference in ../shared/bench/reference_vqvae.py).
-    "seed": VQVAEConfig(),
+    # The first report's recipe, layer for layer (see the reference in ../shared/bench/reference_vqvae.py): Adam at
+    # 2e-3, constant.
+    "seed": Preset(VQVAEConfig(), lr=2e-3, lr_schedule="constant", warmup_steps=0),
     # Same latent grid (H/8 x W/8) and codebook size (K=32) as seed, so the same bits per slice. No normalisation
     # layers: BatchNorm ties the model to batch statistics, and GroupNorm was both slower (~40 % on the CPU) and
-    # worse in SSIM per epoch on real slices (README, "Quality"). Residual blocks at the latent resolution are
-    # cheap there and add capacity where the bits are decided.
-    "default": VQVAEConfig(hidden_channels=128, residual_blocks=4, residual_channels=128, norm="none",
-                           embedding_dim=64, codebook_update="ema", ema_decay=0.8, kmeans_init=True,
-                           dead_code_threshold=2.0),
+    # worse in SSIM per epoch on real slices (RESULTS.md). Residual blocks at the latent resolution are cheap there
+    # and add capacity where the bits are decided. A linear output, not tanh: most of a slice is black background
+    # (-1), and early steps can push tanh's input to -300 everywhere, where its gradient vanishes and the model
+    # outputs black from then on (seen on real OASIS and on demo seeds); a short warmup guards the first steps.
+    "default": Preset(VQVAEConfig(hidden_channels=128, residual_blocks=4, residual_channels=128, norm="none",
+                                  embedding_dim=64, codebook_update="ema", ema_decay=0.8, kmeans_init=True,
+                                  dead_code_threshold=2.0, output="linear"),
+                      lr=2e-3, lr_schedule="cosine", warmup_steps=100),
     # Higher fidelity: a 4x finer grid (H/4 x W/4) and K=256.
-    "hq": VQVAEConfig(hidden_channels=128, downsamplings=2, residual_blocks=2, residual_channels=64, norm="none",
-                      codebook_size=256, embedding_dim=64, codebook_update="ema", ema_decay=0.8, kmeans_init=True,
-                      dead_code_threshold=2.0),
+    "hq": Preset(VQVAEConfig(hidden_channels=128, downsamplings=2, residual_blocks=2, residual_channels=64,
+                             norm="none", codebook_size=256, embedding_dim=64, codebook_update="ema", ema_decay=0.8,
+                             kmeans_init=True, dead_code_threshold=2.0, output="linear"),
+                 lr=2e-3, lr_schedule="cosine", warmup_steps=100),
 }
-
-
-def preset(name: str, **overrides) -> VQVAEConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -160,7 +209,7 @@ class Encoder(nn.Module):
     def __init__(self, c: VQVAEConfig):
         super().__init__()
         project = needs_projection(c)
-        widths = [c.in_channels] + [c.hidden_channels] * c.downsamplings
+        widths = [IMAGE_CHANNELS] + [c.hidden_channels] * c.downsamplings
         if not project:
             widths[-1] = c.embedding_dim
         self.down = nn.Sequential(*[DownBlock(i, o, c.norm) for i, o in zip(widths, widths[1:])])
@@ -172,7 +221,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, D, h, w) quantised latents -> (B, C, h * 2^n, w * 2^n) image in [-1, 1]."""
+    """(B, D, h, w) quantised latents -> (B, C, h * 2^n, w * 2^n) image in [-1, 1] (linear output: in training,
+    unclamped)."""
 
     def __init__(self, c: VQVAEConfig):
         super().__init__()
@@ -182,10 +232,14 @@ class Decoder(nn.Module):
         self.residual = residual_stack(c)
         self.up = nn.Sequential(*[UpBlock(width if i == 0 else c.hidden_channels, c.hidden_channels, c.norm)
                                   for i in range(c.downsamplings - 1)])
-        self.to_image = ConvTranspose2d(c.hidden_channels, c.in_channels, 4, stride=2, padding=1)
+        self.to_image = ConvTranspose2d(c.hidden_channels, IMAGE_CHANNELS, 4, stride=2, padding=1)
+        self.tanh = c.output == "tanh"
 
     def forward(self, z):
-        return torch.tanh(self.to_image(self.up(self.residual(self.project(z)))))
+        x = self.to_image(self.up(self.residual(self.project(z))))
+        if self.tanh:
+            return torch.tanh(x)
+        return x if self.training else x.clamp(-1, 1)  # no clamp in training: it would stop gradients as tanh does
 
 
 class QuantizerOutput(NamedTuple):
@@ -366,11 +420,7 @@ class VQVAE(nn.Module):
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         q = self.quantizer(self.encoder(x))
         x_hat = self.decoder(q.quantized)
-        if self.config.reconstruction_loss == "mse":
-            reconstruction = F.mse_loss(x_hat.float(), x.float())
-        else:
-            reconstruction = F.l1_loss(x_hat.float(), x.float())
-        losses = {"reconstruction": reconstruction, "codebook": q.codebook_loss, "commitment": q.commitment_loss}
+        losses = {"reconstruction": F.mse_loss(x_hat.float(), x.float()), "codebook": q.codebook_loss, "commitment": q.commitment_loss}
         return VQVAEOutput(x_hat, losses, q.indices, q.code_counts)
 
 
@@ -391,12 +441,11 @@ class PixelCNNConfig:
     dropout: float = 0.0      # on the gated activations of the horizontal stack
 
     def __post_init__(self):
-        checks = {"codebook_size": self.codebook_size >= 2, "channels": self.channels >= 1,
-                  "layers": self.layers >= 1, "kernel_size": self.kernel_size >= 3 and self.kernel_size % 2 == 1,
-                  "num_classes": self.num_classes >= 0, "dropout": 0 <= self.dropout < 1}
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid prior config value for {bad[0]}: {getattr(self, bad[0])!r}")
+        first_failure(self, {"codebook_size": 2 <= self.codebook_size <= VQVAEConfig.LIMITS["codebook_size"],
+                       "channels": 1 <= self.channels <= 4096, "layers": 1 <= self.layers <= 256,
+                       "kernel_size": 3 <= self.kernel_size <= 63 and self.kernel_size % 2 == 1,
+                       "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1},
+                      "prior config")
 
 
 class CausalConv2d(nn.Conv2d):
@@ -500,6 +549,12 @@ class PixelCNNPrior(nn.Module):
         for layer, features in zip(self.layers, to_horizontal):
             h = layer.horizontal_step(h, features, labels)
         return self.head(h)
+
+    def labels_for(self, n: int, class_index: int | None = None) -> torch.Tensor | None:
+        """(n,) labels to sample with: `class_index` for all, or every class in turn; None if unconditional."""
+        if not self.config.num_classes:
+            return None
+        return torch.full((n,), class_index) if class_index is not None else torch.arange(n) % self.config.num_classes
 
     def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(indices)

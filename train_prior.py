@@ -11,65 +11,26 @@ to code maps once. The run folder (default: prior/ in the VQ-VAE's run folder) h
 samples/epoch_NNN.png (slices decoded from maps drawn with the same seed every epoch).
 Then sample and score with: python predict.py --sample 64 --prior <run folder>/best.pt
 """
-import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoints import PriorTrainConfig, check_prior_fits, load_split, load_vqvae, rebuild_prior, run_dir_of
+from engine import (SavedEpochs, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
+                    reserve_run_folder, restore_training, resume_checkpoint, resumed_config)
+from metrics import batched, encode_images, prior_bits
 from modules import PixelCNNConfig, PixelCNNPrior
-from predict import batched, encode_images, load_model, load_split, prior_bits, run_dir_of, sample_labels
-from train import (add_config_flags, exits_with_one_line, load_resume, lr_scheduler, optimizer_step, refuse_finished,
-                   restore_scheduler, use_bf16)
-from utils import (ArgumentParser, SavedEpochs, UserError, append_csv, choose_device, drop_epochs_after,
-                   interrupts_deferred, plot_curves, read_csv, rng_state, save_checkpoint, save_image_grid,
-                   seed_everything, set_rng_state, stop_on_sigterm, write_json)
+from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
+                   read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_sigterm, use_bf16, write_json)
 
 
-@dataclass(frozen=True)
-class PriorTrainConfig:
-    vqvae: str | None = None          # the VQ-VAE checkpoint whose code maps are modelled (required)
-    data_root: str | None = None      # where the VQ-VAE's dataset is now, if it moved after training
-    conditional: bool = False         # condition on the class (needs a dataset with classes: ADNI's AD / NC)
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"       # "constant" or "cosine" (after warmup)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0            # 0: no clipping
-    precision: str = "auto"           # "auto" (bf16 where the hardware has it), "bf16" or "fp32"
-    epoch_samples: int = 16           # slices sampled for samples/epoch_NNN.png (0: none)
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None            # run folder; default: prior/ in the VQ-VAE's run folder
-    resume: str | None = None         # a last.pt to continue from
-
-    def checked(self) -> "PriorTrainConfig":
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (self.lr_schedule in ("constant", "cosine"), "--lr-schedule must be constant or cosine"),
-            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
-            (self.precision in ("auto", "bf16", "fp32"), "--precision must be auto, bf16 or fp32"),
-            (self.epoch_samples >= 0, f"--epoch-samples must be >= 0, got {self.epoch_samples}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-        return self
-
-
-def train_epoch(prior, opt, scheduler, codes, labels, cfg, autocast, progress) -> float:
+def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, progress) -> float:
     """One shuffled pass over the (N, h, w) train code maps; returns their mean NLL in bits per code."""
     prior.train()
     order = torch.randperm(len(codes)).to(codes.device)
@@ -77,7 +38,7 @@ def train_epoch(prior, opt, scheduler, codes, labels, cfg, autocast, progress) -
     for start in range(0, len(codes), cfg.batch_size):
         batch = order[start:start + cfg.batch_size]
         x = codes[batch]
-        with autocast:
+        with amp:
             logits = prior(x, labels[batch] if labels is not None else None)  # (B, K, h, w)
         loss = F.cross_entropy(logits.float(), x)
         optimizer_step(loss, prior, opt, scheduler, cfg.grad_clip)
@@ -91,9 +52,21 @@ def save_samples(prior, vqvae, shape, cfg, device, path: Path, title: str):
     """cfg.epoch_samples slices decoded from sampled maps; the same seed every epoch, so epochs compare."""
     prior.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    codes = prior.sample(cfg.epoch_samples, shape, sample_labels(prior.config, cfg.epoch_samples),
-                         generator=generator)
+    codes = prior.sample(cfg.epoch_samples, shape, prior.labels_for(cfg.epoch_samples), generator=generator)
     save_image_grid(batched(vqvae.decode_indices, codes, device), path, nrow=8, title=title)
+
+
+def encode_splits(cfg: PriorTrainConfig, device, amp):
+    """The VQ-VAE, its train and validate splits encoded to (N, h, w) code maps on `device`, and their labels."""
+    vqvae, vqvae_cfg, vqvae_state = load_vqvae(cfg.vqvae, device)
+    splits = [load_split(vqvae_cfg, split, cfg.data_root, demo=vqvae_state["demo_settings"])
+              for split in ("train", "validate")]
+    if cfg.conditional and len(splits[0].class_names) < 2:
+        raise UserError(f"--conditional needs a dataset with classes (ADNI: AD / NC); {splits[0].name} has none")
+    codes = {d.split: encode_images(vqvae, d.images, device, desc=f"encoding {d.split}", amp=amp).to(device)
+             for d in splits}
+    labels = {d.split: d.labels.to(device) if cfg.conditional else None for d in splits}
+    return vqvae, vqvae_state, splits[0].class_names, codes, labels
 
 
 def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: dict | None = None) -> Path:
@@ -101,86 +74,81 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
-    vqvae, vqvae_state = load_model(cfg.vqvae, device)
-    train_data, val_data = (load_split(vqvae_state["train_config"], split, cfg.data_root,
-                                       demo=vqvae_state.get("demo_settings")) for split in ("train", "validate"))
-    if cfg.conditional and len(train_data.class_names) < 2:
-        raise UserError(f"--conditional needs a dataset with classes (ADNI: AD / NC); {train_data.name} has none")
-    codes = {d.split: encode_images(vqvae, d.images, device, desc=f"encoding {d.split}").to(device)
-             for d in (train_data, val_data)}  # (N, h, w) each
-    labels = {d.split: d.labels.to(device) if cfg.conditional else None for d in (train_data, val_data)}
+    amp = autocast(cfg.precision, device)
+
+    # Data: the VQ-VAE's code maps
+    vqvae, vqvae_state, class_names, codes, labels = encode_splits(cfg, device, amp)
     shape, k = tuple(codes["train"].shape[1:]), vqvae.config.codebook_size
 
-    prior_cfg = replace(prior_cfg, codebook_size=k, num_classes=len(train_data.class_names) if cfg.conditional else 0)
+    # Prior, optimiser and schedule; a resumed run's state
+    prior_cfg = replace(prior_cfg, codebook_size=k, num_classes=len(class_names) if cfg.conditional else 0)
     prior = PixelCNNPrior(prior_cfg).to(device)
-    opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(codes["train"]) / cfg.batch_size)
     scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    start_epoch, best_val = 1, float("inf")
+    start_epoch, best_val = 1, math.inf
     if resume_state is not None:
-        prior.load_state_dict(resume_state["model"])
-        opt.load_state_dict(resume_state["optimizer"])
-        restore_scheduler(scheduler, resume_state["scheduler"], cfg.epochs * steps_per_epoch)
+        check_prior_fits(resume_state, vqvae, cfg.resume, cfg.vqvae)  # the VQ-VAE may have been trained further
+        restore_training(resume_state, prior, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
         start_epoch, best_val = resume_state["epoch"] + 1, resume_state["best_val_bits"]
         set_rng_state(resume_state["rng"])
-    bf16 = use_bf16(cfg.precision, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    run_dir = Path(cfg.out)
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    # Run folder, reserved and locked only now
+    run_dir, lock = reserve_run_folder(cfg.out or str(run_dir_of(cfg.vqvae) / "prior"), Path("runs"), "prior",
+                                       "train_prior.py", resuming=resume_state is not None)
+    cfg = replace(cfg, out=str(run_dir))
+    (run_dir / "samples").mkdir(exist_ok=True)
     write_json(run_dir / "config.json", {"train": asdict(cfg), "prior": asdict(prior_cfg),
                                          "vqvae_model": vqvae_state["model_config"]})
-    print(f"prior run {run_dir}: {len(train_data)} train / {len(val_data)} validate code maps of "
+    print(f"prior run {run_dir}: {len(codes['train'])} train / {len(codes['validate'])} validate code maps of "
           f"{shape[0]}x{shape[1]}, K={k} (uniform: {math.log2(k):.2f} bits/code); "
           f"{sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters; {device}, "
-          f"{'bf16' if bf16 else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
-    epoch = start_epoch - 1
+          f"{'bf16' if use_bf16(cfg.precision, device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
+
+    # Loop
     saved = SavedEpochs("train_prior.py", run_dir, start_epoch, cfg.resume)
+    epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                      dynamic_ncols=True) as progress:
-                train_bits = train_epoch(prior, opt, scheduler, codes["train"], labels["train"], cfg, autocast,
-                                         progress)
-            train_seconds = time.perf_counter() - t0
-            if not math.isfinite(train_bits):  # checked before anything of this epoch is saved
-                raise saved.diverged(epoch, "train NLL", train_bits, cfg)
-            val_bits = prior_bits(prior, codes["validate"], labels["validate"], autocast=autocast)
-            if not math.isfinite(val_bits):
-                raise saved.diverged(epoch, "validation NLL", val_bits, cfg)
-            row = {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
-                   "lr": opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
-                   "train_codes_per_s": codes["train"].numel() / train_seconds}
-            best = val_bits < best_val
-            best_val = min(best_val, val_bits)
+            row = run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, steps_per_epoch)
+            best, best_val = row["val_bits_per_code"] < best_val, min(best_val, row["val_bits_per_code"])
             state = {"kind": "prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_bits": best_val,
-                     "rng": rng_state(), "model_config": asdict(prior_cfg), "train_config": asdict(cfg),
-                     "vqvae_checkpoint": str(cfg.vqvae), "vqvae_epoch": vqvae_state["epoch"],
-                     "vqvae_model_config": vqvae_state["model_config"],
-                     "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(),
-                     "class_names": list(train_data.class_names), "metrics": row}
-            with interrupts_deferred():  # Ctrl-C here lands after the epoch's checkpoints and CSV row
-                if best:
-                    save_checkpoint(state, run_dir / "best.pt")
-                save_checkpoint(state, run_dir / "last.pt")
-                if resume_state is not None and epoch == start_epoch:  # rows of a run that went further
-                    drop_epochs_after(epoch - 1, [run_dir / "metrics.csv"])
-                append_csv(run_dir / "metrics.csv", row)
-                saved.epoch = epoch
+                     "scheduler": scheduler.state_dict(), "best_val_bits": best_val, "model_config": asdict(prior_cfg),
+                     "train_config": asdict(cfg), "vqvae_checkpoint": str(cfg.vqvae),
+                     "vqvae_epoch": vqvae_state["epoch"], "vqvae_model_config": vqvae_state["model_config"],
+                     "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(), "class_names": list(class_names),
+                     "metrics": row}
+            saved.save(state, epoch, best, {"metrics.csv": row})
             plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
                         {"train_bits_per_code": "train", "val_bits_per_code": "validation"}, run_dir / "loss.png",
                         f"Prior NLL (uniform over K={k}: {math.log2(k):.2f} bits/code)", "bits / code")
             if cfg.epoch_samples:
                 save_samples(prior, vqvae, shape, cfg, device, run_dir / "samples" / f"epoch_{epoch:03d}.png",
-                             f"epoch {epoch}: validation NLL {val_bits:.3f} bits/code")
-            tqdm.write(f"epoch {epoch:3d} | train {train_bits:.4f} | val {val_bits:.4f} bits/code | lr {row['lr']:.2e} "
-                       f"| {row['epoch_seconds']:.1f}s {row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
+                             f"epoch {epoch}: validation NLL {row['val_bits_per_code']:.3f} bits/code")
+            tqdm.write(f"epoch {epoch:3d} | train {row['train_bits_per_code']:.4f} | val {row['val_bits_per_code']:.4f} "
+                       f"bits/code | lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s "
+                       f"{row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see __main__)
+        ignore_further_interrupts()
         print(saved.interrupted(epoch), file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        lock.release()
     return run_dir
+
+
+def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, steps_per_epoch) -> dict:
+    """Train one epoch and validate; returns its metrics.csv row."""
+    t0 = time.perf_counter()
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True) as progress:
+        train_bits = train_epoch(prior, opt, scheduler, codes["train"], labels["train"], cfg, amp, progress)
+    train_seconds = time.perf_counter() - t0
+    saved.check_finite(epoch, "train NLL", train_bits, cfg)  # before anything of this epoch is saved
+    val_bits = prior_bits(prior, codes["validate"], labels["validate"], amp=amp)
+    saved.check_finite(epoch, "validation NLL", val_bits, cfg)
+    return {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
+            "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
+            "train_codes_per_s": codes["train"].numel() / train_seconds}
 
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
@@ -188,42 +156,21 @@ RESUMABLE_OVERRIDES = ("epochs", "device", "data_root", "epoch_samples", "resume
 DERIVED = ("codebook_size", "num_classes")  # prior config fields set from the VQ-VAE and --conditional
 
 
-def parse_args(argv=None) -> tuple[dict, dict]:
-    """Returns the flags given explicitly, split into PriorTrainConfig and PixelCNNConfig fields."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       argument_default=argparse.SUPPRESS)
-    add_config_flags(p.add_argument_group("training (PriorTrainConfig)"), PriorTrainConfig)
-    add_config_flags(p.add_argument_group("prior (PixelCNNConfig)"), PixelCNNConfig, exclude=DERIVED)
-    args = vars(p.parse_args(argv))
-    train_names = {f.name for f in fields(PriorTrainConfig)}
-    return ({k: v for k, v in args.items() if k in train_names},
-            {k: v for k, v in args.items() if k not in train_names})
-
-
-def configs_from_args(train_args: dict, prior_args: dict):
-    if "resume" in train_args:
-        path, state = load_resume(train_args, prior_args, RESUMABLE_OVERRIDES, kind="prior")
-        cfg = replace(PriorTrainConfig(**state["train_config"]), **{**train_args, "resume": str(path)},
-                      out=str(run_dir_of(path))).checked()
-        refuse_finished(path, state, cfg.epochs)
-        return cfg, PixelCNNConfig(**state["model_config"]), state
-    cfg = PriorTrainConfig(**train_args).checked()
+def configs_from_args(run_args: dict, prior_args: dict):
+    if "resume" in run_args:
+        path, state = resume_checkpoint(run_args, prior_args, RESUMABLE_OVERRIDES, "prior")
+        prior, saved_cfg = rebuild_prior(state, path)
+        return resumed_config(saved_cfg, run_args, path, state), prior.config, state
+    cfg = config_or_error(PriorTrainConfig, **run_args)
     if cfg.vqvae is None:
         raise UserError("--vqvae is required: the VQ-VAE checkpoint (e.g. runs/X/best.pt) whose codes the prior models")
-    try:
-        prior_cfg = PixelCNNConfig(**prior_args)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    out = Path(cfg.out) if cfg.out else run_dir_of(cfg.vqvae) / "prior"
-    if (out / "last.pt").exists():
-        raise UserError(f"{out} already holds a prior run; continue it with --resume {out / 'last.pt'} or choose "
-                        f"another --out")
-    return replace(cfg, out=str(out)), prior_cfg, None
+    return cfg, config_or_error(PixelCNNConfig, **prior_args), None
 
 
 def main(argv=None):
-    with exits_with_one_line():
-        train_prior(*configs_from_args(*parse_args(argv)))
+    with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
+        train_prior(*configs_from_args(*parse_config_flags(argv, "train_prior.py", __doc__, PriorTrainConfig, PixelCNNConfig,
+                                                           "prior (PixelCNNConfig)", exclude=DERIVED)))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,26 @@
-"""Shared plumbing: seeding, devices, distributed setup, checkpoints, SSIM/PSNR, CSV and plots."""
+"""Shared plumbing: errors and command lines, seeding, devices and processes, interruptions, files (atomic writes,
+CSV, JSON) and plots."""
 import argparse
 import csv
 import ctypes
-import functools
-import glob
 import io
 import json
+import math
 import os
 import random
 import secrets
+import shutil
 import signal
+import sys
 import threading
-import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-CHECKPOINT_FORMAT = "vqvae-mri/1"
-
+from dataset import DataError
 
 class UserError(Exception):
     """Something the user can fix; str(e) is one line saying what was wrong and how to fix it."""
@@ -98,8 +98,11 @@ def fail_together(device: torch.device):
 
 
 def rng_state() -> dict:
+    """Every random stream a run draws from, in a form torch.load(weights_only=True) reads back."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -109,123 +112,25 @@ def set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(state: dict, path: Path, *also: Path):
-    """Write atomically: serialise in memory, write a temp file in the same folder, fsync, rename over the target.
-    Each path in `also` (same file system) then becomes another name of the same file, again by an atomic rename,
-    so an epoch's epoch/best/last checkpoints cost one write.
-
-    A crash or kill mid-write leaves the previous file intact, plus at most a hidden `.<name>.<random>.tmp`
-    file, which the next save of the same path removes; a full disk is reported as a UserError, never left
-    behind as a truncated checkpoint. One writer per path (under DDP only rank 0 saves)."""
-    path = Path(path)
-    buffer = io.BytesIO()  # serialised first: torch.save into a file reports a failed write as a vague RuntimeError
-    try:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
-    except OSError as e:
-        raise _write_failed(path, e) from None
-    _replace_atomically(path, lambda tmp: _write_synced(tmp, buffer))
-    for other in map(Path, also):
-        _replace_atomically(other, lambda tmp: _link_or_write(path, tmp, buffer))
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """precision "auto": bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _replace_atomically(path: Path, make):
-    """make(tmp) creates a hidden temp file beside `path`, which then replaces `path` by a rename."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a save that was killed
-            stale.unlink(missing_ok=True)
-        make(tmp)
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise _write_failed(path, e) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _write_failed(path: Path, e: OSError) -> UserError:
-    return UserError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space or choose another "
-                     f"--out, then resume from the last checkpoint")
-
-
-def _write_synced(tmp: Path, buffer: io.BytesIO):
-    with open(tmp, "xb") as f:  # not tempfile.mkstemp: its files are 0600 whatever the umask says
-        f.write(buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _link_or_write(source: Path, tmp: Path, buffer: io.BytesIO):
-    try:
-        os.link(source, tmp)
-    except OSError:  # another file system, or one without hard links
-        _write_synced(tmp, buffer)
-
-
-def _remove_quietly(path: Path):
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # e.g. its folder is not a folder: then there is nothing to remove
-        pass
-
-
-def _fsync_folder(folder: Path):
-    """Make a rename inside `folder` survive a power cut (POSIX); a no-op where a folder cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(path, kind: str = "vqvae") -> dict:
-    """Load a checkpoint with weights_only=True, so a file someone hands you cannot run code."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; pass the path of a .pt file in it (last.pt, best.pt)")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train.py "
-                        f"(or, for a prior, train_prior.py)")
-    try:
-        with warnings.catch_warnings():  # e.g. torch's note on an unusual pickle protocol: the error below says it
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
-        text = str(e)
-        reason = text.strip().splitlines()[0][:160] if text.strip() else type(e).__name__
-        if "weights_only" in text or "Unsupported global" in text:
-            reason = "it contains objects other than tensors and plain data, which could run code when loaded"
-        elif isinstance(e, EOFError) or path.stat().st_size == 0:
-            reason = "the file is empty or cut short"
-        elif "central directory" in text or "PytorchStreamReader" in text:
-            reason = "the file is truncated or corrupt (an incomplete torch archive)"
-        elif "invalid load key" in text:
-            reason = "it is not a file written by torch.save"
-        raise UserError(f"cannot load checkpoint {path}: {reason}; use a checkpoint written by this "
-                        f"project's train.py") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}); "
-                        f"use one written by train.py")
-    if state.get("kind", "vqvae") != kind:
-        raise UserError(f"{path} holds a {state.get('kind')} checkpoint, but a {kind} checkpoint is needed here")
-    return state
+def autocast(precision: str, device: torch.device):
+    """The context every forward pass runs in: bf16 autocast (see use_bf16) or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16(precision, device) else nullcontext()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -263,45 +168,6 @@ def interrupts_deferred():
         raise KeyboardInterrupt
 
 
-class SavedEpochs:
-    """The newest epoch whose checkpoints (and CSV rows) are complete on disk, and what a training run that stops
-    early says about it. train.py and train_prior.py set `.epoch` when an epoch's writes are done."""
-
-    def __init__(self, script: str, run_dir: Path, start_epoch: int, resume: str | None, resume_note: str = ""):
-        self.script, self.run_dir, self.start_epoch, self.resume = script, Path(run_dir), start_epoch, resume
-        self.resume_note = resume_note  # appended to the resume command, e.g. "(under the same torchrun command)"
-        self.epoch = start_epoch - 1    # a resumed run starts with the epoch of its --resume file
-
-    def path(self):
-        """The file that holds self.epoch: last.pt, or the --resume file if nothing was saved since."""
-        return self.run_dir / "last.pt" if self.epoch >= self.start_epoch else self.resume
-
-    def kept(self) -> str:
-        if self.epoch < 1:
-            return "no epoch had finished, so nothing was saved"
-        return f"{self.path()} holds epoch {self.epoch}"
-
-    def diverged(self, epoch: int, what: str, value: float, cfg) -> UserError:
-        """The error for a NaN/inf loss in `epoch`; cfg: the run's config (its lr, grad_clip and warmup_steps)."""
-        fixes = [f"a lower --lr (this one had {cfg.lr:g})"]
-        if not cfg.grad_clip:
-            fixes.append("--grad-clip 1")
-        if not cfg.warmup_steps:
-            fixes.append("--warmup-steps 500")
-        return UserError(f"training diverged in epoch {epoch} ({what} {value}); {self.kept()}"
-                         f"{' (the last good one)' if self.epoch >= 1 else ''}; start a new run with "
-                         f"{' or '.join([', '.join(fixes[:-1]), fixes[-1]]) if len(fixes) > 1 else fixes[0]}")
-
-    def interrupted(self, epoch: int) -> str:
-        """The message for Ctrl-C or SIGTERM in `epoch`: what is kept and the command that resumes it."""
-        when = f"after epoch {epoch} was saved" if self.epoch == epoch else f"during epoch {epoch}"
-        resume = ""
-        if self.epoch >= 1:
-            resume = (f". Resume with: python {self.script} --resume {self.path()}"
-                      + (f" {self.resume_note}" if self.resume_note else ""))
-        return f"\ninterrupted {when}; {self.kept()}{resume}"
-
-
 def one_line_reason(e: BaseException, limit: int = 200) -> str:
     """The informative part of an exception's message on one line: its first line, or the first detail line when
     the first only announces them (load_state_dict's "Error(s) in loading state_dict for VQVAE:")."""
@@ -314,6 +180,33 @@ def one_line_reason(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def ignore_further_interrupts():
+    """Called first when Ctrl-C or SIGTERM is being handled: a second signal (an impatient double Ctrl-C) must not
+    interrupt the handler itself and change what the run reports or keeps."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+
+@contextmanager
+def exits_with_one_line(prefix: str = "error", interrupted: str = "interrupted; nothing was saved"):
+    """Around every command's main: what the user can fix (UserError, DataError, an OSError such as a full disk or
+    a file where a folder should be) stops it with one line and exit status 2, and Ctrl-C or SIGTERM that nothing
+    inside handled with `interrupted` and status 130."""
+    try:
+        yield
+    except (UserError, DataError) as e:
+        print(f"{prefix}: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except OSError as e:
+        print(f"{prefix}: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        ignore_further_interrupts()
+        print(f"\n{interrupted}", file=sys.stderr)
+        raise SystemExit(130)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but a bad flag gets one line (not the usage of every flag) and exit status 2."""
 
@@ -321,177 +214,106 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see python {self.prog} --help\n")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Metrics: SSIM and PSNR on images in [0, 1]
-# ---------------------------------------------------------------------------------------------------------
-
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped."""
     return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7,
-         compiled: bool = False) -> torch.Tensor:
-    """Per-image mean SSIM of (B, 1, H, W) batches, equal to skimage.metrics.structural_similarity
-    with its defaults (7x7 uniform window, sample covariance, K1=0.01, K2=0.03) -> (B,).
-
-    skimage averages over the image minus a (win_size-1)/2 border, which is exactly the 'valid' region
-    of a stride-1 window, so no cropping is needed. On the CPU four images at a time, so that their maps stay in
-    cache (~1 MB per 256x256 image): ~3x faster than whole batches of 32. compiled=True runs the same code through
-    torch.compile on the CPU (CUDA is fast as it is): a few fused loops instead of ~20 passes over memory, ~5x
-    faster after a one-off compile of a few seconds per image size, so it pays off from about ten thousand images.
-    Where compiling fails (no C++ compiler), it warns once and runs eagerly."""
-    x, y = x.float(), y.float()
-    if x.is_cuda:
-        return _ssim(x, y, data_range, win_size)
-    chunk = 4
-    full = len(x) - len(x) % chunk
-    parts = [(_compiled_ssim if compiled else _ssim)(x[i:i + chunk], y[i:i + chunk], data_range, win_size)
-             for i in range(0, full, chunk)]
-    if full < len(x):  # a last, smaller chunk runs eagerly rather than compiling for its size too
-        parts.append(_ssim(x[full:], y[full:], data_range, win_size))
-    return torch.cat(parts)
-
-
-def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) -> torch.Tensor:
-    """ssim on one chunk. Four maps instead of the usual five (only var(x) + var(y) enters the formula), and the
-    formula multiplied through by n^2 so that it takes the window sums as they are: with Sx = n * mean(x) over a
-    window of n pixels, 2 ux uy + C1 = (2 Sx Sy + n^2 C1) / n^2 and var(x) = (n Sxx - Sx^2) / (n (n - 1))."""
-    n = win_size * win_size
-    cov_norm = n / (n - 1)
-    c1, c2 = (0.01 * data_range * n) ** 2, (0.03 * data_range * n) ** 2
-    sx, sy, sq, sxy = (window_sums(window_sums(m, -1, win_size), -2, win_size)  # (B, 1, H-6, W-6) each
-                       for m in (x, y, x * x + y * y, x * y))
-    p = sx * sy
-    m = (sx * sx).addcmul_(sy, sy)
-    numerator = (p * 2 + c1).mul_(sxy.mul_(n).sub_(p).mul_(2 * cov_norm).add_(c2))
-    denominator = (m + c1).mul_(sq.mul_(n).sub_(m).mul_(cov_norm).add_(c2))
-    return numerator.div_(denominator).flatten(1).mean(1)
-
-
-def window_sums(m: torch.Tensor, dim: int, width: int) -> torch.Tensor:
-    """Sums of every `width` consecutive entries along `dim` (the 'valid' positions, size - width + 1 of them), by
-    doubling: sums of 1, 2, 4, ... entries, each from the previous, added up by the binary digits of `width`
-    (7 = 4 + 2 + 1: four additions where a direct sum takes six). Only out-of-place additions of slices, which
-    torch.compile fuses into one loop."""
-    powers = [m]  # powers[k][i] = m[i] + ... + m[i + 2**k - 1]
-    while 2 ** len(powers) <= width:
-        span = 2 ** (len(powers) - 1)
-        size = powers[-1].shape[dim] - span
-        powers.append(powers[-1].narrow(dim, 0, size) + powers[-1].narrow(dim, span, size))
-    length, total, offset = m.shape[dim] - width + 1, None, 0
-    for k in reversed(range(len(powers))):
-        if width >> k & 1:
-            part = powers[k].narrow(dim, offset, length)
-            total = part if total is None else total + part
-            offset += 2 ** k
-    return total
-
-
-_compile_failed = False
-
-
-def _compiled_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) -> torch.Tensor:
-    global _compile_failed
-    if not _compile_failed:
-        try:
-            return _ssim_compiled_once()(x, y, data_range, win_size)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
-            _compile_failed = True
-            warnings.warn(f"torch.compile failed for SSIM ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                          "running it eagerly")
-    return _ssim(x, y, data_range, win_size)
-
-
-@functools.cache
-def _ssim_compiled_once():
-    return torch.compile(_ssim, dynamic=False)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB of (B, C, H, W) batches -> (B,); capped at 100 dB for identical images."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-10))).clamp(max=100)
-
-
-def nearest_ssim(queries: torch.Tensor, gallery: torch.Tensor, candidates: int = 64,
-                 compiled: bool = False) -> torch.Tensor:
-    """For each (1, H, W) image of `queries`, its highest SSIM to any image of `gallery` (all in [0, 1]) -> (Nq,).
-
-    SSIM is computed against the `candidates` gallery images nearest in pixel L2 distance (exact when the
-    gallery is no larger), which keeps a search over a whole training split of thousands of slices cheap."""
-    distances = torch.cdist(queries.flatten(1).float(), gallery.flatten(1).float())  # (Nq, Ng)
-    nearest = distances.topk(min(candidates, len(gallery)), dim=1, largest=False).indices  # (Nq, candidates)
-    return torch.stack([ssim(q.expand(len(i), *q.shape), gallery[i], compiled=compiled).max()
-                        for q, i in zip(queries, nearest)])
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, F) and (M, F), as in FID:
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2).
-
-    tr((S_a S_b)^1/2) is the sum of the square roots of the eigenvalues of the symmetric PSD matrix
-    S_a^1/2 S_b S_a^1/2 (same spectrum), which needs only symmetric eigendecompositions."""
-    a, b = a.double().cpu(), b.double().cpu()
-    s_a, s_b = torch.cov(a.T), torch.cov(b.T)
-    w, v = torch.linalg.eigh(s_a)
-    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
-    trace_root = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * trace_root)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CSV, JSON and plots
 # ---------------------------------------------------------------------------------------------------------
 
-def append_csv(path: Path, row: dict):
+def write_atomically(path: Path, data, link_from: Path | None = None):
+    """Replace `path` by `data` (bytes, or str written as UTF-8) or, with `link_from`, by another name of that file,
+    so that a reader or a crash sees the old file or the new one, never a mix: a hidden temp file beside the target
+    (`.<name>.<random>.tmp`), fsynced, renamed over it, and the folder fsynced. The temp name is this writer's alone,
+    so two writers never remove each other's; a kill mid-write can leave one behind, which no later save touches.
+    OSError on failure, with the temp file removed."""
     path = Path(path)
-    new = not path.exists()
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if link_from is not None:
+            try:
+                os.link(link_from, tmp)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(link_from, tmp)
+        else:
+            with open(tmp, "xb") as f:  # not tempfile.mkstemp: its files are 0600 whatever the umask says
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. its folder is not a folder: then there is nothing to remove
+            pass
+        raise
+
+
+def _fsync_folder(folder: Path):
+    """Make a rename inside `folder` survive a power cut (POSIX); a no-op where a folder cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _csv_line(values) -> str:
+    text = io.StringIO()
+    csv.writer(text).writerow(values)  # csv.DictWriter's dialect: "\r\n" line ends
+    return text.getvalue()
+
+
+def append_csv(path: Path, row: dict):
+    """Append one row. A new or empty file gets the header first; a file whose header is not this row's columns is
+    refused (UserError: it is another run's, or was edited); a last line without its line end gets one, so the
+    row never glues onto it (trim_csv, run on resume, then drops such a half-written line)."""
+    path = Path(path)
+    header = _csv_line(row.keys())
+    existing = path.read_bytes() if path.exists() else b""
+    if existing and not existing.startswith(header.encode()):
+        raise UserError(f"{path} does not have the columns this run writes (its first line is "
+                        f"{existing.splitlines()[0][:80]!r}); move it away and resume, or start a new run")
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        f.write(("" if existing else header) + ("\r\n" if existing and not existing.endswith(b"\n") else "")
+                + _csv_line(row.values()))
 
 
-def drop_rows_after(path: Path, epoch: int) -> list[int]:
-    """Remove the rows whose "epoch" is above `epoch` from a CSV (metrics.csv, code_usage.csv); returns their epochs.
-    The file is replaced atomically (a hidden temporary file beside it, fsynced, renamed over it), so a crash
-    leaves either the old file or the new one; a missing file, or one with nothing to remove, is left alone."""
+def trim_csv(path: Path, epoch: int) -> list[int]:
+    """Keep the header and the complete rows of epochs up to `epoch` in a run's CSV (metrics.csv, code_usage.csv);
+    returns the epochs of the rows removed. For a resumed run: rows of epochs it trains again, and a line cut short
+    by a crash, go. The file is replaced atomically, and only if something changes."""
     path = Path(path)
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    rows = list(csv.reader(io.StringIO(text)))
     if not rows or "epoch" not in rows[0]:
         return []
-    column = rows[0].index("epoch")
-    is_later = lambda r: bool(r) and _is_number(r[column]) and float(r[column]) > epoch  # noqa: E731
-    later = [int(float(r[column])) for r in rows[1:] if is_later(r)]
-    if not later:
-        return []
-    text = io.StringIO()
-    csv.writer(text).writerows([rows[0], *(r for r in rows[1:] if not is_later(r))])  # csv.DictWriter's dialect
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "x", newline="") as f:
-            f.write(text.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return later
+    header, column = rows[0], rows[0].index("epoch")
+    complete = [r for r in rows[1:] if len(r) == len(header) and _is_number(r[column])]
+    kept = [r for r in complete if float(r[column]) <= epoch]
+    removed = [int(float(r[column])) for r in complete if float(r[column]) > epoch]
+    new_text = "".join(_csv_line(r) for r in [header, *kept])
+    if new_text != text:
+        write_atomically(path, new_text)
+    return removed
 
 
-def drop_epochs_after(epoch: int, paths) -> list[int]:
-    """For a run resumed from `epoch` of a run that had gone further (--resume checkpoints/epoch_NNN.pt): the rows
-    of the later epochs out of each CSV in `paths`, so that they do not appear twice once those epochs are trained
-    again; says so in one line. Called as the first resumed epoch is saved, so that an interruption before then
-    leaves the CSVs agreeing with last.pt. Returns the epochs removed."""
-    dropped = {Path(p).name: drop_rows_after(p, epoch) for p in paths}
+def trim_csvs(epoch: int, paths) -> list[int]:
+    """trim_csv on each of `paths` as a resumed run saves its first epoch, saying in one line what went; returns
+    the epochs whose rows were removed (a run resumed from an earlier epoch trains them again)."""
+    dropped = {Path(p).name: trim_csv(p, epoch) for p in paths}
     epochs = sorted({e for removed in dropped.values() for e in removed})
     if epochs:
         span = f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"
@@ -514,7 +336,18 @@ def _is_number(s: str) -> bool:
 
 
 def write_json(path: Path, data):
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    """Atomically; NaN or infinity (not JSON) are written as null."""
+    write_atomically(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(data):
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def _pyplot():
@@ -543,14 +376,22 @@ def plot_curves(rows: list[dict], x: str, series: dict[str, str], path: Path, ti
     plt.close(fig)
 
 
+# The figures of a run's metrics.csv: file -> what plot_curves draws. Each series is a column train.py writes.
+TRAINING_CURVES = {
+    "loss.png": {"series": {"train_reconstruction": "train", "val_reconstruction": "validation"},
+                 "title": "Reconstruction loss", "ylabel": "loss", "logy": True},
+    "ssim.png": {"series": {"val_ssim": "validation SSIM"}, "title": "Validation SSIM", "ylabel": "SSIM"},
+    "codebook.png": {"series": {"codes_used_pct": "codes used (%)", "dead_codes_pct": "dead codes (%)"},
+                     "title": "Codebook health", "ylabel": "% of K"},
+}
+
+
 def plot_training_curves(metrics_csv: Path, out_dir: Path):
-    """loss.png, ssim.png and codebook.png from a run's metrics.csv."""
-    rows, out_dir = read_csv(metrics_csv), Path(out_dir)
-    plot_curves(rows, "epoch", {"train_reconstruction": "train", "val_reconstruction": "validation"},
-                out_dir / "loss.png", "Reconstruction loss", "loss", logy=True)
-    plot_curves(rows, "epoch", {"val_ssim": "validation SSIM"}, out_dir / "ssim.png", "Validation SSIM", "SSIM")
-    plot_curves(rows, "epoch", {"codes_used_pct": "codes used (%)", "dead_codes_pct": "dead codes (%)"},
-                out_dir / "codebook.png", "Codebook health", "% of K")
+    """TRAINING_CURVES from a run's metrics.csv into out_dir."""
+    rows = read_csv(metrics_csv)
+    for name, spec in TRAINING_CURVES.items():
+        plot_curves(rows, "epoch", spec["series"], Path(out_dir) / name, spec["title"], spec["ylabel"],
+                    logy=spec.get("logy", False))
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, title: str | None = None):

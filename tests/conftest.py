@@ -24,3 +24,13 @@ def sigterm_stops_like_ctrl_c():
     utils.stop_on_sigterm()
     yield
     signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A script's main that handled Ctrl-C ignores further signals (utils.ignore_further_interrupts), as its process
+    is about to end; in this process the next test gets the handlers back."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)

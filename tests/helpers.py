@@ -48,3 +48,51 @@ def nan_weights_on_second_call(real_epoch):
                 next(model.parameters()).fill_(float("nan"))
         return real_epoch(model, *args, **kwargs)
     return epoch
+
+
+TINY_MODEL = dict(hidden_channels=16, residual_channels=8, embedding_dim=8, codebook_size=16)
+
+
+def vqvae_state(epoch=1, **train_config):
+    """A complete VQ-VAE checkpoint state of a tiny untrained model, as train.py saves it (without format)."""
+    from dataclasses import asdict
+    from checkpoints import TrainConfig
+    from engine import build_training
+    from modules import VQVAEConfig
+    from utils import rng_state
+    cfg = TrainConfig(dataset="demo", **train_config).resolved()
+    model_cfg = VQVAEConfig(**TINY_MODEL)
+    model, opt, scheduler = build_training(cfg, model_cfg, torch.device("cpu"), 10)
+    model(torch.zeros(2, 1, 16, 16)).losses["reconstruction"].backward()
+    opt.step()
+    return {"kind": "vqvae", "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "best_val_loss": 0.5, "rng": rng_state(),
+            "model_config": asdict(model_cfg), "train_config": asdict(cfg), "world_size": 1, "metrics": {},
+            "demo_settings": None}
+
+
+def assert_one_line_error(outcome, *fragments):
+    """One line holding every fragment, and no traceback. `outcome`: a finished subprocess (which must also have
+    failed; its stderr is read), an ExceptionInfo of a one-line error (its message), or captured stderr text."""
+    if isinstance(outcome, subprocess.CompletedProcess):
+        assert outcome.returncode != 0, outcome.stdout
+        text = outcome.stderr
+    else:
+        text = outcome if isinstance(outcome, str) else str(outcome.value)
+    assert "Traceback" not in text, text
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+
+
+def run_main(main, argv, capsys):
+    """A script's main(argv) in this process, as a finished subprocess would report it: no torch import to pay."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from helpers import run_script
+import ablate
+from helpers import assert_one_line_error, run_main, run_script
 
 
 def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path):
@@ -27,6 +28,8 @@ def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_p
         == rescored
 
 
-def test_unknown_variant_is_one_line_error(tmp_path):
-    r = run_script("ablate.py", "--variants", "seed,huge", "--out", str(tmp_path))
-    assert r.returncode == 2 and "unknown --variants huge" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_unknown_variant_and_an_out_that_is_a_file_are_one_line_errors(tmp_path, capsys):
+    assert_one_line_error(run_main(ablate.main, ["--variants", "seed,huge", "--out", tmp_path], capsys),
+                          "unknown --variants huge")
+    (tmp_path / "a file").write_text("")
+    assert_one_line_error(run_main(ablate.main, ["--out", tmp_path / "a file"], capsys), "is a file, not a folder")

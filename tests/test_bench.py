@@ -1,6 +1,7 @@
 """bench.py end to end at a tiny size, and the fast path's promises: the speed-ups change no result, and a
 training step never waits for the GPU."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,9 @@ import torch.nn as nn
 
 import bench
 from dataset import generate_demo
-from modules import ConvTranspose2d, count_codes, preset
-from train import TrainConfig, build_training, train_step
+from checkpoints import TrainConfig
+from engine import build_training, train_step
+from modules import PRESETS, ConvTranspose2d, count_codes
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
@@ -95,8 +97,8 @@ def test_code_counts_equal_bincount(k):
 def test_a_training_step_never_waits_for_the_gpu(name):
     device = torch.device("cuda")
     cfg = TrainConfig(preset=name, batch_size=4, grad_clip=1.0).resolved()
-    model, opt, scheduler = build_training(cfg, preset(name, hidden_channels=16, residual_channels=8,
-                                                       embedding_dim=8), device, 10)
+    model_cfg = replace(PRESETS[name].model, hidden_channels=16, residual_channels=8, embedding_dim=8)
+    model, opt, scheduler = build_training(cfg, model_cfg, device, 10)
     x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     train_step(model, opt, scheduler, x, cfg, autocast)  # the first step may read the k-means flag, once
@@ -105,3 +107,11 @@ def test_a_training_step_never_waits_for_the_gpu(name):
         train_step(model, opt, scheduler, x, cfg, autocast)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_json_path_in_a_missing_folder_is_refused_before_the_benchmark_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*TINY, "--skip-reference", "--json", str(tmp_path / "missing" / "b.json")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"the folder {tmp_path / 'missing'} does not exist" in err
+    assert "training" not in err  # nothing was timed

@@ -11,7 +11,7 @@ from PIL import Image
 
 import dataset
 from dataset import DataError, build_dataset, generate_demo, read_slice, to_float
-from helpers import make_adni, write_image
+from helpers import assert_one_line_error, make_adni, write_image
 
 # -----------------------------------------------------------------------------
 # helpers: tiny OASIS / ADNI trees (make_adni is in helpers.py, shared with test_prior.py)
@@ -41,13 +41,6 @@ def zip_tree(folder, zip_path, arc_prefix):
 
 def load(name, root, split="train", **kwargs):
     return build_dataset(name, root, split, verbose=False, **kwargs)
-
-
-def assert_one_line_error(excinfo, *fragments):
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert str(fragment) in message, message
 
 
 # -----------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import pytest
 import dataset
 from dataset import (DEMO_MANIFEST, DEMO_MARKER, DataError, check_compatible, demo_settings, generate_demo,
                      patient_id, read_slice)
-from helpers import make_adni, write_image
-from test_dataset import assert_one_line_error, encode, load, make_oasis, noise, zip_tree
+from helpers import assert_one_line_error, make_adni, write_image
+from test_dataset import encode, load, make_oasis, noise, zip_tree
 
 SMALL_DEMO = dict(size=16, n_patients=10, slices_per_patient=2)
 

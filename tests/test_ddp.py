@@ -19,9 +19,11 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import train
+from checkpoints import TrainConfig, load_checkpoint, load_split
+from engine import LRSchedule, TimeBudget
 from modules import VQVAE, VQVAEConfig
 from helpers import REPO, tiny_args
-from utils import UserError, fail_together, load_checkpoint, seed_everything
+from utils import UserError, fail_together, seed_everything, unwrap
 
 ARGS = ("--lr-schedule", "constant", "--precision", "fp32", "--device", "cpu")  # CPU DDP, also where GPUs exist
 
@@ -43,7 +45,7 @@ def ddp_run(demo_root, tmp_path_factory):
 def test_torchrun_writes_one_set_of_outputs(ddp_run, demo_root):
     out, r = ddp_run
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == sorted([
-        "best.pt", "checkpoints", "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt", "code_usage.csv",
+        ".lock", "best.pt", "checkpoints", "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt", "code_usage.csv",
         "code_usage.png", "codebook.png", "config.json", "last.pt", "loss.png", "metrics.csv", "recon",
         "recon/epoch_001.png", "recon/epoch_002.png", "ssim.png"])
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2
@@ -57,9 +59,9 @@ def test_torchrun_writes_one_set_of_outputs(ddp_run, demo_root):
     assert state["world_size"] == 2
     usage = (out / "code_usage.csv").read_text().splitlines()
     assert all(sum(map(int, row.split(",")[1:])) == 32 * 4 * 4 for row in usage[1:])
-    cfg = train.TrainConfig(**state["train_config"])
-    _, val = train.load_datasets(cfg, verbose=False)
-    single = train.evaluate(model, val, cfg, torch.device("cpu"), nullcontext())
+    cfg = TrainConfig.from_dict(state["train_config"])
+    val = load_split(cfg, "validate", verbose=False)
+    single, _ = train.evaluate(model, val, cfg, torch.device("cpu"), nullcontext())
     for key in ("val_loss", "val_ssim", "val_psnr"):
         assert single[key] == pytest.approx(state["metrics"][key], rel=1e-5), key
 
@@ -80,7 +82,7 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(ddp_run, demo_root, t
 
 def test_a_bad_flag_stops_every_rank(demo_root, tmp_path):
     r = torchrun(*tiny_args(demo_root, tmp_path / "run", "--epochs", "0"))
-    assert r.returncode != 0 and "--epochs must be at least 1" in r.stderr and "error (rank" in r.stderr
+    assert r.returncode != 0 and "invalid --epochs 0" in r.stderr and "error (rank" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -97,18 +99,18 @@ def epoch(model_cfg, images, batch_size, rank=0, world=1, shuffle=False, deadlin
     model = VQVAE(model_cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # not Adam: it would hide a gradient scaled
     # by the number of ranks
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, train.LRSchedule("constant", 0, 1))
-    budget = train.TimeBudget(0, 0, batch_size, verbose=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule("constant", 0, 1))
+    budget = TimeBudget(0, 0, batch_size, verbose=False)
     budget.deadline = deadline
     if world > 1:
         model = DistributedDataParallel(model)
         model.broadcast_buffers = False
     sampler = DistributedSampler(range(len(images)), world, rank, shuffle=shuffle, drop_last=True)
-    cfg = train.TrainConfig(batch_size=batch_size, channels_last=False)
+    cfg = TrainConfig(batch_size=batch_size, channels_last=False)
     result = train.train_epoch(model, opt, scheduler, SimpleNamespace(images=images), sampler, cfg,
                                torch.device("cpu"), nullcontext(), budget, tqdm(disable=True))
-    train.average_batchnorm_stats(train.unwrap(model))
-    return train.unwrap(model), result
+    train.average_batchnorm_stats(unwrap(model))
+    return unwrap(model), result
 
 
 def same_on_every_rank(t: torch.Tensor) -> bool:
@@ -137,6 +139,13 @@ def worker(rank, world, init_file, images):
             with fail_together(torch.device("cpu")):
                 if rank == 0:
                     raise UserError("rank 0 only")
+
+        # Ranks started with other flags: every rank stops, the one that differs saying how.
+        process = train.Process(rank, world, 0, torch.device("cpu"))
+        with pytest.raises(UserError, match="another rank failed" if rank == 0 else
+                           "rank 1 was started with other flags than rank 0 \\(epochs: 5 here, 40 there\\)"):
+            train.check_same_config(TrainConfig(epochs=5 if rank else 40), VQVAEConfig(), process)
+        train.check_same_config(TrainConfig(), VQVAEConfig(), process)  # the same flags pass
 
         # --max-minutes: rank 0's deadline has passed, rank 1's has not; both stop after step 10 of 12.
         _, (_, _, seen, _) = epoch(cfg, images, 2, rank, world, deadline=1.0 if rank == 0 else float("inf"))

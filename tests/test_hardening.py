@@ -24,9 +24,12 @@ import pytest
 import torch
 from PIL import Image
 
+import engine
+import predict
 import train
-from helpers import REPO, nan_weights_on_second_call
-from utils import load_checkpoint, save_checkpoint
+from helpers import REPO, assert_one_line_error, nan_weights_on_second_call, run_main
+from checkpoints import load_checkpoint, save_checkpoint
+from engine import reserve_run_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # light on a shared CPU, and the same arithmetic in every child
 TINY_MODEL = ["--batch-size", "8", "--hidden-channels", "16", "--residual-channels", "8", "--embedding-dim", "8"]
@@ -47,16 +50,6 @@ def scripts(*calls):
     """Several script runs, two at a time; their results in order."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda args: script(*args), calls))
-
-
-def assert_one_line_error(result, *fragments):
-    """A non-zero exit, no traceback, and exactly one line on stderr, holding every fragment."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert str(fragment) in lines[0], lines[0]
 
 
 def assert_ends_with_error_line(result, *fragments):
@@ -242,21 +235,25 @@ def test_colour_16_bit_and_palette_images_are_read_as_the_same_grey_levels(share
     assert per_image_scores(tmp_path / "out") == per_image_scores(predicted)  # same pixels in, same scores out
 
 
-def test_bad_flags_exit_with_one_line(demo_root, shared, tmp_path):
+def test_bad_flags_exit_with_one_line(demo_root, shared, tmp_path, capsys):
     (tmp_path / "a file").write_text("")
     checkpoint = shared[1] / "best.pt"
     cases = [
-        (train_args(demo_root, tmp_path / "run", "--dataset", "BraTS"),
-         "unknown --dataset 'BraTS'; choose one of OASIS, ADNI, demo"),
-        (train_args(demo_root, tmp_path / "run", "--device", "tpu"), "unknown --device 'tpu'; choose auto, cpu or cuda"),
-        (train_args(demo_root, tmp_path / "run", "--epochs", "ten"),
-         "argument --epochs: invalid int value: 'ten'; see python train.py --help"),
-        (train_args(demo_root, tmp_path / "a file" / "run", "--epochs", 1), f"{tmp_path / 'a file'}"),
-        (["predict.py", "--checkpoint", checkpoint, "--device", "tpu"], "unknown --device 'tpu'"),
-        (["predict.py", "--checkpoint", checkpoint, "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (train, train_args(demo_root, tmp_path / "run", "--dataset", "BraTS"),
+         "argument --dataset: invalid choice: 'BraTS' (choose from 'OASIS', 'ADNI', 'demo')"),
+        (train, train_args(demo_root, tmp_path / "run", "--device", "tpu"), "argument --device: invalid choice: 'tpu'"),
+        (train, train_args(demo_root, tmp_path / "run", "--epochs", "ten"),
+         "argument --epochs: invalid int value: 'ten'; see python"),
+        (train, train_args(demo_root, tmp_path / "a file" / "run", "--epochs", 1), f"{tmp_path / 'a file'}"),
+        (predict, ["predict.py", "--checkpoint", checkpoint, "--device", "tpu"], "argument --device: invalid choice"),
+        (predict, ["predict.py", "--checkpoint", checkpoint, "--batch-size", "0"], "--batch-size must be between 1"),
+        (predict, ["predict.py", "--checkpoint", checkpoint, "--seed", 2**64], "--seed must be between 0"),
+        (predict, ["predict.py", "--checkpoint", checkpoint, "--sample", 1], "--sample must be between 2"),
+        (predict, ["predict.py", "--checkpoint", checkpoint, "--sample", 4, "--temperature", "nan"],
+         "--temperature must be a positive number, got nan"),
     ]
-    for (args, message), result in zip(cases, scripts(*(args for args, _ in cases))):
-        assert_one_line_error(result, message)
+    for script_module, args, message in cases:
+        assert_one_line_error(run_main(script_module.main, args[1:], capsys), message)
     assert not (tmp_path / "run").exists()
 
 
@@ -308,36 +305,35 @@ UNSUITABLE = {truncated: "the file is truncated or corrupt", plain_state_dict: "
               weights_of_another_config: "size mismatch for quantizer.codebook"}
 
 
-def test_unsuitable_checkpoints_are_refused_with_one_line_and_run_no_code(shared, tmp_path):
+def test_unsuitable_checkpoints_are_refused_with_one_line_and_run_no_code(shared, tmp_path, capsys):
     MARKER.unlink(missing_ok=True)
-    calls, expected = [], []
     for make, message in UNSUITABLE.items():
         path = tmp_path / make.__name__ / "given.pt"
         path.parent.mkdir()
         make(shared[1] / "last.pt", path)
-        calls += [["predict.py", "--checkpoint", path, "--out", tmp_path / "out"],
-                  ["train.py", "--resume", path, "--epochs", EPOCHS + 1]]
-        expected += [(path, message)] * 2
-    for result, fragments in zip(scripts(*calls), expected):
-        assert_one_line_error(result, *fragments)
+        for main, argv in ((predict.main, ["--checkpoint", path, "--out", tmp_path / "out"]),
+                           (train.main, ["--resume", path, "--epochs", EPOCHS + 1])):
+            assert_one_line_error(run_main(main, argv, capsys), path, message)
     assert not MARKER.exists()
     assert len(list(tmp_path.rglob("*"))) == 2 * len(UNSUITABLE)  # nothing written beside the given files
 
 
-def test_resume_refuses_to_change_the_model(shared, tmp_path):
+def test_resume_refuses_to_change_the_model(shared, tmp_path, capsys):
     run = shutil.copytree(shared[1], tmp_path / "run")
-    r = script("train.py", "--resume", run / "last.pt", "--epochs", EPOCHS + 1, "--codebook-size", 64, "--preset", "hq")
+    r = run_main(train.main, ["--resume", run / "last.pt", "--epochs", EPOCHS + 1, "--codebook-size", 64, "--preset",
+                              "hq"], capsys)
     assert_one_line_error(r, "these flags cannot change: --preset, --codebook-size (start a new run instead)")
 
 
-def test_predict_says_where_the_missing_dataset_was_and_how_to_point_at_it(shared, tmp_path):
-    calls = []
+def test_predict_says_where_the_missing_dataset_was_and_how_to_point_at_it(shared, tmp_path, capsys):
+    results = []
     for dataset in ("OASIS", "ADNI"):
         state = load_checkpoint(shared[1] / "best.pt")
         state["train_config"] = {**state["train_config"], "dataset": dataset, "data_root": str(tmp_path / "gone")}
         save_checkpoint(state, tmp_path / dataset / "best.pt")
-        calls.append(["predict.py", "--checkpoint", tmp_path / dataset / "best.pt", "--out", tmp_path / "out"])
-    oasis, adni = scripts(*calls)
+        results.append(run_main(predict.main, ["--checkpoint", tmp_path / dataset / "best.pt", "--out",
+                                               tmp_path / "out"], capsys))
+    oasis, adni = results
     assert_one_line_error(oasis, f"trained on OASIS at {tmp_path / 'gone'}, which is not there now",
                           "pass --data-root pointing at the folder holding keras_png_slices_train")
     assert_one_line_error(adni, f"trained on ADNI at {tmp_path / 'gone'}, which is not there now",
@@ -389,13 +385,13 @@ def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_while_an_epoch_is_saved_lands_after_its_checkpoints_and_csv_rows(
         demo_root, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
-    real_save = train.save_checkpoint
+    real_save = engine.save_checkpoint
 
     def save_after_an_interrupt(state, path, *also):
         os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
         real_save(state, path, *also)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_after_an_interrupt)
+    monkeypatch.setattr(engine, "save_checkpoint", save_after_an_interrupt)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(demo_root, run, "--epochs", EPOCHS)[1:])
@@ -424,14 +420,14 @@ def test_kill_9_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
         time.sleep(rng.uniform(0.05, 0.4))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        state = load_checkpoint(target)
+        state = torch.load(target, weights_only=True)
         assert torch.all(state["stamp"] == state["version"]) and state["w"].shape == payload.shape
         leftovers = [p.name for p in tmp_path.iterdir() if p != target]
         assert all(name.startswith(".last.pt.") and name.endswith(".tmp") for name in leftovers), leftovers
         mid_write_kills += bool(leftovers)
     assert mid_write_kills >= 2  # the kills did land in the middle of writes
-    save_checkpoint({"kind": "vqvae"}, target)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # the next save clears what the kills left
+    reserve_run_folder(str(tmp_path), None, None, "train.py", resuming=True)[1].release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "last.pt"]  # the next writer clears what they left
 
 
 def test_diverging_loss_stops_the_run_before_anything_is_saved(demo_root, tmp_path):

@@ -3,11 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import PRESETS, VQVAE, VectorQuantizer, VQVAEConfig, kmeans, preset
+from modules import PRESETS, VQVAE, ConfigError, VectorQuantizer, VQVAEConfig, config_from_dict, kmeans
 
 
 def test_seed_preset_reproduces_the_first_reports_shapes():
-    model = VQVAE(PRESETS["seed"]).eval()
+    model = VQVAE(PRESETS["seed"].model).eval()
     x = torch.randn(2, 1, 256, 256)
     shapes = []
     h = x
@@ -27,7 +27,7 @@ def test_seed_preset_reproduces_the_first_reports_shapes():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_handles_adni_sized_images(name):
-    cfg = PRESETS[name]
+    cfg = PRESETS[name].model
     model = VQVAE(cfg).eval()
     out = model(torch.randn(1, 1, 240, 256))
     assert out.reconstruction.shape == (1, 1, 240, 256)
@@ -36,14 +36,24 @@ def test_every_preset_handles_adni_sized_images(name):
 
 def test_image_size_not_divisible_by_the_downsampling_factor_is_refused():
     with pytest.raises(ValueError, match="not divisible"):
-        PRESETS["seed"].latent_grid(100, 96)
+        PRESETS["seed"].model.latent_grid(100, 96)
 
 
-def test_invalid_config_values_are_refused():
-    with pytest.raises(ValueError, match="codebook_size"):
-        VQVAEConfig(codebook_size=1)
-    with pytest.raises(ValueError, match="unknown preset"):
-        preset("nope")
+def test_invalid_and_huge_config_values_are_refused_before_anything_is_allocated():
+    for field, value in (("codebook_size", 1), ("codebook_size", 10**10), ("hidden_channels", 100000),
+                         ("ema_decay", 1.0), ("norm", "layer")):
+        with pytest.raises(ConfigError, match=field) as e:
+            VQVAEConfig(**{field: value})
+        assert e.value.field == field and e.value.value == value
+
+
+def test_a_config_from_a_file_is_checked_for_unknown_fields_and_types_and_removed_fields_load_at_their_value():
+    assert VQVAEConfig.from_dict({"in_channels": 1, "reconstruction_loss": "mse"}) == VQVAEConfig()
+    for bad, match in (({"in_channels": 3}, "unknown"), ({"hidden_channels": "16"}, "hidden_channels"),
+                       ({"kmeans_init": 1}, "kmeans_init"), ({"codebook_size": True}, "codebook_size")):
+        with pytest.raises(ValueError, match=match):
+            VQVAEConfig.from_dict(bad)
+    assert config_from_dict(VQVAEConfig, {"commitment_cost": 1}).commitment_cost == 1  # an int where a float goes
 
 
 def test_quantiser_indices_equal_brute_force_argmin():
@@ -100,7 +110,7 @@ def test_codebook_gets_gradient_only_from_the_codebook_term_and_beta_scales_comm
 
 def test_indices_round_trip_to_the_same_codes_and_images():
     torch.manual_seed(0)
-    model = VQVAE(preset("seed", hidden_channels=16, embedding_dim=16)).eval()
+    model = VQVAE(VQVAEConfig(hidden_channels=16, embedding_dim=16)).eval()
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     out = model(x)
     indices = model.encode(x)
@@ -110,7 +120,7 @@ def test_indices_round_trip_to_the_same_codes_and_images():
 
 
 def test_forward_losses_are_named_and_sum_to_the_training_loss():
-    model = VQVAE(preset("seed", hidden_channels=16, embedding_dim=16))
+    model = VQVAE(VQVAEConfig(hidden_channels=16, embedding_dim=16))
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     out = model(x)
     assert set(out.losses) == {"reconstruction", "codebook", "commitment"}

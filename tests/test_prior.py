@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine
 import predict
 import train
 import train_prior
+from checkpoints import load_checkpoint, save_checkpoint
 from dataset import generate_demo
 from modules import PixelCNNConfig, PixelCNNPrior
-from helpers import REPO, make_adni, nan_weights_on_second_call, run_script, tiny_args
-from utils import frechet_distance, load_checkpoint, nearest_ssim, ssim
+from helpers import REPO, assert_one_line_error, make_adni, nan_weights_on_second_call, run_main, run_script, tiny_args
+from metrics import frechet_distance, nearest_ssim, ssim
 
 
 def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0):
@@ -209,8 +211,8 @@ def test_interrupted_and_resumed_prior_training_equals_an_uninterrupted_run(vqva
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--kernel-size", "4"], "kernel_size"),
+    (["--epochs", "0"], "invalid --epochs 0"),
+    (["--kernel-size", "4"], "invalid --kernel-size 4"),
     (["--conditional"], "--conditional needs a dataset with classes"),
 ])
 def test_train_prior_user_errors_exit_with_one_line(vqvae, tmp_path, capsys, flags, message):
@@ -228,8 +230,8 @@ def test_wrong_or_missing_checkpoints_exit_with_one_line(vqvae, tmp_path, capsys
             train_prior.main(argv)
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    r = run_script("predict.py", "--sample", "2", "--prior", str(vqvae))
-    assert r.returncode == 2 and "a prior checkpoint is needed" in r.stderr and "Traceback" not in r.stderr
+    assert_one_line_error(run_main(predict.main, ["--sample", "2", "--prior", vqvae], capsys),
+                          "a prior checkpoint is needed")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,13 +245,13 @@ def metrics_epochs(out):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_while_a_prior_epoch_is_saved_lands_after_its_checkpoints_and_csv_row(
         vqvae, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
-    real_save = train_prior.save_checkpoint
+    real_save = engine.save_checkpoint
 
-    def save_after_an_interrupt(state, path):
+    def save_after_an_interrupt(state, path, *also):
         os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
-        real_save(state, path)
+        real_save(state, path, *also)
 
-    monkeypatch.setattr(train_prior, "save_checkpoint", save_after_an_interrupt)
+    monkeypatch.setattr(engine, "save_checkpoint", save_after_an_interrupt)
     out = tmp_path / "prior"
     with pytest.raises(SystemExit) as stop:
         train_prior.main(["--vqvae", str(vqvae), "--epochs", "3", "--out", str(out), *PRIOR_FLAGS])
@@ -303,11 +305,25 @@ def test_a_prior_run_folder_that_cannot_be_written_exits_with_one_error_line(vqv
 def test_resuming_a_prior_from_an_earlier_epoch_replaces_the_later_csv_rows(vqvae, tmp_path, capsys):
     out = tmp_path / "prior"
     train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--out", str(out), *PRIOR_FLAGS])
-    shutil.copy(out / "last.pt", out / "epoch_1.pt")
     train_prior.main(["--resume", str(out), "--epochs", "3"])
     assert metrics_epochs(out) == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_001.pt", "epoch_002.pt", "epoch_003.pt"]
     capsys.readouterr()
-    train_prior.main(["--resume", str(out / "epoch_1.pt"), "--epochs", "3"])
+    train_prior.main(["--resume", str(out / "checkpoints" / "epoch_001.pt"), "--epochs", "3"])
     assert ("resumed from epoch 1: removed the rows of epochs 2-3, which this run trains again, from metrics.csv"
             in capsys.readouterr().out)
     assert metrics_epochs(out) == [1, 2, 3]
+
+
+def test_a_prior_is_not_resumed_on_the_codes_of_a_vqvae_that_was_trained_further(vqvae, tmp_path, capsys):
+    moved = tmp_path / "vqvae" / "best.pt"
+    moved.parent.mkdir()
+    shutil.copy(vqvae, moved)
+    out = tmp_path / "prior"
+    train_prior.main(["--vqvae", str(moved), "--epochs", "1", "--out", str(out), *PRIOR_FLAGS])
+    state = load_checkpoint(moved)
+    state["model"]["quantizer.codebook"] += 0.1  # what another epoch of the VQ-VAE does to its codebook
+    save_checkpoint(state, moved)
+    r = run_main(train_prior.main, ["--resume", out, "--epochs", "2"], capsys)
+    assert_one_line_error(r.stderr.strip().splitlines()[-1], "was trained on the codes of another VQ-VAE")
+    assert metrics_epochs(out) == [1]

@@ -1,132 +1,85 @@
-"""Shared plumbing: SSIM/PSNR agree with scikit-image, checkpoints are atomic and load safely."""
-import os
-import pickle
+"""Shared plumbing: CSV files that survive crashes and resumes, atomic writes, JSON, random streams, figures."""
+import csv
+import json
+import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import utils
-from utils import UserError, append_csv, drop_rows_after, load_checkpoint, psnr, save_checkpoint, ssim
+from utils import UserError, append_csv, rng_state, set_rng_state, trim_csv, write_atomically, write_json
 
 
-def test_batched_ssim_equals_skimage_per_image():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 1, 40, 36, generator=g)
-    y = (x + 0.2 * torch.randn(4, 1, 40, 36, generator=g)).clamp(0, 1)
-    y[3] = x[3]  # identical pair: SSIM 1
-    ours = ssim(x, y)
-    for i in range(4):
-        ref = structural_similarity(x[i, 0].numpy(), y[i, 0].numpy(), data_range=1.0)
-        assert abs(ours[i].item() - ref) < 1e-4
-
-
-@pytest.mark.parametrize("width", [1, 2, 3, 5, 7, 8, 11])
-def test_window_sums_equal_direct_sums_along_either_axis(width):
-    m = torch.randn(2, 1, 13, 17, dtype=torch.float64)
-    for dim in (-1, -2):
-        assert torch.allclose(utils.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
-
-
-def test_compiled_ssim_equals_the_eager_one():
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(6, 1, 24, 20, generator=g)  # a chunk of 4 compiled, the last 2 eager
-    y = (x + 0.2 * torch.randn(6, 1, 24, 20, generator=g)).clamp(0, 1)
-    assert torch.allclose(ssim(x, y, compiled=True), ssim(x, y), atol=1e-6)
-
-
-def test_ssim_runs_eagerly_with_one_warning_where_compiling_fails(monkeypatch):
-    def no_compiler():
-        def fail(*args):
-            raise RuntimeError("no C++ compiler found\nlong details")
-        return fail
-    monkeypatch.setattr(utils, "_ssim_compiled_once", no_compiler)
-    monkeypatch.setattr(utils, "_compile_failed", False)
-    x = torch.rand(8, 1, 16, 16)
-    with pytest.warns(UserWarning, match="no C\\+\\+ compiler found\\); running it eagerly"):
-        values = ssim(x, x.flip(-1), compiled=True)
-    assert torch.allclose(values, ssim(x, x.flip(-1)))
-
-
-def test_psnr_equals_skimage():
-    x = torch.rand(2, 1, 16, 16)
-    y = (x + 0.05).clamp(0, 1)
-    for i in range(2):
-        ref = peak_signal_noise_ratio(x[i, 0].numpy(), y[i, 0].numpy(), data_range=1.0)
-        assert psnr(x, y)[i].item() == pytest.approx(ref, abs=1e-3)
-
-
-def test_checkpoint_round_trip_keeps_tensors_and_plain_data(tmp_path):
-    state = {"kind": "vqvae", "model": {"w": torch.arange(6.0)}, "epoch": 3, "config": {"lr": 0.002, "name": "x"}}
-    save_checkpoint(state, tmp_path / "a.pt")
-    back = load_checkpoint(tmp_path / "a.pt")
-    assert torch.equal(back["model"]["w"], state["model"]["w"])
-    assert back["epoch"] == 3 and back["config"] == state["config"]
-    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temp file left behind
-
-
-def test_one_save_under_several_names_writes_once_and_later_saves_replace_only_their_name(tmp_path):
-    save_checkpoint({"kind": "vqvae", "epoch": 1}, tmp_path / "epoch_001.pt", tmp_path / "best.pt", tmp_path / "last.pt")
-    assert os.stat(tmp_path / "epoch_001.pt").st_ino == os.stat(tmp_path / "last.pt").st_ino  # one file, three names
-    save_checkpoint({"kind": "vqvae", "epoch": 2}, tmp_path / "epoch_002.pt", tmp_path / "last.pt")
-    epochs = {name: load_checkpoint(tmp_path / name)["epoch"] for name in ("epoch_001.pt", "best.pt", "last.pt")}
-    assert epochs == {"epoch_001.pt": 1, "best.pt": 1, "last.pt": 2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_001.pt", "epoch_002.pt", "last.pt"]
-
-
-def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
-    save_checkpoint({"kind": "vqvae", "epoch": 1}, tmp_path / "last.pt")
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise OSError(28, "No space left on device")
-
-    with pytest.raises(UserError, match="could not write checkpoint .*No space left on device"):
-        save_checkpoint({"kind": "vqvae", "epoch": 2, "bad": Unpicklable()}, tmp_path / "last.pt")
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED",))
-
-
-def test_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    torch.save({"format": "vqvae-mri/1", "kind": "vqvae", "payload": RunsCode()}, tmp_path / "evil.pt")
-    with open(tmp_path / "evil.pkl", "wb") as f:
-        pickle.dump(RunsCode(), f)
-    for name in ("evil.pt", "evil.pkl"):
-        with pytest.raises(UserError, match="cannot load checkpoint"):
-            load_checkpoint(tmp_path / name)
-    assert not (tmp_path / "PWNED").exists()
-
-
-def test_truncated_foreign_and_missing_checkpoints_are_refused(tmp_path):
-    save_checkpoint({"kind": "vqvae", "model": {"w": torch.zeros(1000)}}, tmp_path / "good.pt")
-    data = (tmp_path / "good.pt").read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "foreign.pt")
-    with pytest.raises(UserError, match="cannot load checkpoint"):
-        load_checkpoint(tmp_path / "truncated.pt")
-    with pytest.raises(UserError, match="not a checkpoint of this project"):
-        load_checkpoint(tmp_path / "foreign.pt")
-    with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(UserError, match="prior checkpoint"):
-        load_checkpoint(tmp_path / "good.pt", kind="prior")
-
-
-def test_dropping_later_epochs_keeps_the_earlier_rows_byte_for_byte_and_replaces_the_file(tmp_path):
+def test_trimming_later_epochs_keeps_the_earlier_rows_byte_for_byte_and_replaces_the_file(tmp_path):
     rows = [{"epoch": e, "loss": 1 / e, "note": "a, b"} for e in (1, 2, 3)]
     for row in rows:
         append_csv(tmp_path / "metrics.csv", row)
     append_csv(tmp_path / "expected.csv", rows[0])
     inode = (tmp_path / "metrics.csv").stat().st_ino
-    assert drop_rows_after(tmp_path / "metrics.csv", 1) == [2, 3]
+    assert trim_csv(tmp_path / "metrics.csv", 1) == [2, 3]
     assert (tmp_path / "metrics.csv").read_bytes() == (tmp_path / "expected.csv").read_bytes()
     assert (tmp_path / "metrics.csv").stat().st_ino != inode  # a new file renamed over it, not rewritten in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.csv", "metrics.csv"]  # no temporary file left
-    assert drop_rows_after(tmp_path / "metrics.csv", 1) == [] and drop_rows_after(tmp_path / "none.csv", 0) == []
+    assert trim_csv(tmp_path / "metrics.csv", 1) == [] and trim_csv(tmp_path / "none.csv", 0) == []
+
+
+def test_a_row_appended_to_a_csv_without_its_final_line_end_starts_a_line_of_its_own(tmp_path):
+    path = tmp_path / "metrics.csv"
+    append_csv(path, {"epoch": 1, "loss": 0.5})
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))  # an editor saved it without the last line end
+    append_csv(path, {"epoch": 2, "loss": 0.25})
+    assert [r["epoch"] for r in csv.DictReader(open(path))] == ["1", "2"]
+
+
+def test_an_emptied_csv_gets_its_header_again_and_another_runs_csv_is_refused(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("")
+    append_csv(path, {"epoch": 1, "loss": 0.5})
+    assert list(csv.DictReader(open(path))) == [{"epoch": "1", "loss": "0.5"}]
+    with pytest.raises(UserError, match="does not have the columns"):
+        append_csv(path, {"epoch": 2, "val": 0.1})
+
+
+def test_trimming_drops_a_row_cut_short_by_a_crash(tmp_path):
+    path = tmp_path / "metrics.csv"
+    for e in (1, 2):
+        append_csv(path, {"epoch": e, "loss": 0.5, "ssim": 0.9})
+    path.write_bytes(path.read_bytes() + b"3,0.4")  # a kill in the middle of writing epoch 3's row
+    assert trim_csv(path, 2) == []
+    assert [r["epoch"] for r in csv.DictReader(open(path))] == ["1", "2"]
+
+
+def test_an_atomic_write_never_touches_another_writers_temp_file(tmp_path):
+    other = tmp_path / ".last.pt.abcdef.tmp"  # another writer's, mid-write
+    other.write_bytes(b"theirs")
+    write_atomically(tmp_path / "last.pt", b"mine")
+    assert other.read_bytes() == b"theirs" and (tmp_path / "last.pt").read_bytes() == b"mine"
+
+
+def test_json_is_written_atomically_and_nan_becomes_null(tmp_path):
+    write_json(tmp_path / "s.json", {"mean": float("nan"), "x": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"mean": None, "x": [1.0, None]}
+
+
+def test_restored_random_streams_continue_exactly_numpy_included():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.rand(3), np.random.randn()  # a position inside numpy's key array and a cached gaussian
+    state = rng_state()
+    expected = (random.random(), np.random.rand(5), np.random.randn(3), torch.rand(3))
+    np.random.rand(100), torch.rand(10)
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(5), np.random.randn(3), torch.rand(3))
+    assert expected[0] == again[0] and np.array_equal(expected[1], again[1])
+    assert np.array_equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
+
+
+def test_every_series_the_training_curves_plot_is_a_column_train_writes():
+    import train
+    quantizer = SimpleNamespace(usage=torch.tensor([2.0, 0.0, 1.0, 0.0]), dead_code_threshold=0.5)
+    row = {"epoch": 1, **{f"train_{k}": 0.1 for k in train.LOSS_NAMES}, "train_loss": 0.3,
+           **{f"val_{k}": 0.1 for k in train.LOSS_NAMES}, "val_loss": 0.3, "val_ssim": 0.5, "val_psnr": 20.0,
+           **train.codebook_stats(torch.tensor([3, 0, 1, 0]), quantizer), "lr": 1e-3}
+    missing = {c for spec in utils.TRAINING_CURVES.values() for c in spec["series"]} - set(row)
+    assert not missing

@@ -1,0 +1,449 @@
+"""The pieces both trainers (train.py, train_prior.py) run on: flags <-> configs, run folders with one writer each,
+resuming, the learning-rate schedule and --max-minutes, the optimiser step, and an epoch's save."""
+import argparse
+import fcntl
+import inspect
+import math
+import os
+import re
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from checkpoints import load_checkpoint, run_dir_of, save_checkpoint
+from dataset import to_float
+from modules import VQVAE, ConfigError, VQVAEConfig, broadcast_from_rank0
+from utils import (ArgumentParser, UserError, append_csv, interrupts_deferred, keep_freed_memory, rng_state,
+                   trim_csvs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags <-> configs
+# ---------------------------------------------------------------------------------------------------------
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: the comment after it} from the dataclass's source: the one place each setting is explained."""
+    comments = re.findall(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", inspect.getsource(cls), re.MULTILINE)
+    return dict(comments)
+
+
+def add_config_flags(group, cls, show_defaults: bool = True, exclude=()):
+    """One flag per field of the dataclass `cls` (--field-name; booleans also get --no-field-name), its help the
+    field's comment. Used with argument_default=SUPPRESS, so only the flags given come back from parse_args."""
+    helps, choices = field_help(cls), getattr(cls, "CHOICES", {})
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        kind = next(t for t in (bool, int, float, str) if t is f.type or t in getattr(f.type, "__args__", ()))
+        text = helps[f.name] + (f" (default: {f.default})" if show_defaults and f.default is not None else "")
+        if kind is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=text)
+        else:
+            group.add_argument(flag(f.name), type=kind, choices=choices.get(f.name),
+                               metavar=f.name.upper() if f.name not in choices else None, help=text)
+
+
+def parse_config_flags(argv, prog: str, doc: str, run_cls, model_cls, model_title: str,
+                       exclude=()) -> tuple[dict, dict]:
+    """The flags given explicitly, split into `run_cls` and `model_cls` fields."""
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       argument_default=argparse.SUPPRESS)
+    add_config_flags(p.add_argument_group(f"training ({run_cls.__name__})"), run_cls)
+    add_config_flags(p.add_argument_group(model_title), model_cls, show_defaults=False, exclude=exclude)
+    args = vars(p.parse_args(argv))
+    run_names = {f.name for f in fields(run_cls)}
+    return {k: v for k, v in args.items() if k in run_names}, {k: v for k, v in args.items() if k not in run_names}
+
+
+def config_or_error(cls, **values):
+    """cls(**values), a value its __post_init__ refuses turned into the one-line UserError of its flag."""
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise UserError(f"invalid {flag(e.field)} {e.value!r}; see --help for what it takes") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run folders: one writer each
+# ---------------------------------------------------------------------------------------------------------
+
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv")
+LOCK_NAME = ".lock"
+# What a run leaves before its first epoch is saved; a new run may start over in such a folder.
+EARLY_FILES, EARLY_FOLDERS = (LOCK_NAME, "config.json"), ("checkpoints", "recon", "samples")
+
+
+def is_run_leftover(path: Path) -> bool:
+    return path.name in EARLY_FILES or (path.name in EARLY_FOLDERS and path.is_dir() and not any(path.iterdir()))
+
+
+def holds_a_run(folder: Path) -> bool:
+    return any((Path(folder) / name).exists() for name in RUN_FILES)
+
+
+class RunLock:
+    """An exclusive flock on <run>/.lock for the life of the run: the kernel drops it on any exit, a crash and
+    kill -9 included, so a lock is never stale. The file itself stays (removing a lock file races with the next
+    writer); it names its holder once the run has the folder."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{folder} is being written by {holder}; wait for it to finish, or choose another "
+                            f"--out") from None
+
+    def claim(self, script: str):
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{script} (pid {os.getpid()})\n")
+        self.file.flush()
+
+    def release(self):
+        """Before the process ends: a later run in this same process (tests, ablations) may take the folder."""
+        self.file.close()
+
+
+def reserve_run_folder(out: str | None, default_parent: Path, default_name: str, script: str,
+                       resuming: bool = False) -> tuple[Path, RunLock]:
+    """The run folder, created or checked, and locked for this process. Without `out`, the first free
+    <default_parent>/<default_name>-NNN, taken by an atomic mkdir so two runs started together get two folders.
+    A given `out` must be new, empty, or (when `resuming`) the run being resumed: a folder holding another run or
+    anything else is refused before anything in it is written. Under the lock, temp files that a killed writer of
+    this run left behind are removed: no other writer can be using them."""
+    if out is None:
+        default_parent.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while True:
+            folder = default_parent / f"{default_name}-{n:03d}"
+            try:
+                folder.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+    else:
+        folder = Path(out)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {folder} is a file, not a folder; choose another --out")
+        folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder)
+    try:
+        if not resuming:  # checked under the lock: a run that finished a moment ago counts too
+            check_new_run_folder(folder)
+        for stale in [*folder.glob(".*.tmp"), *folder.glob("checkpoints/.*.tmp")]:
+            stale.unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    lock.claim(script)
+    return folder, lock
+
+
+def check_new_run_folder(folder: Path):
+    if holds_a_run(folder):
+        raise UserError(f"--out {folder} already holds a run; continue it with --resume {folder}, or choose "
+                        f"another --out")
+    others = sorted(p.name for p in folder.iterdir() if not is_run_leftover(p))
+    if others:
+        raise UserError(f"--out {folder} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                        f"and is not a run folder; choose a new or empty --out")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------
+
+def resume_checkpoint(run_args: dict, model_args: dict, allowed, kind: str) -> tuple[Path, dict]:
+    """The checkpoint that --resume names (a run folder: its last.pt), loaded with what a resume reads, once it is
+    clear that no flag but those in `allowed` was given with it: everything else comes from the checkpoint."""
+    path = Path(run_args["resume"])
+    path = path / "last.pt" if path.is_dir() else path
+    changed = sorted(set(run_args) - set(allowed)) + sorted(model_args)
+    if changed:
+        raise UserError(f"--resume continues a run with its saved config; these flags cannot change: "
+                        f"{', '.join(flag(c) for c in changed)} (start a new run instead)")
+    return path, load_checkpoint(path, kind, resume=True)
+
+
+def resumed_config(saved_cfg, run_args: dict, path: Path, state: dict):
+    """The saved training config with the flags a resume may change, checked like any flag; UserError if the run
+    already finished the epochs asked for."""
+    cfg = config_or_error(type(saved_cfg), **{**vars(saved_cfg), **run_args, "resume": str(path),
+                                               "out": str(run_dir_of(path))})
+    if state["epoch"] >= cfg.epochs:
+        raise UserError(f"{path} already finished epoch {state['epoch']} of {cfg.epochs}; pass a larger --epochs to "
+                        f"train further")
+    return cfg
+
+
+def restore_training(state: dict, model, opt, scheduler, total_steps: int, path):
+    """Weights, optimiser and schedule of a resumed run; UserError if they do not fit this model and optimiser."""
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        restore_scheduler(scheduler, state["scheduler"], total_steps)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} cannot be resumed: its optimiser or schedule does not fit its model ({e}); resume "
+                        f"from another checkpoint of the run, or start a new run") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Learning rate: schedule and --max-minutes
+# ---------------------------------------------------------------------------------------------------------
+
+class LRSchedule:
+    """The LambdaLR factor: a linear warmup over `warmup_steps`, then constant, or a cosine down to zero at
+    `total_steps`. An object rather than a closure because LambdaLR's state_dict saves an object's fields: a total
+    fitted to a --max-minutes deadline (TimeBudget) comes back on resume, so the resumed run anneals exactly as the
+    uninterrupted one would have."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int):
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+        self.fitted_to_deadline = False
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_scheduler(opt, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(cfg.lr_schedule, cfg.warmup_steps, total_steps))
+
+
+def restore_scheduler(scheduler, state: dict, total_steps: int):
+    """Load a resumed LR schedule. Unless it was fitted to a --max-minutes deadline, its cosine ends at
+    `total_steps`, which a larger --epochs given with --resume moves further out."""
+    scheduler.load_state_dict(state)
+    schedule = scheduler.lr_lambdas[0]
+    if not schedule.fitted_to_deadline:
+        schedule.total_steps = total_steps
+
+
+def schedule_done(scheduler) -> bool:
+    """Whether a schedule fitted to a --max-minutes deadline has taken its last step."""
+    schedule = scheduler.lr_lambdas[0]
+    return schedule.fitted_to_deadline and scheduler.last_epoch >= schedule.total_steps
+
+
+def time_is_up(deadline: float, device: torch.device) -> bool:
+    """Whether the deadline has passed by rank 0's clock. Every rank gets the same answer and so stops after the
+    same step: a rank that stopped alone would leave the others blocked in the quantiser's collectives."""
+    return bool(broadcast_from_rank0(torch.tensor([float(time.monotonic() > deadline)], device=device)).item())
+
+
+class TimeBudget:
+    """--max-minutes: a hard deadline by rank 0's clock, and a plan that fits the LR schedule to it.
+
+    Early in a new run (global steps FROM_STEP..AT_STEP) the step time is measured, and the schedule's total is cut
+    to the steps that fit before the deadline, with each epoch's validation and saving estimated as well; the run
+    then ends at that step, annealed, instead of being stopped with the learning rate still high."""
+    FROM_STEP, AT_STEP = 10, 40
+    EVAL_COST = 0.5         # a validation image costs about this share of a training image (forward only, SSIM)
+    EPOCH_OVERHEAD_S = 3.0  # checkpoint, CSV rows and figures
+    SAFETY = 0.97           # plan for this share of the time left
+
+    def __init__(self, minutes: float, eval_items: int, batch_size: int, verbose: bool):
+        self.minutes, self.eval_items, self.batch_size, self.verbose = minutes, eval_items, batch_size, verbose
+        self.deadline = time.monotonic() + 60 * minutes if minutes else 0.0
+        self._started = None
+
+    def __bool__(self):
+        return bool(self.deadline)
+
+    def up(self, device) -> bool:
+        return bool(self.deadline) and time_is_up(self.deadline, device)
+
+    def observe(self, scheduler, steps_per_epoch: int, device):
+        """Call after every optimiser step; fits the schedule once, at global step AT_STEP, if not fitted yet."""
+        schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
+        if not self.deadline or schedule.fitted_to_deadline or step not in (self.FROM_STEP, self.AT_STEP):
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        if step == self.FROM_STEP:
+            self._started = now
+            return
+        if self._started is None:
+            return
+        step_seconds = (now - self._started) / (self.AT_STEP - self.FROM_STEP)
+        eval_seconds = self.eval_items / self.batch_size * step_seconds * self.EVAL_COST + self.EPOCH_OVERHEAD_S
+        fit = steps_that_fit(self.SAFETY * (self.deadline - time.monotonic()), step_seconds, steps_per_epoch,
+                             step % steps_per_epoch, eval_seconds, schedule.total_steps - step)
+        total = int(broadcast_from_rank0(torch.tensor([step + fit], device=device, dtype=torch.float64)).item())
+        schedule.fitted_to_deadline = True
+        if total < schedule.total_steps:
+            schedule.total_steps = total
+            if self.verbose:
+                tqdm.write(f"--max-minutes {self.minutes:g}: {total} steps ({total / steps_per_epoch:.2f} epochs) fit "
+                           f"before the deadline at {step_seconds:.3f} s/step; the learning rate schedule ends there")
+
+
+def steps_that_fit(seconds: float, step_seconds: float, steps_per_epoch: int, step_in_epoch: int,
+                   eval_seconds: float, most: int) -> int:
+    """How many more optimiser steps fit in `seconds` (at most `most`), when every epoch that is begun, the
+    current one included, also pays `eval_seconds` at its end."""
+    steps = 0
+    while steps < most:
+        epoch_steps = steps_per_epoch - step_in_epoch
+        cost = epoch_steps * step_seconds + eval_seconds
+        if cost > seconds:
+            return min(most, steps + max(0, int((seconds - eval_seconds) // step_seconds)))
+        steps, seconds, step_in_epoch = steps + epoch_steps, seconds - cost, 0
+    return most
+
+
+def optimizer_step(loss, model, opt, scheduler, grad_clip: float):
+    """Backward, optional gradient clipping, then one step of the optimiser and of the LR schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    scheduler.step()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VQ-VAE's training step (train.py runs it, bench.py times it)
+# ---------------------------------------------------------------------------------------------------------
+
+def speed_settings(device: torch.device):
+    """The process-wide part of the fast path: TF32 on CUDA; on the CPU, glibc keeps freed memory for reuse
+    (utils.keep_freed_memory). bench.py times the yardstick before applying these."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the shapes repeat every step, so the fastest kernels are worth finding
+    else:
+        keep_freed_memory()
+
+
+def stage_images(cfg, device: torch.device, *splits, verbose: bool):
+    """On CUDA, move each split's decoded uint8 images to the GPU once (the OASIS train split is 0.6 GB), so that a
+    batch is one gather there: at small batches the step is bound by what the host does, and a pinned copy per
+    batch costs a large share of it. Splits that do not fit stay in host memory."""
+    if device.type != "cuda" or not cfg.images_on_device:
+        return
+    for data in splits:
+        try:
+            data.images = data.images.to(device)
+        except torch.OutOfMemoryError:
+            if verbose:
+                print(f"note: the {data.split} images ({data.images.nbytes / 2**30:.1f} GiB) do not fit on "
+                      f"{device}; they stay in host memory")
+
+
+def batches(data, sampler, batch_size: int, device: torch.device, drop_last: bool):
+    """Yield (B, 1, H, W) uint8 batches on `device`. Images were decoded once into memory (host or, after
+    stage_images, the GPU), so this is an index into a tensor: no decoding, no worker processes."""
+    order = torch.tensor(list(sampler), dtype=torch.long, device=data.images.device)
+    stop = len(order) - batch_size + 1 if drop_last else len(order)
+    for start in range(0, max(stop, 0), batch_size):
+        x = data.images[order[start:start + batch_size]].unsqueeze(1)  # (B, 1, H, W) uint8
+        if x.device != device:
+            x = (x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+        yield x
+
+
+def build_training(cfg, model_cfg: VQVAEConfig, device: torch.device, total_steps: int):
+    """The model (on `device`, channels_last unless --no-channels-last), its Adam optimiser and LR schedule."""
+    model = VQVAE(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    return model, opt, lr_scheduler(opt, cfg, total_steps)
+
+
+def compile_model(model: torch.nn.Module, device: torch.device, distributed: bool) -> torch.nn.Module:
+    """torch.compile. On a single CUDA GPU also with CUDA graphs ("reduce-overhead"): at the seed's batch of 16 the
+    step is bound by kernel launches, which graphs remove. Under DDP the gradient all-reduce runs between graph
+    segments, so there the default mode."""
+    single_gpu = device.type == "cuda" and not distributed
+    return torch.compile(model, mode="reduce-overhead" if single_gpu else None)
+
+
+def train_step(model, opt, scheduler, x, cfg, autocast):
+    """One optimisation step on a (B, 1, H, W) uint8 batch; returns the model output and the loss. Nothing in it
+    waits for the device. bench.py times exactly this."""
+    x = to_float(x)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast:
+        out = model(x)
+    loss = sum(out.losses.values())
+    optimizer_step(loss, model, opt, scheduler, cfg.grad_clip)
+    return out, loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An epoch's save, and what a stopped run says
+# ---------------------------------------------------------------------------------------------------------
+
+class SavedEpochs:
+    """The newest epoch whose checkpoints and CSV rows are complete on disk, the one sequence that writes them, and
+    what a run that stops early says about them. Both trainers save through `save`."""
+
+    def __init__(self, script: str, run_dir: Path, start_epoch: int, resume: str | None, resume_note: str = ""):
+        self.script, self.run_dir, self.start_epoch, self.resume = script, Path(run_dir), start_epoch, resume
+        self.resume_note = resume_note  # appended to the resume command, e.g. "(under the same torchrun command)"
+        self.epoch = start_epoch - 1    # a resumed run starts with the epoch of its --resume file
+
+    def save(self, state: dict, epoch: int, best: bool, csv_rows: dict):
+        """checkpoints/epoch_NNN.pt, best.pt (if `best`) and last.pt (one file, three names), then each CSV's row
+        ({file name: row}). Ctrl-C or SIGTERM meanwhile lands after all of it. The first epoch of a resumed run
+        first trims each CSV to the epochs before it (utils.trim_csvs)."""
+        folder = self.run_dir
+        with interrupts_deferred():
+            save_checkpoint({**state, "epoch": epoch, "rng": rng_state()}, folder / "checkpoints" / f"epoch_{epoch:03d}.pt",
+                            *([folder / "best.pt"] if best else []), folder / "last.pt")
+            if epoch == self.start_epoch:
+                trim_csvs(epoch - 1, [folder / name for name in csv_rows])
+            for name, row in csv_rows.items():
+                append_csv(folder / name, row)
+            self.epoch = epoch
+
+    def path(self):
+        """The file that holds self.epoch: last.pt, or the --resume file if nothing was saved since."""
+        return self.run_dir / "last.pt" if self.epoch >= self.start_epoch else self.resume
+
+    def kept(self) -> str:
+        if self.epoch < 1:
+            return "no epoch had finished, so nothing was saved"
+        return f"{self.path()} holds epoch {self.epoch}"
+
+    def check_finite(self, epoch: int, what: str, value: float, cfg):
+        """UserError for a NaN/inf loss in `epoch`, before anything of it is saved; cfg: the run's config."""
+        if math.isfinite(value):
+            return
+        fixes = [f"a lower --lr (this one had {cfg.lr:g})"]
+        if not cfg.grad_clip:
+            fixes.append("--grad-clip 1")
+        if not cfg.warmup_steps:
+            fixes.append("--warmup-steps 500")
+        raise UserError(f"training diverged in epoch {epoch} ({what} {value}); {self.kept()}"
+                        f"{' (the last good one)' if self.epoch >= 1 else ''}; start a new run with "
+                        f"{' or '.join([', '.join(fixes[:-1]), fixes[-1]]) if len(fixes) > 1 else fixes[0]}")
+
+    def interrupted(self, epoch: int) -> str:
+        """The message for Ctrl-C or SIGTERM in `epoch`: what is kept and the command that resumes it."""
+        when = f"after epoch {epoch} was saved" if self.epoch == epoch else f"during epoch {epoch}"
+        resume = ""
+        if self.epoch >= 1:
+            resume = (f". Resume with: python {self.script} --resume {self.path()}"
+                      + (f" {self.resume_note}" if self.resume_note else ""))
+        return f"\ninterrupted {when}; {self.kept()}{resume}"

@@ -1,0 +1,90 @@
+"""The pieces both trainers run on: the LR schedule and --max-minutes, run folders with one writer, flags."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import engine
+from checkpoints import PriorTrainConfig, TrainConfig
+from engine import reserve_run_folder
+from modules import PixelCNNConfig, VQVAEConfig
+from utils import UserError
+
+
+def test_steps_that_fit_count_each_begun_epochs_validation():
+    # 10 steps of 1 s per epoch, 5 s of validation per epoch: 15 s per epoch
+    assert engine.steps_that_fit(30, 1.0, 10, 0, 5.0, 1000) == 20
+    assert engine.steps_that_fit(37, 1.0, 10, 0, 5.0, 1000) == 22  # 2 epochs, then 2 steps and a validation
+    assert engine.steps_that_fit(33, 1.0, 10, 4, 5.0, 1000) == 18  # the current epoch has 6 steps left: 6 + 10 + 2
+    assert engine.steps_that_fit(3, 1.0, 10, 0, 5.0, 1000) == 0
+    assert engine.steps_that_fit(1e9, 1.0, 10, 0, 5.0, 123) == 123
+
+
+def test_a_schedule_fitted_to_the_deadline_is_restored_on_resume_and_others_stretch_to_new_epochs():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    fitted = engine.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 100)
+    fitted.lr_lambdas[0].total_steps, fitted.lr_lambdas[0].fitted_to_deadline = 37, True
+    plain = engine.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 100)
+    for saved, expected in ((fitted, 37), (plain, 200)):
+        resumed = engine.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 999)
+        engine.restore_scheduler(resumed, saved.state_dict(), total_steps=200)
+        assert resumed.lr_lambdas[0].total_steps == expected
+    assert engine.LRSchedule("cosine", 0, 37)(37) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, VQVAEConfig, PriorTrainConfig, PixelCNNConfig])
+def test_every_config_field_has_a_one_line_help_string(cls):
+    helps = engine.field_help(cls)
+    assert set(helps) == {f.name for f in engine.fields(cls)}
+    assert all(text.strip() and "\n" not in text for text in helps.values())
+
+
+def test_two_runs_without_out_get_two_folders_and_a_second_writer_of_one_folder_is_refused(tmp_path):
+    first, lock = reserve_run_folder(None, tmp_path / "runs", "OASIS-default", "train.py")
+    second, lock2 = reserve_run_folder(None, tmp_path / "runs", "OASIS-default", "train.py")
+    assert (first.name, second.name) == ("OASIS-default-000", "OASIS-default-001")
+    other = subprocess.run([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(engine.__file__.rsplit('/', 1)[0])!r})
+from engine import reserve_run_folder
+from utils import UserError
+try:
+    reserve_run_folder({str(first)!r}, None, None, "train.py", resuming=True)
+except UserError as e:
+    print(e)
+"""], capture_output=True, text=True, timeout=60)
+    assert f"{first} is being written by train.py (pid" in other.stdout
+
+
+def test_a_lock_is_released_when_its_process_ends_however_it_ends(tmp_path):
+    folder = tmp_path / "run"
+    subprocess.run([sys.executable, "-c", f"""
+import os, sys; sys.path.insert(0, {str(engine.__file__.rsplit('/', 1)[0])!r})
+from engine import reserve_run_folder
+reserve_run_folder({str(folder)!r}, None, None, "train.py")
+os._exit(9)  # no clean-up runs: as after a crash or kill -9
+"""], check=False, timeout=60)
+    assert reserve_run_folder(str(folder), None, None, "train.py", resuming=True)[0] == folder
+
+
+def test_out_at_a_folder_that_holds_other_files_or_a_run_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not empty .*notes.txt"):
+        reserve_run_folder(str(tmp_path / "mine"), None, None, "train.py")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume"):
+        reserve_run_folder(str(tmp_path / "run"), None, None, "train.py")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        reserve_run_folder(str(tmp_path / "file"), None, None, "train.py")
+
+
+def test_a_run_that_stopped_before_its_first_epoch_leaves_a_folder_a_new_run_may_use(tmp_path):
+    folder, lock = reserve_run_folder(str(tmp_path / "run"), None, None, "train.py")
+    (folder / "config.json").write_text("{}")
+    (folder / "checkpoints").mkdir()
+    lock.release()
+    assert reserve_run_folder(str(folder), None, None, "train.py")[0] == folder
