@@ -250,11 +250,17 @@ def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, a
     return row, counts.cpu(), val_scores
 
 
-def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores):
+def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, saved: SavedEpochs):
+    """The run's figures; a figure that cannot be written (a full disk) stops the run saying which, and what the
+    epoch's checkpoint, already written, keeps."""
     epoch = row["epoch"]
-    plot_training_curves(run_dir / "metrics.csv", run_dir)
-    plot_bars(counts, run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index", "assignments")
-    save_side_by_side(val_scores.inputs, val_scores.outputs, run_dir / "recon" / f"epoch_{epoch:03d}.png", nrow=4)
+    try:
+        plot_training_curves(run_dir / "metrics.csv", run_dir)
+        plot_bars(counts, run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index", "assignments")
+        save_side_by_side(val_scores.inputs, val_scores.outputs, run_dir / "recon" / f"epoch_{epoch:03d}.png", nrow=4)
+    except OSError as e:
+        raise UserError(f"could not write a figure of epoch {epoch} ({e.filename or run_dir}: {e.strerror or e}); "
+                        f"{saved.kept()}; free disk space, then resume") from None
 
 
 def log_epoch(row: dict, codebook_size: int, best: bool):
@@ -331,7 +337,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                                       "code_usage.csv": {"epoch": epoch, **{f"code_{i}": int(c) for i, c in
                                                                             enumerate(counts)}}})
                     if stopping or epoch == cfg.epochs or time.monotonic() - figures_at >= FIGURES_EVERY_S:
-                        draw_figures(run_dir, row, counts, val_scores)
+                        draw_figures(run_dir, row, counts, val_scores, saved)
                         figures_at = time.monotonic()
                     log_epoch(row, model_cfg.codebook_size, best)
             saved.epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved

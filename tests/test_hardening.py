@@ -466,3 +466,79 @@ def test_full_disk_while_saving_is_reported_and_keeps_the_previous_checkpoint(sh
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"epoch_{e:03d}.pt" for e in
                                                                        range(1, EPOCHS + 1)]
     assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one writer per run folder, checks before the run starts, failures that come from outside the code
+# ---------------------------------------------------------------------------------------------------------
+
+def test_two_runs_started_together_in_one_out_folder_leave_one_run_and_one_error_line(demo_root, tmp_path):
+    run = tmp_path / "run"
+    results = scripts(train_args(demo_root, run, "--epochs", 1), train_args(demo_root, run, "--epochs", 1))
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr for r in results]
+    loser = next(r for r in results if r.returncode)
+    assert_one_line_error(loser.stderr.strip().splitlines()[-1], str(run))
+    assert "is being written by train.py (pid" in loser.stderr or "already holds a run" in loser.stderr
+    assert metrics_epochs(run) == [1]
+
+
+def test_a_second_ctrl_c_while_the_first_is_handled_changes_nothing(demo_root, tmp_path, monkeypatch, capsys):
+    real_epoch, real_message, calls = train.train_epoch, engine.SavedEpochs.interrupted, []
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    def impatient(self, epoch):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while the first is being handled
+        return real_message(self, epoch)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(engine.SavedEpochs, "interrupted", impatient)
+    run = tmp_path / "run"
+    r = run_main(train.main, train_args(demo_root, run, "--epochs", EPOCHS)[1:], capsys)
+    assert r.returncode == 130 and "Traceback" not in r.stderr
+    assert f"interrupted during epoch 2; {run / 'last.pt'} holds epoch 1" in r.stderr
+    assert "before training started" not in r.stderr and metrics_epochs(run) == [1]
+
+
+def test_flags_that_cannot_work_here_stop_before_the_run_folder_is_made(demo_root, tmp_path, monkeypatch, capsys):
+    odd = oasis_tree(demo_root, tmp_path / "odd")
+    for path in (odd / SPLIT_DIRS[1]).iterdir():  # validation images of another size than train's
+        Image.new("L", (40, 24)).save(path)
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    cases = [
+        (train_args(demo_root, tmp_path / "run", "--compile"), "--compile needs a C++ compiler"),
+        (train_args(demo_root, tmp_path / "run", "--preset", "seed", "--image-size", 8, "--batch-size", 1,
+                    "--hidden-channels", 8, "--embedding-dim", 8), "BatchNorm needs more than one value per channel"),
+        (train_args(odd, tmp_path / "run"), "validate images are 40x24 pixels"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(run_main(train.main, args[1:], capsys), message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("failure, message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB"), "out of memory on cpu"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), "out of memory"),
+])
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(demo_root, tmp_path, monkeypatch, capsys, failure,
+                                                                message):
+    def epoch(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(train, "train_epoch", epoch)
+    r = run_main(train.main, train_args(demo_root, tmp_path / "run", "--epochs", 1)[1:], capsys)
+    assert_one_line_error(r.stderr.strip().splitlines()[-1], message, "lower --batch-size")
+    assert r.returncode == 2
+
+
+def test_a_full_disk_while_drawing_figures_names_the_file_and_the_epoch_kept(demo_root, tmp_path, monkeypatch, capsys):
+    def no_space(values, path, *args):
+        raise OSError(27, "File too large", str(path))
+    monkeypatch.setattr(train, "plot_bars", no_space)
+    run = tmp_path / "run"
+    r = run_main(train.main, train_args(demo_root, run, "--epochs", EPOCHS)[1:], capsys)
+    assert_one_line_error(r.stderr.strip().splitlines()[-1], f"could not write a figure of epoch 1 "
+                          f"({run / 'code_usage.png'}: File too large)", f"{run / 'last.pt'} holds epoch 1")
