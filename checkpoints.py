@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import DATASETS, DEMO_MARKER, DataError, build_dataset, default_demo_root, generate_demo
+from dataset import DATASETS, DEMO_MARKER, SLICE_AXES, DataError, build_dataset, default_demo_root, generate_demo
 from modules import PRESETS, PixelCNNConfig, PixelCNNPrior, VQVAE, VQVAEConfig, config_from_dict, first_failure
 from utils import UserError, one_line_reason, write_atomically
 
@@ -32,11 +32,15 @@ MAX_IMAGE_SIZE = 8192
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything train.py needs besides the model config; one flag per field."""
-    dataset: str = "OASIS"            # OASIS, ADNI or demo
+    dataset: str = "OASIS"            # OASIS, ADNI, demo or nifti (a folder of .nii/.nii.gz volumes)
     data_root: str | None = None      # the dataset's folder or zip; default for demo: data/demo beside the code
-    image_size: int | None = None     # centre-crop to a square and resize to this; default: the files' own size
-    val_fraction: float = 0.1         # ADNI: share of train patients held out for validation
-    skip_bad: bool = False            # skip unreadable or odd-sized image files instead of stopping
+    image_size: int | None = None     # centre-crop to a square, resize to this (NIfTI: crop/pad); default: own size
+    val_fraction: float = 0.1         # ADNI: share of train patients held out for validation; NIfTI: share of subjects
+    test_fraction: float = 0.1        # NIfTI: share of subjects held out for testing
+    slice_axis: str = "axial"         # NIfTI: cut the volumes across this anatomical axis (axial, coronal or sagittal)
+    clip_percentile: float = 0.5      # NIfTI: clip each volume to its [p, 100 - p] percentiles, then scale to 8 bits
+    min_brain_fraction: float = 0.05  # NIfTI: skip slices with a smaller share of nonzero pixels after that
+    skip_bad: bool = False            # skip unreadable or odd-sized image files or bad volumes instead of stopping
     preset: str = "default"           # seed, default or hq: the model and its optimiser settings
     epochs: int = 40                  # epochs to train (with --max-minutes: at most)
     batch_size: int = 16              # images per step and process
@@ -56,7 +60,7 @@ class TrainConfig:
     resume: str | None = None         # a run folder or checkpoint to continue from
 
     CHOICES = {"dataset": DATASETS, "preset": tuple(PRESETS), "lr_schedule": SCHEDULES, "precision": PRECISIONS,
-               "device": DEVICES}
+               "device": DEVICES, "slice_axis": SLICE_AXES}
 
     def __post_init__(self):
         first_failure(self, {
@@ -68,8 +72,18 @@ class TrainConfig:
             "grad_clip": 0 <= self.grad_clip < math.inf, "precision": self.precision in PRECISIONS,
             "image_size": self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
             "val_fraction": 0 < self.val_fraction < 1, "max_minutes": 0 <= self.max_minutes < math.inf,
+            "test_fraction": 0 <= self.test_fraction < 1 - self.val_fraction,
+            "slice_axis": self.slice_axis in SLICE_AXES,
+            "clip_percentile": 0 <= self.clip_percentile < 50, "min_brain_fraction": 0 <= self.min_brain_fraction < 1,
             "seed": 0 <= self.seed < 2**63, "device": self.device in DEVICES,
         }, "training config")
+
+    def data_options(self) -> dict:
+        """The keyword arguments of dataset.build_dataset that this config sets: every split of a run, in training
+        and afterwards, is read the same way."""
+        return dict(image_size=self.image_size, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
+                    seed=self.seed, skip_bad=self.skip_bad, slice_axis=self.slice_axis,
+                    clip_percentile=self.clip_percentile, min_brain_fraction=self.min_brain_fraction)
 
     def resolved(self) -> "TrainConfig":
         """The optimiser settings left unset filled from the preset."""
@@ -288,6 +302,7 @@ def newest_checkpoint(runs: Path = Path("runs")) -> Path:
 DATA_ROOT_HINTS = {
     "OASIS": "the folder holding keras_png_slices_train/_validate/_test, its parent, or keras_png_slices_data.zip",
     "ADNI": "the AD_NC folder (holding train/, and test/ if you have it), its parent, or the AD_NC zip",
+    "nifti": "the folder of .nii/.nii.gz volumes (searched recursively; a BIDS dataset works)",
 }
 
 
@@ -314,7 +329,7 @@ def load_split(cfg: TrainConfig, split: str, data_root: str | None = None, skip_
                  f"this checkpoint does not record where its {name} data is")
         raise UserError(f"{where}; pass --data-root pointing at {DATA_ROOT_HINTS[name]}")
     try:
-        return build_dataset(name, root, split, image_size=cfg.image_size, val_fraction=cfg.val_fraction,
-                             seed=cfg.seed, skip_bad=cfg.skip_bad if skip_bad is None else skip_bad, verbose=verbose)
+        return build_dataset(name, root, split, **{**cfg.data_options(), "verbose": verbose,
+                                                   "skip_bad": cfg.skip_bad if skip_bad is None else skip_bad})
     except DataError as e:
         raise UserError(f"the {name} {split} data is not readable: {e}") from None

@@ -1,5 +1,5 @@
 """
-Brain MRI slice datasets (OASIS, ADNI, and a synthetic demo set).
+Brain MRI slice datasets (OASIS, ADNI, a synthetic demo set, and folders of NIfTI volumes: see nifti.py).
 
 Every split is decoded once into a uint8 (N, H, W) tensor, so training epochs do no image decoding.
 Datasets can be read from a folder or in place from the official zip archive.
@@ -28,8 +28,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-DATASETS = ("OASIS", "ADNI", "demo")
+DATASETS = ("OASIS", "ADNI", "demo", "nifti")
 SPLITS = ("train", "validate", "test")
+SLICE_AXES = ("axial", "coronal", "sagittal")  # nifti: the anatomical axis slices are cut across
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
@@ -56,7 +57,7 @@ class DataError(Exception):
 class SliceDataset(torch.utils.data.Dataset):
     """Decoded 2D slices of one split; items are (float32 (1, H, W) image in [-1, 1], int label)."""
 
-    def __init__(self, images, labels, class_names, patients, files, name, split):
+    def __init__(self, images, labels, class_names, patients, files, name, split, volumes=None):
         self.images = images  # uint8 (N, H, W)
         self.labels = labels  # int64 (N,)
         self.class_names = class_names
@@ -64,6 +65,8 @@ class SliceDataset(torch.utils.data.Dataset):
         self.files = files
         self.name = name
         self.split = split
+        self.volumes = volumes  # nifti: a nifti.Volume per volume, in row order (where its slices are, how to write
+        # a reconstruction back); None for datasets of slice images
 
     def __len__(self):
         return len(self.images)
@@ -413,10 +416,13 @@ def _images_of(tree, folder):
 # -----------------------------------------------------------------------------
 # public entry point
 
-def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, skip_bad=False, verbose=True):
+def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, skip_bad=False, verbose=True,
+                  test_fraction=0.1, slice_axis="axial", clip_percentile=0.5, min_brain_fraction=0.05):
     """
-    Load one split of OASIS, ADNI or the synthetic demo set. `root` may be a folder or a zip archive.
-    ADNI has no validation split of its own: `validate` is a seeded, patient-disjoint `val_fraction` of ADNI train.
+    Load one split of OASIS, ADNI, the synthetic demo set or a folder of NIfTI volumes. `root` may be a folder or
+    (OASIS, ADNI) a zip archive. ADNI has no validation split of its own: `validate` is a seeded, patient-disjoint
+    `val_fraction` of ADNI train. NIfTI volumes are split by subject (`val_fraction`, `test_fraction`, `seed`, or the
+    folder's splits.csv) and sliced as the last four arguments say (nifti.py).
     """
     name = _choice(name, DATASETS, "dataset")
     split = _choice(split, SPLITS, "split")
@@ -425,6 +431,12 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
                         f"downsampling) to {MAX_IMAGE_SIDE}, got {image_size!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    if name == "nifti":
+        if not 0 <= test_fraction < 1 - val_fraction:
+            raise DataError(f"test fraction must be in [0, 1 - validation fraction), got {test_fraction}")
+        from nifti import SliceOptions, load_folder  # the one module that imports nibabel
+        options = SliceOptions(slice_axis, clip_percentile, min_brain_fraction, image_size)
+        return load_folder(root, split, options, val_fraction, test_fraction, seed, skip_bad, verbose)
     if name == "demo":
         root = Path(root if root is not None else default_demo_root()).expanduser()
         if not (root / DEMO_MARKER).is_file():  # a complete tree made with other generate_demo settings is used as is

@@ -8,6 +8,12 @@ Writes per_image.csv, summary.json, reconstructions.png (8x8 inputs beside recon
 triplets.png (input / code-index map / reconstruction), ssim_hist.png and, when the run's metrics.csv
 is beside the checkpoint, the training curves.
 
+On NIfTI volumes (a model trained with --dataset nifti, or --volumes with any model) it also writes each volume's
+reconstruction as volumes/<name>_recon.nii.gz, on the input's affine and header, and per_volume.csv:
+
+    python predict.py --checkpoint runs/nifti-default-000                     # the test split's volumes
+    python predict.py --checkpoint runs/nifti-default-000 --volumes scan1.nii.gz scan2.nii
+
 With --sample N it samples instead of reconstructing, from a prior trained by train_prior.py:
 
     python predict.py --sample 64                       # the newest run's prior/best.pt
@@ -18,6 +24,8 @@ of --split whose top half of codes is kept and bottom half sampled, beside the o
 sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each beside a real-data reference).
 """
 import argparse
+import csv
+import io
 import math
 from pathlib import Path
 
@@ -26,7 +34,9 @@ import torch
 
 from checkpoints import check_prior_fits, load_prior, load_split, load_vqvae, newest_checkpoint, run_dir_of
 from dataset import DATASETS, SPLITS, to_float
-from metrics import batched, encode_images, encoder_features, frechet_distance, nearest_ssim, prior_bits, score_split
+from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
+                     prior_bits, score_split)
+from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
 from utils import (ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, plot_histogram,
                    plot_training_curves, plot_triplets, save_image_grid, save_side_by_side, to_unit, use_bf16,
                    write_atomically, write_json)
@@ -47,8 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--dataset", choices=DATASETS, help="score on this dataset's split instead of the one the model "
                    "was trained on (with --data-root)")
     p.add_argument("--data-root", help="where the dataset is now, if not where training read it")
+    p.add_argument("--volumes", nargs="+", type=Path, metavar="FILE", help="reconstruct these NIfTI volumes "
+                   "(.nii, .nii.gz) instead of a split, sliced as the model's training config says (its slice axis)")
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction,
-                   help="skip unreadable or odd-sized images and report how many (default: as in training)")
+                   help="skip unreadable or odd-sized images, or bad volumes, and report how many (default: as in "
+                   "training)")
     p.add_argument("--out", type=Path, help="output folder (default: <run>/predict_<split>; with --sample, "
                    "predict_samples/ in the prior checkpoint's folder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
@@ -72,6 +85,11 @@ def parse_args(argv=None):
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.dataset and not args.data_root:
         raise UserError(f"--dataset {args.dataset} needs --data-root: where that dataset is")
+    if args.volumes and (args.dataset or args.data_root or args.sample is not None):
+        raise UserError("--volumes reconstructs the files given; it does not go with --dataset, --data-root or "
+                        "--sample")
+    if args.volumes:
+        args.split = "volumes"  # names the output folder (predict_volumes) and the summary's split
     if args.sample is not None and not 2 <= args.sample <= 100000:
         raise UserError(f"--sample must be between 2 and 100000 (the Frechet distance needs two), got {args.sample}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
@@ -91,7 +109,8 @@ def run(args):
     path = args.checkpoint or newest_checkpoint()
     device = choose_device(args.device)
     model, cfg, state = load_vqvae(path, device)
-    data = load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset)
+    data = (load_volume_files(args, cfg) if args.volumes else
+            load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset))
     try:
         model.config.latent_grid(*data.image_shape)
     except ValueError as e:
@@ -101,8 +120,11 @@ def run(args):
                                  else f"predict_{data.name}_{args.split}")
     out.mkdir(parents=True, exist_ok=True)
 
-    scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
-                         compiled_ssim=args.compile, keep=64, progress="reconstructing")
+    if data.volumes is None:
+        scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
+                             compiled_ssim=args.compile, keep=64, progress="reconstructing")
+    else:
+        scores, per_volume = score_volumes(model, data, device, args, out)
     ssim, psnr = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
     lines = [f"\"{name}\",{s:.6f},{q:.4f}\n" for name, s, q in zip(data.files, ssim, psnr)]
     write_atomically(out / "per_image.csv", "file,ssim,psnr\n" + "".join(lines))
@@ -111,6 +133,8 @@ def run(args):
                else "fp32", "ssim": summarise(ssim), "psnr": summarise(psnr),
                f"fraction_ssim_ge_{SSIM_BAR}": float((ssim >= SSIM_BAR).mean()),
                "bits_per_image": model.config.bits_per_image(*data.image_shape)}
+    if data.volumes is not None:
+        summary["volumes"] = per_volume
     write_json(out / "summary.json", summary)
 
     save_side_by_side(scores.inputs, scores.outputs, out / "reconstructions.png")
@@ -126,6 +150,58 @@ def run(args):
           f"min {s['min']:.4f} max {s['max']:.4f} | >= {SSIM_BAR}: {100 * summary[f'fraction_ssim_ge_{SSIM_BAR}']:.1f}% "
           f"| PSNR {summary['psnr']['mean']:.2f} dB | written to {out}")
     return summary
+
+
+def load_volume_files(args, cfg):
+    """--volumes: the files, sliced as the model's training config says (a model trained on slice images: along
+    the default axial axis), with --skip-bad as given or as in training."""
+    options = SliceOptions(cfg.slice_axis, cfg.clip_percentile, cfg.min_brain_fraction, cfg.image_size)
+    return load_files(args.volumes, options, cfg.skip_bad if args.skip_bad is None else args.skip_bad)
+
+
+def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, list[dict]]:
+    """Reconstruct and score NIfTI slices volume by volume: each volume is written to out/volumes/ as a .nii.gz on
+    the input's affine and header (nifti.write_reconstruction), its mean SSIM and PSNR over its slices go to
+    per_volume.csv. Returns the slices' scores and the first 64 slices for the figures, as score_split would, and
+    the rows of per_volume.csv."""
+    amp = autocast(args.precision, device)
+    paths = [out / "volumes" / f"{name}_recon.nii.gz" for name in output_names(data.volumes)]
+    for path in paths:  # before the first is written
+        check_replaceable(path)
+    ssims, psnrs, shown, rows = [], [], {"inputs": [], "outputs": [], "indices": []}, []
+    for volume, path in zip(data.volumes, paths):
+        scores = score_split(model, data.images[volume.rows], device, amp, args.batch_size,
+                             compiled_ssim=args.compile, keep=len(volume.kept), progress=f"reconstructing {path.name}")
+        images = (to_unit(scores.outputs[:, 0]) * 255).round().to(torch.uint8).numpy()
+        write_reconstruction(volume, images, path)
+        ssims.append(scores.ssim.cpu())
+        psnrs.append(scores.psnr.cpu())
+        for key, kept in shown.items():
+            kept.append(getattr(scores, key)[:64 - sum(len(k) for k in kept)])
+        rows.append({"volume": volume.path, "subject": volume.subject, "slices": len(volume.kept),
+                     "ssim": float(ssims[-1].mean()), "psnr": float(psnrs[-1].mean()), "reconstruction": str(path)})
+        print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} | PSNR "
+              f"{rows[-1]['psnr']:.2f} dB | written to {path}")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**r, "ssim": f"{r['ssim']:.6f}", "psnr": f"{r['psnr']:.4f}"} for r in rows)
+    write_atomically(out / "per_volume.csv", text.getvalue())
+    return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values())), rows
+
+
+def output_names(volumes) -> list[str]:
+    """A file name stem per volume: its file name without the extension, numbered where two volumes share one."""
+    names, taken = [], set()
+    for volume in volumes:
+        stem = volume_stem(Path(volume.path).name)
+        name, n = stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def sampling_models(args, device):
