@@ -102,8 +102,7 @@ def load_data(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process):
     for turn in (True, False):
         with fail_together(proc.device):
             if first == turn:
-                kwargs = dict(image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                              skip_bad=cfg.skip_bad, verbose=proc.main)
+                kwargs = dict(**cfg.data_options(), verbose=proc.main)
                 train_data = build_dataset(cfg.dataset, cfg.data_root, "train", **kwargs)
                 val_data = build_dataset(cfg.dataset, cfg.data_root, "validate", **kwargs)
                 check_compatible(train_data.image_shape, val_data)
