@@ -54,6 +54,7 @@ class TrainConfig:
     images_on_device: bool = True     # CUDA: keep the decoded uint8 images on the GPU (else pinned host memory)
     sync_bn: bool = False             # SyncBatchNorm under DDP on CUDA (seed preset)
     max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
+    tensorboard: bool = False         # also log to <run>/tensorboard/ (needs: pip install tensorboard)
     seed: int = 0                     # initial weights, shuffling and the ADNI validation split
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default runs/<dataset>-<preset>-NNN
@@ -110,6 +111,7 @@ class PriorTrainConfig:
     grad_clip: float = 1.0            # clip the gradient norm to this (0: no clipping)
     precision: str = "auto"           # auto (bf16 where the hardware has it), bf16 or fp32
     epoch_samples: int = 16           # slices sampled for samples/epoch_NNN.png (0: none)
+    tensorboard: bool = False         # also log to <run>/tensorboard/ (needs: pip install tensorboard)
     seed: int = 0                     # initial weights, shuffling and the samples drawn each epoch
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default: prior/ in the VQ-VAE's run folder

@@ -391,6 +391,51 @@ def train_step(model, opt, scheduler, x, cfg, autocast):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# TensorBoard
+# ---------------------------------------------------------------------------------------------------------
+
+def tensorboard_writer_class(enabled: bool):
+    """SummaryWriter when --tensorboard is given (imported only then; checked before the run starts), else None."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                        "(or drop --tensorboard)") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """What the trainers log besides their CSVs: every metrics.csv column per epoch, the training loss every
+    few steps, and the figures as images, under <run>/tensorboard/. A no-op without --tensorboard."""
+
+    def __init__(self, writer_class, run_dir: Path):
+        self.writer = writer_class(log_dir=str(Path(run_dir) / "tensorboard")) if writer_class else None
+
+    def step_loss(self, step: int, loss: float):
+        if self.writer:
+            self.writer.add_scalar("train/loss_every_25_steps", loss, step)
+
+    def epoch(self, row: dict):
+        if self.writer:
+            for name, value in row.items():
+                if name != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"epoch/{name}", value, row["epoch"])
+            self.writer.flush()
+
+    def image(self, name: str, images: torch.Tensor, epoch: int, nrow: int = 4):
+        """(B, 1, H, W) images in [-1, 1] as one grid."""
+        if self.writer:
+            from torchvision.utils import make_grid
+            self.writer.add_image(name, make_grid(((images.float() + 1) / 2).clamp(0, 1), nrow=nrow), epoch)
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # An epoch's save, and what a stopped run says
 # ---------------------------------------------------------------------------------------------------------
 

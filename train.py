@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from checkpoints import TrainConfig, rebuild_vqvae
 from dataset import build_dataset, check_compatible, demo_settings
-from engine import (SavedEpochs, TimeBudget, batches, build_training, compile_model, config_or_error,
+from engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model, config_or_error,
                     parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
-                    schedule_done, speed_settings, stage_images, train_step)
+                    schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
 from metrics import score_split
 from modules import PRESETS, VQVAEConfig, all_reduce_sum
 from utils import (UserError, autocast, choose_device, distributed_env, exits_with_one_line, fail_together,
@@ -39,7 +39,7 @@ from utils import (UserError, autocast, choose_device, distributed_env, exits_wi
 # for an epoch that ends at least this long after the last drawing, and always for the last epoch.
 FIGURES_EVERY_S = 30.0
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "device", "compile", "max_minutes", "data_root", "resume")
+RESUMABLE_OVERRIDES = ("epochs", "device", "compile", "max_minutes", "data_root", "tensorboard", "resume")
 LOSS_NAMES = ("reconstruction", "codebook", "commitment")
 
 
@@ -155,7 +155,7 @@ def diverged_anywhere(loss_value: float, device: torch.device) -> bool:
     return bool(all_reduce_sum(bad).item())
 
 
-def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, budget, progress):
+def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, budget, progress, tensorboard=None):
     """One pass over the training split; returns epoch-mean losses over all ranks, the code counts, the images seen
     and the seconds spent waiting for batches."""
     model.train()
@@ -175,6 +175,8 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, bud
         if step % 25 == 0:  # the host waits for the loss here anyway, so the divergence check costs nothing extra
             value = loss.item()
             progress.set_postfix(loss=f"{value:.4f}")
+            if tensorboard is not None:
+                tensorboard.step_loss(scheduler.last_epoch, value)
             if diverged_anywhere(value, device):
                 break  # a NaN/inf loss: stop now rather than at the end of the epoch; train() reports it
         budget.observe(scheduler, len(sampler) // cfg.batch_size, device)
@@ -230,14 +232,15 @@ def codebook_stats(counts: torch.Tensor, quantizer) -> dict:
             "dead_codes": dead, "dead_codes_pct": 100.0 * dead / counts.numel()}
 
 
-def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, autocast, budget, saved, epoch):
+def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, autocast, budget, saved, epoch,
+              tensorboard):
     """Train one epoch and validate; returns its metrics.csv row, its code counts and the kept validation images."""
     sampler.set_epoch(epoch)
     t0 = time.perf_counter()
     with tqdm(total=len(sampler) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", disable=not proc.main,
               leave=False, dynamic_ncols=True) as progress:
         train_metrics, counts, seen, wait = train_epoch(model, opt, scheduler, train_data, sampler, cfg, proc.device,
-                                                        autocast, budget, progress)
+                                                        autocast, budget, progress, tensorboard)
     train_seconds = time.perf_counter() - t0
     saved.check_finite(epoch, "train loss", train_metrics["train_loss"], cfg)  # before anything of it is saved
     average_batchnorm_stats(unwrap(model))
@@ -249,7 +252,7 @@ def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, a
     return row, counts.cpu(), val_scores
 
 
-def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, saved: SavedEpochs):
+def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, saved: SavedEpochs, tensorboard):
     """The run's figures; a figure that cannot be written (a full disk) stops the run saying which, and what the
     epoch's checkpoint, already written, keeps."""
     epoch = row["epoch"]
@@ -257,12 +260,15 @@ def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, sav
         plot_training_curves(run_dir / "metrics.csv", run_dir)
         plot_bars(counts, run_dir / "code_usage.png", f"Code usage, epoch {epoch}", "code index", "assignments")
         save_side_by_side(val_scores.inputs, val_scores.outputs, run_dir / "recon" / f"epoch_{epoch:03d}.png", nrow=4)
+        tensorboard.image("validation/inputs_then_reconstructions", torch.cat([val_scores.inputs, val_scores.outputs]),
+                          epoch)
     except OSError as e:
         raise UserError(f"could not write a figure of epoch {epoch} ({e.filename or run_dir}: {e.strerror or e}); "
                         f"{saved.kept()}; free disk space, then resume") from None
 
 
-def log_epoch(row: dict, codebook_size: int, best: bool):
+def log_epoch(row: dict, codebook_size: int, best: bool, tensorboard):
+    tensorboard.epoch(row)
     tqdm.write(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} (rec {row['train_reconstruction']:.4f}) "
                f"| val loss {row['val_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
                f"| codes {row['codes_used']}/{codebook_size} ppl {row['perplexity']:.1f} "
@@ -274,9 +280,11 @@ def log_epoch(row: dict, codebook_size: int, best: bool):
 # Training
 # ---------------------------------------------------------------------------------------------------------
 
-def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process):
-    """Rank 0 reserves and locks the run folder (engine.reserve_run_folder) and writes config.json; every rank
-    gets its name. Done only once data and model are known to work, so a bad flag or file leaves nothing behind."""
+def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process, train_data, val_data, start_epoch: int):
+    """Rank 0 reserves and locks the run folder (engine.reserve_run_folder), writes config.json and says what the
+    run is; every rank gets the folder's name. Done only once data and model are known to work, so a bad flag or
+    file leaves nothing behind. Returns the config with its folder, the lock and the TensorBoard log."""
+    writer_class = tensorboard_writer_class(cfg.tensorboard and proc.main)  # checked before the folder is made
     with fail_together(proc.device):
         folder, lock = (reserve_run_folder(cfg.out, Path("runs"), f"{cfg.dataset}-{cfg.preset}", "train.py",
                                            resuming=cfg.resume is not None) if proc.main else (None, None))
@@ -288,7 +296,13 @@ def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process):
         (Path(cfg.out) / "checkpoints").mkdir(exist_ok=True)
         (Path(cfg.out) / "recon").mkdir(exist_ok=True)
         write_json(Path(cfg.out) / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg)})
-    return cfg, lock
+        shape = train_data.image_shape
+        h, w = model_cfg.latent_grid(*shape)
+        print(f"run {cfg.out}: {cfg.dataset} {'x'.join(map(str, shape))}, train {len(train_data)} / validate "
+              f"{len(val_data)} slices; preset {cfg.preset}, latent grid {h}x{w}, K={model_cfg.codebook_size} "
+              f"({model_cfg.bits_per_image(*shape):.0f} bits/slice); {proc.device} x {proc.world}, "
+              f"{'bf16' if use_bf16(cfg.precision, proc.device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
+    return cfg, lock, TensorBoardLog(writer_class, cfg.out)
 
 
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = None) -> Path:
@@ -309,14 +323,8 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
     amp = autocast(cfg.precision, proc.device)
 
     # Run folder, reserved and locked only now
-    cfg, lock = open_run_folder(cfg, model_cfg, proc)
+    cfg, lock, tensorboard = open_run_folder(cfg, model_cfg, proc, train_data, val_data, start_epoch)
     run_dir = Path(cfg.out)
-    if proc.main:
-        h, w = model_cfg.latent_grid(*train_data.image_shape)
-        print(f"run {run_dir}: {cfg.dataset} {'x'.join(map(str, train_data.image_shape))}, train {len(train_data)} / "
-              f"validate {len(val_data)} slices; preset {cfg.preset}, latent grid {h}x{w}, K={model_cfg.codebook_size} "
-              f"({model_cfg.bits_per_image(*train_data.image_shape):.0f} bits/slice); {proc.device} x {proc.world}, "
-              f"{'bf16' if use_bf16(cfg.precision, proc.device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
 
     # Loop
     saved = SavedEpochs("train.py", run_dir, start_epoch, cfg.resume,
@@ -326,7 +334,7 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             row, counts, val_scores = run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, amp,
-                                                budget, saved, epoch)
+                                                budget, saved, epoch, tensorboard)
             best, best_val = row["val_loss"] < best_val, min(best_val, row["val_loss"])
             stopping = schedule_done(scheduler) or budget.up(proc.device)
             with fail_together(proc.device):  # also the barrier: no rank goes on before rank 0 has saved
@@ -336,15 +344,12 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
                                       "code_usage.csv": {"epoch": epoch, **{f"code_{i}": int(c) for i, c in
                                                                             enumerate(counts)}}})
                     if stopping or epoch == cfg.epochs or time.monotonic() - figures_at >= FIGURES_EVERY_S:
-                        draw_figures(run_dir, row, counts, val_scores, saved)
+                        draw_figures(run_dir, row, counts, val_scores, saved, tensorboard)
                         figures_at = time.monotonic()
-                    log_epoch(row, model_cfg.codebook_size, best)
+                    log_epoch(row, model_cfg.codebook_size, best, tensorboard)
             saved.epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved
             if stopping:
-                if proc.main:
-                    print(f"stopping after epoch {epoch}: " + ("the steps planned for --max-minutes "
-                          f"{cfg.max_minutes:g} are done" if schedule_done(scheduler) else
-                          f"--max-minutes {cfg.max_minutes:g} reached"))
+                say_why_stopped(epoch, cfg, scheduler, proc)
                 break
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
         ignore_further_interrupts()
@@ -354,9 +359,17 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
     except (torch.OutOfMemoryError, RuntimeError) as e:
         raise UserError(runtime_failure(e, cfg, proc, saved)) from None
     finally:
+        tensorboard.close()
         if lock is not None:
             lock.release()
     return run_dir
+
+
+def say_why_stopped(epoch: int, cfg: TrainConfig, scheduler, proc: Process):
+    if proc.main:
+        print(f"stopping after epoch {epoch}: " + (f"the steps planned for --max-minutes {cfg.max_minutes:g} are done"
+                                                   if schedule_done(scheduler) else
+                                                   f"--max-minutes {cfg.max_minutes:g} reached"))
 
 
 def resume(state: dict | None, model, opt, scheduler, cfg: TrainConfig, proc: Process, steps_per_epoch: int):

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import PriorTrainConfig, check_prior_fits, load_split, load_vqvae, rebuild_prior, run_dir_of
-from engine import (SavedEpochs, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
-                    reserve_run_folder, restore_training, resume_checkpoint, resumed_config)
+from engine import (SavedEpochs, TensorBoardLog, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
+                    reserve_run_folder, restore_training, resume_checkpoint, resumed_config, tensorboard_writer_class)
 from metrics import batched, encode_images, prior_bits
 from modules import PixelCNNConfig, PixelCNNPrior
 from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
@@ -49,11 +49,14 @@ def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, progress) -> flo
 
 @torch.no_grad()
 def save_samples(prior, vqvae, shape, cfg, device, path: Path, title: str):
-    """cfg.epoch_samples slices decoded from sampled maps; the same seed every epoch, so epochs compare."""
+    """cfg.epoch_samples slices decoded from sampled maps (returned, and drawn to `path`); the same seed every
+    epoch, so epochs compare."""
     prior.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed)
     codes = prior.sample(cfg.epoch_samples, shape, prior.labels_for(cfg.epoch_samples), generator=generator)
-    save_image_grid(batched(vqvae.decode_indices, codes, device), path, nrow=8, title=title)
+    samples = batched(vqvae.decode_indices, codes, device)
+    save_image_grid(samples, path, nrow=8, title=title)
+    return samples
 
 
 def encode_splits(cfg: PriorTrainConfig, device, amp):
@@ -94,6 +97,7 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
         set_rng_state(resume_state["rng"])
 
     # Run folder, reserved and locked only now
+    writer_class = tensorboard_writer_class(cfg.tensorboard)  # checked before the folder is made
     run_dir, lock = reserve_run_folder(cfg.out or str(run_dir_of(cfg.vqvae) / "prior"), Path("runs"), "prior",
                                        "train_prior.py", resuming=resume_state is not None)
     cfg = replace(cfg, out=str(run_dir))
@@ -106,25 +110,23 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
           f"{'bf16' if use_bf16(cfg.precision, device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
 
     # Loop
+    tensorboard = TensorBoardLog(writer_class, run_dir)
     saved = SavedEpochs("train_prior.py", run_dir, start_epoch, cfg.resume)
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             row = run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, steps_per_epoch)
             best, best_val = row["val_bits_per_code"] < best_val, min(best_val, row["val_bits_per_code"])
-            state = {"kind": "prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": scheduler.state_dict(), "best_val_bits": best_val, "model_config": asdict(prior_cfg),
-                     "train_config": asdict(cfg), "vqvae_checkpoint": str(cfg.vqvae),
-                     "vqvae_epoch": vqvae_state["epoch"], "vqvae_model_config": vqvae_state["model_config"],
-                     "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(), "class_names": list(class_names),
-                     "metrics": row}
-            saved.save(state, epoch, best, {"metrics.csv": row})
+            saved.save(checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row),
+                       epoch, best, {"metrics.csv": row})
+            tensorboard.epoch(row)
             plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
                         {"train_bits_per_code": "train", "val_bits_per_code": "validation"}, run_dir / "loss.png",
                         f"Prior NLL (uniform over K={k}: {math.log2(k):.2f} bits/code)", "bits / code")
             if cfg.epoch_samples:
-                save_samples(prior, vqvae, shape, cfg, device, run_dir / "samples" / f"epoch_{epoch:03d}.png",
-                             f"epoch {epoch}: validation NLL {row['val_bits_per_code']:.3f} bits/code")
+                samples = save_samples(prior, vqvae, shape, cfg, device, run_dir / "samples" / f"epoch_{epoch:03d}.png",
+                                       f"epoch {epoch}: validation NLL {row['val_bits_per_code']:.3f} bits/code")
+                tensorboard.image("samples", samples, epoch, nrow=8)
             tqdm.write(f"epoch {epoch:3d} | train {row['train_bits_per_code']:.4f} | val {row['val_bits_per_code']:.4f} "
                        f"bits/code | lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s "
                        f"{row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
@@ -133,8 +135,20 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
         print(saved.interrupted(epoch), file=sys.stderr)
         raise SystemExit(130)
     finally:
+        tensorboard.close()
         lock.release()
     return run_dir
+
+
+def checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row) -> dict:
+    """What a prior checkpoint holds besides the epoch and the random streams (SavedEpochs.save adds those),
+    the VQ-VAE's codebook among it: a prior models the codes of that one VQ-VAE only."""
+    return {"kind": "prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": scheduler.state_dict(), "best_val_bits": best_val, "model_config": asdict(prior.config),
+            "train_config": asdict(cfg), "vqvae_checkpoint": str(cfg.vqvae), "vqvae_epoch": vqvae_state["epoch"],
+            "vqvae_model_config": vqvae_state["model_config"],
+            "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(), "class_names": list(class_names),
+            "metrics": row}
 
 
 def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, steps_per_epoch) -> dict:
@@ -152,7 +166,7 @@ def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, step
 
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "device", "data_root", "epoch_samples", "resume")
+RESUMABLE_OVERRIDES = ("epochs", "device", "data_root", "epoch_samples", "tensorboard", "resume")
 DERIVED = ("codebook_size", "num_classes")  # prior config fields set from the VQ-VAE and --conditional
 
 

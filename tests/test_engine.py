@@ -88,3 +88,51 @@ def test_a_run_that_stopped_before_its_first_epoch_leaves_a_folder_a_new_run_may
     (folder / "checkpoints").mkdir()
     lock.release()
     assert reserve_run_folder(str(folder), None, None, "train.py")[0] == folder
+
+
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter, which needs the optional tensorboard package."""
+    logged = []
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+
+    def add_scalar(self, name, value, step):
+        self.logged.append(("scalar", name, step))
+
+    def add_image(self, name, image, step):
+        self.logged.append(("image", name, step, tuple(image.shape)))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_logs_every_metrics_column_the_step_loss_and_the_reconstructions(demo_root, tmp_path,
+                                                                                     monkeypatch):
+    import csv
+    import types
+    import train
+    from helpers import tiny_args
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    FakeSummaryWriter.logged = []
+    train.main(tiny_args(demo_root, tmp_path / "run", "--epochs", "2", "--tensorboard"))
+    columns = next(csv.reader(open(tmp_path / "run" / "metrics.csv")))
+    scalars = {(name, step) for kind, name, step, *_ in FakeSummaryWriter.logged if kind == "scalar"}
+    assert {(f"epoch/{c}", e) for c in columns if c != "epoch" for e in (1, 2)} <= scalars
+    assert ("train/loss_every_25_steps", 1) in scalars
+    assert ("image", "validation/inputs_then_reconstructions", 2, (3, 70, 138)) in FakeSummaryWriter.logged
+
+
+def test_tensorboard_without_its_package_is_one_line_with_the_install_command(demo_root, tmp_path, monkeypatch,
+                                                                               capsys):
+    import train
+    from helpers import assert_one_line_error, run_main, tiny_args
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    r = run_main(train.main, tiny_args(demo_root, tmp_path / "run", "--tensorboard"), capsys)
+    assert_one_line_error(r, "--tensorboard needs the tensorboard package: pip install tensorboard")
+    assert not (tmp_path / "run").exists()
