@@ -126,16 +126,16 @@ PRESETS = {
     # worse in SSIM per epoch on real slices (RESULTS.md). Residual blocks at the latent resolution are cheap there
     # and add capacity where the bits are decided. A linear output, not tanh: most of a slice is black background
     # (-1), and early steps can push tanh's input to -300 everywhere, where its gradient vanishes and the model
-    # outputs black from then on (seen on real OASIS and on demo seeds); a short warmup guards the first steps.
+    # outputs black from then on (seen on real OASIS and on demo seeds).
     "default": Preset(VQVAEConfig(hidden_channels=128, residual_blocks=4, residual_channels=128, norm="none",
                                   embedding_dim=64, codebook_update="ema", ema_decay=0.8, kmeans_init=True,
                                   dead_code_threshold=2.0, output="linear"),
-                      lr=2e-3, lr_schedule="cosine", warmup_steps=100),
+                      lr=2e-3, lr_schedule="cosine", warmup_steps=0),
     # Higher fidelity: a 4x finer grid (H/4 x W/4) and K=256.
     "hq": Preset(VQVAEConfig(hidden_channels=128, downsamplings=2, residual_blocks=2, residual_channels=64,
                              norm="none", codebook_size=256, embedding_dim=64, codebook_update="ema", ema_decay=0.8,
                              kmeans_init=True, dead_code_threshold=2.0, output="linear"),
-                 lr=2e-3, lr_schedule="cosine", warmup_steps=100),
+                 lr=2e-3, lr_schedule="cosine", warmup_steps=0),
 }
 
 
