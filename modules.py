@@ -313,8 +313,9 @@ class VectorQuantizer(nn.Module):
         self._initialised_checked = False  # read the buffer (a host sync) once, not every step
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return squared_distances(flat, self.codebook.float()).argmin(1)
+        """(N, D) -> (N,) nearest codes, in fp32 whatever autocast says: bf16 distances pick other codes."""
+        with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):
+            return squared_distances(flat.float(), self.codebook.float()).argmin(1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) indices -> (B, D, h, w) codes."""
@@ -343,7 +344,9 @@ class VectorQuantizer(nn.Module):
                 codebook_loss = F.mse_loss(codes, z.detach())
             else:
                 codebook_loss = z.new_zeros(())
-            quantized = z + (codes - z).detach()  # straight-through estimator
+            # Straight-through estimator in training; in eval the codes themselves, so that a reconstruction equals
+            # decode_indices of its code map bit for bit (what compress.py decodes).
+            quantized = z + (codes - z).detach() if self.training else codes
             # Only now, after this batch was quantised with the codes it was assigned to: moving the codebook (EMA,
             # restarts) first would hand a vector the new value of a code restarted in this very step.
             if self.training:

@@ -178,3 +178,18 @@ def test_a_vector_is_quantised_to_the_code_it_was_assigned_even_if_that_code_res
     assert torch.equal(out.quantized[0, :, 0, 3], torch.tensor([10.0, 10.0]))  # the code as it was when chosen
     assert out.commitment_loss.item() == pytest.approx(0.25 * (0.01 + 0.01 + 0.04 + 0.04 + 0 + 0) / 8, rel=1e-5)
     assert vq.usage[1].item() == 2.0  # and only then was it restarted
+
+
+def test_encoding_under_bf16_autocast_picks_the_codes_of_the_fp32_forward_and_decodes_bit_for_bit():
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(hidden_channels=16, embedding_dim=8, codebook_size=64, downsamplings=2)).eval()
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            codes = model.encode(x)
+            out = model(x)
+        assert torch.equal(codes, out.indices)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = model.encoder(x)
+        assert torch.equal(codes, model.quantizer.quantize_indices(z))  # the distances of either in fp32
+        assert torch.equal(model.decode_indices(out.indices), model(x).reconstruction)  # eval: the codes themselves
