@@ -192,4 +192,5 @@ def test_encoding_under_bf16_autocast_picks_the_codes_of_the_fp32_forward_and_de
         with torch.autocast("cpu", dtype=torch.bfloat16):
             z = model.encoder(x)
         assert torch.equal(codes, model.quantizer.quantize_indices(z))  # the distances of either in fp32
-        assert torch.equal(model.decode_indices(out.indices), model(x).reconstruction)  # eval: the codes themselves
+        plain = model(x)
+        assert torch.equal(model.decode_indices(plain.indices), plain.reconstruction)  # eval: the codes themselves
