@@ -46,7 +46,6 @@ import io
 import math
 import re
 import struct
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -57,9 +56,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import check_prior_fits, load_prior, load_split, load_vqvae, run_dir_of
-from dataset import DataError, read_slice, to_float
+from dataset import read_slice, to_float
 from metrics import psnr, ssim
-from utils import ArgumentParser, UserError, autocast, choose_device, write_json
+from utils import ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, write_json
 
 MAGIC = b"VQZ"
 FORMAT_VERSION = 1
@@ -1144,7 +1143,7 @@ def slice_figure(originals: np.ndarray, figure: dict, codecs, path: Path, index:
 # ---------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="compress.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     def common(q, prior_help):
@@ -1200,8 +1199,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
+    with exits_with_one_line(interrupted="interrupted; the files written so far are complete, the rest were not "
+                                         "written"):
+        args = parse_args(argv)
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.threads is not None:
@@ -1211,15 +1211,6 @@ def main(argv=None):
         if args.command == "rd" and args.max_images is not None and args.max_images < 1:
             raise UserError(f"--max-images must be at least 1, got {args.max_images}")
         return {"encode": cmd_encode, "decode": cmd_decode, "rd": cmd_rd}[args.command](args)
-    except (UserError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except OSError as e:
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted; the files written so far are complete, the rest were not written", file=sys.stderr)
-        raise SystemExit(130)
 
 
 if __name__ == "__main__":
