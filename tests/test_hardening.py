@@ -240,7 +240,7 @@ def test_bad_flags_exit_with_one_line(demo_root, shared, tmp_path, capsys):
     checkpoint = shared[1] / "best.pt"
     cases = [
         (train, train_args(demo_root, tmp_path / "run", "--dataset", "BraTS"),
-         "argument --dataset: invalid choice: 'BraTS' (choose from 'OASIS', 'ADNI', 'demo')"),
+         "argument --dataset: invalid choice: 'BraTS' (choose from 'OASIS', 'ADNI', 'demo', 'nifti')"),
         (train, train_args(demo_root, tmp_path / "run", "--device", "tpu"), "argument --device: invalid choice: 'tpu'"),
         (train, train_args(demo_root, tmp_path / "run", "--epochs", "ten"),
          "argument --epochs: invalid int value: 'ten'; see python"),
