@@ -175,7 +175,7 @@ def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
         raise UserError(f"checkpoint {path} is a folder; pass the path of a .pt file in it (last.pt, best.pt)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by {SCRIPT[kind]}")
-    state = _torch_load(path, kind)
+    state = _load_weights_only(path, kind)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}); use one written "
                         f"by {SCRIPT[kind]}")
@@ -193,7 +193,7 @@ def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
     return state
 
 
-def _torch_load(path: Path, kind: str) -> dict:
+def _load_weights_only(path: Path, kind: str) -> dict:
     try:
         with warnings.catch_warnings():  # e.g. torch's note on an unusual pickle protocol: the error below says it
             warnings.simplefilter("ignore")
