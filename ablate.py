@@ -1,12 +1,12 @@
-"""Train each model variant on the same data and the same epoch budget, score it on the test split, and
-write one table (ablation.csv, ablation.json, ablation.md) for the README.
+"""Train each model variant on the same data and the same budget (epochs, or minutes), score it on one split
+(validate by default: recipes are chosen there), and write one table (ablation.csv, ablation.json, ablation.md).
 
-    python ablate.py --dataset OASIS --data-root ../shared/data/mni152-dev --epochs 20
+    python ablate.py --dataset OASIS --data-root /data/keras_png_slices_data --epochs 1 --max-minutes 10
     python ablate.py --dataset demo --epochs 10 --variants seed,default
 
 Each variant is a normal train.py run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
-already finished its epochs is scored again without retraining and an unfinished one is resumed, so an interrupted
-ablation can be re-run.
+already finished its epochs (with --max-minutes: any run that saved an epoch) is scored again without retraining
+and an unfinished one is resumed, so an interrupted ablation can be re-run.
 """
 import argparse
 import subprocess
@@ -20,7 +20,7 @@ from utils import (ArgumentParser, UserError, autocast, choose_device, exits_wit
                    write_atomically, write_json)
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
-# name -> (preset, model overrides)
+# name -> (preset, overrides of its model or optimiser settings)
 VARIANTS = {
     "seed": ("seed", {}),
     "default": ("default", {}),
@@ -28,6 +28,9 @@ VARIANTS = {
     "default-no-ema": ("default", {"codebook_update": "loss"}),
     "default-no-restart": ("default", {"dead_code_threshold": 0.0}),
     "default-4x-down": ("default", {"downsamplings": 2}),
+    "default-mse-only": ("default", {"ssim_weight": 0.0}),
+    "default-wide": ("default", {"hidden_channels": 128, "residual_channels": 128}),
+    "default-no-warmup-no-clip": ("default", {"warmup_steps": 0, "grad_clip": 0.0}),
 }
 
 
@@ -42,6 +45,7 @@ def train_variant(name: str, args, run_dir: Path, resume: bool):
                    str(args.batch_size), "--seed", str(args.seed), "--device", args.device, "--out", str(run_dir),
                    *(["--data-root", args.data_root] if args.data_root else []),
                    *(["--image-size", str(args.image_size)] if args.image_size else []),
+                   *(["--max-minutes", str(args.max_minutes)] if args.max_minutes else []),
                    *[part for k, v in overrides.items() for part in (flag(k), str(v))]]
     print(f"\n=== {name}: preset {preset_name} {overrides or ''}{' (resumed)' if resume else ''}", flush=True)
     if subprocess.run([sys.executable, str(TRAIN), *command]).returncode != 0:
@@ -50,37 +54,39 @@ def train_variant(name: str, args, run_dir: Path, resume: bool):
 
 
 def run_variant(name: str, args) -> dict:
-    """Train the variant unless its run already finished its epochs, then score its best.pt on the test split."""
+    """Train the variant unless its run already finished (its epochs, or its minutes), then score its best.pt on
+    args.split."""
     run_dir = args.out / name
     last = run_dir / "last.pt"
-    finished = last.is_file() and load_checkpoint(last)["epoch"] >= args.epochs
+    finished = last.is_file() and (load_checkpoint(last)["epoch"] >= args.epochs or args.max_minutes > 0)
     if not finished:
         train_variant(name, args, run_dir, resume=last.is_file())
     device = choose_device(args.device)
     model, cfg, state = load_vqvae(run_dir / "best.pt", device)
-    test = load_split(cfg, "test", demo=state["demo_settings"])
-    scores = score_split(model, test.images, device, autocast(cfg.precision, device))
+    scored = load_split(cfg, args.split, demo=state["demo_settings"])
+    scores = score_split(model, scored.images, device, autocast(cfg.precision, device))
     rows = read_csv(run_dir / "metrics.csv")
     last_row, model_cfg = rows[-1], model.config
-    h, w = test.image_shape
+    h, w = scored.image_shape
     grid = model_cfg.latent_grid(h, w)
     preset_name, overrides = VARIANTS[name]
     return {"variant": name, "preset": preset_name, "overrides": overrides, "latent_grid": f"{grid[0]}x{grid[1]}",
             "codebook_size": model_cfg.codebook_size, "bits_per_slice": round(model_cfg.bits_per_image(h, w)),
             "epochs": int(last_row["epoch"]), "best_epoch": state["epoch"],
-            "test_ssim": float(scores.ssim.mean()), "test_ssim_std": float(scores.ssim.std(unbiased=False)),
-            "test_psnr": float(scores.psnr.mean()), "codes_used_pct": last_row["codes_used_pct"],
+            "split": args.split, "ssim": float(scores.ssim.mean()), "ssim_std": float(scores.ssim.std(unbiased=False)),
+            "psnr": float(scores.psnr.mean()), "codes_used_pct": last_row["codes_used_pct"],
             "perplexity": last_row["perplexity"],
             "train_img_per_s": sum(r["train_img_per_s"] for r in rows) / len(rows),
             "train_minutes": sum(r["epoch_seconds"] for r in rows) / 60}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| variant | latent grid | K | bits/slice | test SSIM | test PSNR (dB) | codes used (last epoch) "
+    split = rows[0]["split"]
+    lines = [f"| variant | latent grid | K | bits/slice | {split} SSIM | {split} PSNR (dB) | codes used (last epoch) "
              "| perplexity | train img/s | minutes |", "|---" * 10 + "|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['latent_grid']} | {r['codebook_size']} | {r['bits_per_slice']} "
-                     f"| {r['test_ssim']:.4f} ± {r['test_ssim_std']:.3f} | {r['test_psnr']:.2f} "
+                     f"| {r['ssim']:.4f} ± {r['ssim_std']:.3f} | {r['psnr']:.2f} "
                      f"| {r['codes_used_pct']:.0f} % | {r['perplexity']:.1f} | {r['train_img_per_s']:.1f} "
                      f"| {r['train_minutes']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -92,6 +98,10 @@ def main(argv=None):
     p.add_argument("--data-root", help="where the dataset is (train.py's --data-root)")
     p.add_argument("--image-size", type=int, help="train.py's --image-size for every variant")
     p.add_argument("--epochs", type=int, default=20, help="the same budget for every variant (default: 20)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="train.py's --max-minutes for every variant: a "
+                   "time budget instead of (or below) --epochs (default: 0, none)")
+    p.add_argument("--split", default="validate", choices=("validate", "test"),
+                   help="the split every variant is scored on (default: validate; score test once, at the end)")
     p.add_argument("--batch-size", type=int, default=16, help="train.py's --batch-size (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
@@ -111,7 +121,8 @@ def main(argv=None):
         for name in names:
             rows.append(run_variant(name, args))
             write_json(args.out / "ablation.json", {"dataset": args.dataset, "data_root": args.data_root,
-                                                    "epochs": args.epochs, "rows": rows})
+                                                    "epochs": args.epochs,
+                                                    "max_minutes": args.max_minutes, "rows": rows})
             keys = [k for k in rows[0] if k != "overrides"]
             write_atomically(args.out / "ablation.csv", ",".join(keys) + "\n"
                              + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))

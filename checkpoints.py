@@ -47,7 +47,7 @@ class TrainConfig:
     lr: float | None = None           # Adam learning rate; default: the preset's
     lr_schedule: str | None = None    # constant or cosine (after warmup); default: the preset's
     warmup_steps: int | None = None   # linear learning-rate warmup; default: the preset's
-    grad_clip: float = 0.0            # clip the gradient norm to this (0: no clipping)
+    grad_clip: float | None = None    # clip the gradient norm to this (0: no clipping); default: the preset's
     precision: str = "auto"           # auto (bf16 where the hardware has it), bf16 or fp32
     channels_last: bool = True        # channels_last memory format (faster convolutions on CPU and GPU)
     compile: bool = False             # torch.compile the model (one CUDA GPU: with CUDA graphs) and the CPU SSIM
@@ -70,7 +70,8 @@ class TrainConfig:
             "lr": self.lr is None or 0 < self.lr < math.inf,
             "lr_schedule": self.lr_schedule is None or self.lr_schedule in SCHEDULES,
             "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
-            "grad_clip": 0 <= self.grad_clip < math.inf, "precision": self.precision in PRECISIONS,
+            "grad_clip": self.grad_clip is None or 0 <= self.grad_clip < math.inf,
+            "precision": self.precision in PRECISIONS,
             "image_size": self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
             "val_fraction": 0 < self.val_fraction < 1, "max_minutes": 0 <= self.max_minutes < math.inf,
             "test_fraction": 0 <= self.test_fraction < 1 - self.val_fraction,
@@ -89,7 +90,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """The optimiser settings left unset filled from the preset."""
         recipe = PRESETS[self.preset]
-        return replace(self, **{k: getattr(recipe, k) for k in ("lr", "lr_schedule", "warmup_steps")
+        return replace(self, **{k: getattr(recipe, k) for k in ("lr", "lr_schedule", "warmup_steps", "grad_clip")
                                 if getattr(self, k) is None})
 
     @classmethod

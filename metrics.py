@@ -3,15 +3,17 @@
 import functools
 import math
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import to_float
-from modules import VQVAE, PixelCNNPrior
 from utils import to_unit
+
+if TYPE_CHECKING:  # modules imports ssim from here
+    from modules import VQVAE, PixelCNNPrior
 
 
 class SplitScores(NamedTuple):
@@ -59,7 +61,7 @@ def batched(fn, x: torch.Tensor, device: torch.device, batch_size: int = 64, des
                                                               disable=desc is None)])
 
 
-def encode_images(model: VQVAE, images: torch.Tensor, device, batch_size: int = 64, desc=None,
+def encode_images(model: "VQVAE", images: torch.Tensor, device, batch_size: int = 64, desc=None,
                   amp=None) -> torch.Tensor:
     """uint8 (N, H, W) slices -> (N, h, w) code maps, under `amp` (utils.autocast) if given, as score_split runs."""
     def encode(x):
@@ -69,7 +71,7 @@ def encode_images(model: VQVAE, images: torch.Tensor, device, batch_size: int = 
 
 
 @torch.no_grad()
-def prior_bits(prior: PixelCNNPrior, codes: torch.Tensor, labels=None, batch_size: int = 64,
+def prior_bits(prior: "PixelCNNPrior", codes: torch.Tensor, labels=None, batch_size: int = 64,
                amp=None) -> float:
     """Negative log-likelihood of (N, h, w) code maps under the prior, in bits per code."""
     prior.eval()
@@ -83,7 +85,7 @@ def prior_bits(prior: PixelCNNPrior, codes: torch.Tensor, labels=None, batch_siz
     return float(nats) / codes.numel() / math.log(2)
 
 
-def encoder_features(model: VQVAE, images: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
+def encoder_features(model: "VQVAE", images: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
     """(N, 1, H, W) images in [-1, 1] -> (N, 2D): mean and std over space of the encoder's output, the fixed
     feature space of the Frechet distance."""
     def pooled(x):

@@ -1,4 +1,5 @@
-"""ablate.py trains each variant on the same data and budget and writes one table; finished variants are reused."""
+"""ablate.py trains each variant on the same data and budget, scores it on validation unless told otherwise, and
+writes one table; finished variants are reused."""
 import json
 
 import pytest
@@ -15,7 +16,8 @@ def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_p
     assert first.stdout.count("=== ") == 2  # both variants trained
     rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["seed", "default-no-restart"]
-    assert all(r["bits_per_slice"] == 4 * 4 * 5 and -1 <= r["test_ssim"] <= 1 for r in rows)  # 4x4 codes, K=32
+    assert all(r["bits_per_slice"] == 4 * 4 * 5 and -1 <= r["ssim"] <= 1 for r in rows)  # 4x4 codes, K=32
+    assert {r["split"] for r in rows} == {"validate"}
     assert len((tmp_path / "ablation.csv").read_text().splitlines()) == 3
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| seed", "| default-no-restart"]

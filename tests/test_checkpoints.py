@@ -6,8 +6,9 @@ import pickle
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, load_vqvae, save_checkpoint
+from checkpoints import TrainConfig, load_checkpoint, load_vqvae, save_checkpoint
 from helpers import vqvae_state
+from modules import PRESETS
 from utils import UserError
 
 CPU = torch.device("cpu")
@@ -104,3 +105,13 @@ def test_a_checkpoint_without_what_a_resume_reads_loads_for_scoring_but_not_for_
     load_vqvae(tmp_path / "x.pt", CPU)
     with pytest.raises(UserError, match=reason):
         load_checkpoint(tmp_path / "x.pt", resume=True)
+
+
+def test_optimiser_settings_left_unset_come_from_the_preset_and_flags_override_them():
+    for name, recipe in PRESETS.items():
+        cfg = TrainConfig(preset=name).resolved()
+        assert (cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.grad_clip) == \
+            (recipe.lr, recipe.lr_schedule, recipe.warmup_steps, recipe.grad_clip)
+    assert TrainConfig(preset="seed").resolved().grad_clip == 0  # the first report's recipe clips nothing
+    cfg = TrainConfig(preset="default", grad_clip=0.0, warmup_steps=7).resolved()
+    assert (cfg.grad_clip, cfg.warmup_steps) == (0.0, 7)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from metrics import ssim
 from modules import PRESETS, VQVAE, ConfigError, VectorQuantizer, VQVAEConfig, config_from_dict, kmeans
 
 
@@ -127,6 +128,21 @@ def test_forward_losses_are_named_and_sum_to_the_training_loss():
     assert out.losses["reconstruction"].item() == pytest.approx(F.mse_loss(out.reconstruction, x).item(), rel=1e-5)
     assert out.code_counts.sum() == 2 * 4 * 4
 
+
+def test_ssim_weight_adds_the_scored_ssim_deficit_to_the_reconstruction_loss_and_trains_through_it():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    model = VQVAE(VQVAEConfig(hidden_channels=16, embedding_dim=16, ssim_weight=0.5))
+    out = model(x)
+    unit = lambda t: (t + 1) / 2  # noqa: E731 - scoring is on [0, 1]
+    expected = F.mse_loss(out.reconstruction, x) + 0.5 * (1 - ssim(unit(out.reconstruction), unit(x))).mean()
+    assert out.losses["reconstruction"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # the SSIM term alone reaches the decoder's weights
+    x_hat = model.decoder(model.quantizer(model.encoder(x)).quantized)
+    mse_only = torch.autograd.grad(F.mse_loss(x_hat, x), model.decoder.to_image.weight, retain_graph=True)[0]
+    both = torch.autograd.grad(model.reconstruction_loss(x_hat, x), model.decoder.to_image.weight)[0]
+    assert (both - mse_only).abs().max() > 1e-4
 
 def test_ema_with_zero_decay_moves_used_codes_to_their_mean_and_leaves_unused_ones():
     vq = VectorQuantizer(3, 2, update="ema", ema_decay=0.0, eps=0.0)
