@@ -65,9 +65,10 @@ def test_score_split_scores_every_image_once_and_keeps_the_first_for_figures():
                          keep=3)
     x = images.float().unsqueeze(1) / 127.5 - 1
     with torch.no_grad():
-        rec = model(x).reconstruction
+        out = model(x)
+    rec = out.reconstruction
     expected = ssim((rec + 1) / 2, (x + 1) / 2)
     assert torch.allclose(scores.ssim, expected, atol=1e-5) and scores.psnr.shape == (5,)
     assert scores.inputs.shape == (3, 1, 16, 16) and scores.indices.shape == (3, 4, 4)
     total = sum(float(v) for v in scores.loss_sums.values())
-    assert total == pytest.approx(float(sum(model(x).losses.values())) * 5, rel=1e-4)
+    assert total == pytest.approx(float(sum(out.losses.values())) * 5, rel=1e-4)
