@@ -1,6 +1,7 @@
 """ablate.py trains each variant on the same data and budget, scores it on validation unless told otherwise, and
 writes one table; finished variants are reused."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,3 +36,14 @@ def test_unknown_variant_and_an_out_that_is_a_file_are_one_line_errors(tmp_path,
                           "unknown --variants huge")
     (tmp_path / "a file").write_text("")
     assert_one_line_error(run_main(ablate.main, ["--out", tmp_path / "a file"], capsys), "is a file, not a folder")
+
+
+def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=0))
+    args = SimpleNamespace(dataset="OASIS", data_root="/data", image_size=None, max_minutes=10.0, epochs=40,
+                           batch_size=16, seed=0, device="cpu")
+    ablate.train_variant("default-no-warmup-no-clip", args, tmp_path / "run", resume=False)
+    command = " ".join(commands[0])
+    assert "--preset default" in command and "--epochs 40" in command and "--max-minutes 10.0" in command
+    assert "--warmup-steps 0" in command and "--grad-clip 0.0" in command
