@@ -1,7 +1,7 @@
 """Train each model variant on the same data and the same budget (epochs, or minutes), score it on one split
 (validate by default: recipes are chosen there), and write one table (ablation.csv, ablation.json, ablation.md).
 
-    python ablate.py --dataset OASIS --data-root /data/keras_png_slices_data --epochs 1 --max-minutes 10
+    python ablate.py --dataset OASIS --data-root /data/keras_png_slices_data --epochs 40 --max-minutes 10
     python ablate.py --dataset demo --epochs 10 --variants seed,default
 
 Each variant is a normal train.py run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
