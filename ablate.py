@@ -6,18 +6,20 @@
 
 Each variant is a normal train.py run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
 already finished its epochs (with --max-minutes: any run that saved an epoch) is scored again without retraining
-and an unfinished one is resumed, so an interrupted ablation can be re-run.
+and an unfinished one is resumed, so an interrupted ablation can be re-run. --device, --precision and --batch-size
+go to train.py as they are, --threads as OMP_NUM_THREADS.
 """
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 from checkpoints import load_checkpoint, load_split, load_vqvae
-from engine import flag
+from engine import command_flags
 from metrics import score_split
-from utils import (ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, read_csv,
-                   write_atomically, write_json)
+from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
+                   read_csv, write_atomically, write_csv, write_json)
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 # name -> (preset, overrides of its model or optimiser settings)
@@ -39,21 +41,20 @@ def train_variant(name: str, args, run_dir: Path, resume: bool):
     unfinished run of it is resumed."""
     preset_name, overrides = VARIANTS[name]
     if resume:
-        command = ["--resume", str(run_dir), "--epochs", str(args.epochs), "--device", args.device]
+        command = command_flags({"resume": run_dir, "epochs": args.epochs, "device": args.device})
     else:
-        command = ["--dataset", args.dataset, "--preset", preset_name, "--epochs", str(args.epochs), "--batch-size",
-                   str(args.batch_size), "--seed", str(args.seed), "--device", args.device, "--out", str(run_dir),
-                   *(["--data-root", args.data_root] if args.data_root else []),
-                   *(["--image-size", str(args.image_size)] if args.image_size else []),
-                   *(["--max-minutes", str(args.max_minutes)] if args.max_minutes else []),
-                   *[part for k, v in overrides.items() for part in (flag(k), str(v))]]
+        command = command_flags({"dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size,
+                                 "preset": preset_name, "epochs": args.epochs, "max_minutes": args.max_minutes,
+                                 "batch_size": args.batch_size, "precision": args.precision, "seed": args.seed,
+                                 "device": args.device, "out": run_dir, **overrides})
     print(f"\n=== {name}: preset {preset_name} {overrides or ''}{' (resumed)' if resume else ''}", flush=True)
-    if subprocess.run([sys.executable, str(TRAIN), *command]).returncode != 0:
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    if subprocess.run([sys.executable, str(TRAIN), *command], env={**os.environ, **threads}).returncode != 0:
         raise UserError(f"training variant {name} failed (its error is above); fix it and run ablate.py again: "
                         f"finished variants are not trained again, an unfinished one is resumed")
 
 
-def run_variant(name: str, args) -> dict:
+def run_variant(name: str, args, device) -> dict:
     """Train the variant unless its run already finished (its epochs, or its minutes), then score its best.pt on
     args.split."""
     run_dir = args.out / name
@@ -61,10 +62,9 @@ def run_variant(name: str, args) -> dict:
     finished = last.is_file() and (load_checkpoint(last)["epoch"] >= args.epochs or args.max_minutes > 0)
     if not finished:
         train_variant(name, args, run_dir, resume=last.is_file())
-    device = choose_device(args.device)
     model, cfg, state = load_vqvae(run_dir / "best.pt", device)
     scored = load_split(cfg, args.split, demo=state["demo_settings"])
-    scores = score_split(model, scored.images, device, autocast(cfg.precision, device))
+    scores = score_split(model, scored.images, device, autocast(cfg.precision, device), args.batch_size)
     rows = read_csv(run_dir / "metrics.csv")
     last_row, model_cfg = rows[-1], model.config
     h, w = scored.image_shape
@@ -102,14 +102,14 @@ def main(argv=None):
                    "time budget instead of (or below) --epochs (default: 0, none)")
     p.add_argument("--split", default="validate", choices=("validate", "test"),
                    help="the split every variant is scored on (default: validate; score test once, at the end)")
-    p.add_argument("--batch-size", type=int, default=16, help="train.py's --batch-size (default: 16)")
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (default: 0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
+    add_runtime_flags(p, batch_size=16, batch_help="train.py's --batch-size, and slices per forward pass in scoring")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per variant in here, and "
                    "the tables (default: runs/ablation)")
     with exits_with_one_line():
         args = p.parse_args(argv)
+        device = apply_runtime_flags(args)
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in names if v not in VARIANTS]
         if unknown or not names:
@@ -119,13 +119,11 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         rows = []
         for name in names:
-            rows.append(run_variant(name, args))
+            rows.append(run_variant(name, args, device))
             write_json(args.out / "ablation.json", {"dataset": args.dataset, "data_root": args.data_root,
                                                     "epochs": args.epochs,
                                                     "max_minutes": args.max_minutes, "rows": rows})
-            keys = [k for k in rows[0] if k != "overrides"]
-            write_atomically(args.out / "ablation.csv", ",".join(keys) + "\n"
-                             + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+            write_csv(args.out / "ablation.csv", [{k: v for k, v in r.items() if k != "overrides"} for r in rows])
             write_atomically(args.out / "ablation.md", markdown_table(rows))
         print("\n" + markdown_table(rows))
 

@@ -41,12 +41,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from checkpoints import TrainConfig
-from dataset import build_dataset, generate_demo, to_float
-from engine import batches, build_training, compile_model, speed_settings, stage_images, train_step
-from metrics import ssim
+from dataset import build_dataset, generate_demo
+from engine import batches, build_training, command_flags, compile_model, speed_settings, stage_images, train_step
+from images import ssim, to_float, to_unit
 from modules import PRESETS
-from utils import (ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, read_csv, seed_everything,
-                   to_unit, unwrap, use_bf16, write_json)
+from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
+                   read_csv, seed_everything, unwrap, use_bf16, write_json)
 
 REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "reference_vqvae.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"
@@ -139,14 +139,14 @@ def reference_training(ref, args, device) -> dict:
     torch.manual_seed(0)
     model = ref.SeedVQVAE().to(device)
     opt = torch.optim.Adam(model.parameters(), ref.LR)
-    x = (torch.rand(args.batch, 1, args.size, args.size) * 2 - 1).to(device)
+    x = (torch.rand(args.batch_size, 1, args.size, args.size) * 2 - 1).to(device)
     seconds, peak = timed(lambda: ref.step(model, opt, x), args.warmup, args.steps, device, "yardstick training")
-    return {"img_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak}
+    return {"img_per_s": args.batch_size * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak}
 
 
 def reference_loader(ref, folder: Path, args) -> float:
     """Seconds per batch from the yardstick's DataLoader (PIL decoding in the loop, as in its `fit`)."""
-    loader = torch.utils.data.DataLoader(ref.Folder(folder, args.size), args.batch, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(ref.Folder(folder, args.size), args.batch_size, shuffle=True, drop_last=True)
     it, n = iter(loader), min(args.steps, len(loader))
     t = time.perf_counter()
     for _ in tqdm(range(n), desc="yardstick loader", leave=False, dynamic_ncols=True):
@@ -166,7 +166,7 @@ def per_image_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def project_training(args, device, data) -> dict:
     """The step train.py runs, on batches drawn from `data` as train_epoch draws them; also its FLOPs."""
-    cfg = TrainConfig(preset=args.preset, batch_size=args.batch, precision=args.precision,
+    cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, precision=args.precision,
                       channels_last=args.channels_last, compile=args.compile).resolved()
     seed_everything(0)
     model, opt, scheduler = build_training(cfg, PRESETS[args.preset].model, device, args.warmup + args.steps + 1)
@@ -176,7 +176,7 @@ def project_training(args, device, data) -> dict:
     bf16 = use_bf16(cfg.precision, device)
     amp = autocast(cfg.precision, device)
     model.train()
-    it = batches(data, torch.randperm(len(data)).tolist(), args.batch, device, drop_last=True)
+    it = batches(data, torch.randperm(len(data)).tolist(), args.batch_size, device, drop_last=True)
     waits = []
 
     def step():
@@ -188,13 +188,13 @@ def project_training(args, device, data) -> dict:
     seconds, peak = timed(step, args.warmup, args.steps, device, f"{args.preset} training")
     with FlopCounterMode(display=False) as counter:  # on the eager model: the same FLOPs, counted exactly
         train_step(unwrap(model), opt, scheduler, next(it), cfg, amp)
-    return {"img_per_s": args.batch * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak,
+    return {"img_per_s": args.batch_size * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak,
             "wait_fraction": sum(waits[args.warmup:]) / seconds, "flops_per_step": counter.get_total_flops(),
             "precision": "bf16" if bf16 else "fp32"}
 
 
 def batched_ssim(x: torch.Tensor, y: torch.Tensor, compiled: bool = False) -> torch.Tensor:
-    """metrics.ssim on batches of 32, as metrics.score_split runs it -> (N,) values."""
+    """images.ssim on batches of 32, as metrics.score_split runs it -> (N,) values."""
     return torch.cat([ssim(x[i:i + 32], y[i:i + 32], compiled=compiled) for i in range(0, len(x), 32)])
 
 
@@ -217,7 +217,7 @@ def speed(args, device) -> dict:
     ref = None if args.skip_reference else load_reference(Path(args.reference))
     with tempfile.TemporaryDirectory() as tmp:
         # PNG slices in the OASIS layout, enough for every batch of the timed runs without repeating one
-        per_patient = math.ceil((args.warmup + args.steps + 1) * args.batch / 8)  # 8 of the 10 patients train
+        per_patient = math.ceil((args.warmup + args.steps + 1) * args.batch_size / 8)  # 8 of the 10 patients train
         print(f"writing {10 * per_patient} {args.size}x{args.size} PNG slices to {tmp}")
         generate_demo(tmp, size=args.size, n_patients=10, slices_per_patient=per_patient)
         folder = Path(tmp) / "keras_png_slices_train"
@@ -246,10 +246,10 @@ def speed(args, device) -> dict:
 
     achieved = project["flops_per_step"] / project["step_s"]
     # what the training target asks of this machine: the step's FLOPs at TARGETS["train_speedup"] x the yardstick
-    needed = reference and TARGETS["train_speedup"] * reference["img_per_s"] / args.batch * project["flops_per_step"]
+    needed = reference and TARGETS["train_speedup"] * reference["img_per_s"] / args.batch_size * project["flops_per_step"]
     r = {
         "machine": machine(device),
-        "settings": {"preset": args.preset, "size": args.size, "batch": args.batch, "steps": args.steps,
+        "settings": {"preset": args.preset, "size": args.size, "batch": args.batch_size, "steps": args.steps,
                      "warmup": args.warmup, "precision": project["precision"], "channels_last": args.channels_last,
                      "compile": args.compile},
         "train": {"project_img_per_s": project["img_per_s"],
@@ -292,19 +292,19 @@ def quality(args, device) -> dict:
         for precision in ("bf16", "fp32"):
             print(f"--- {args.preset} preset, {precision}, {args.epochs} epochs on {data}", flush=True)
             out = Path(tmp) / precision
-            command = [sys.executable, str(TRAIN), "--dataset", "OASIS" if args.data_root else "demo",
-                       "--data-root", args.data_root or str(Path(tmp) / "demo"), "--preset", args.preset,
-                       "--epochs", str(args.epochs), "--batch-size", str(args.batch), "--precision", precision,
-                       "--channels-last" if args.channels_last else "--no-channels-last", "--device", args.device,
-                       "--seed", "0", "--out", str(out), *(["--compile"] if args.compile else [])]
-            if subprocess.run(command).returncode != 0:
+            command = command_flags({"dataset": "OASIS" if args.data_root else "demo",
+                                     "data_root": args.data_root or Path(tmp) / "demo", "preset": args.preset,
+                                     "epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
+                                     "channels_last": args.channels_last, "device": args.device, "seed": 0,
+                                     "out": out, "compile": args.compile})
+            if subprocess.run([sys.executable, str(TRAIN), *command]).returncode != 0:
                 raise UserError(f"the {precision} training run failed (its error is above)")
             rows = read_csv(out / "metrics.csv")
             runs[precision] = {"val_ssim": rows[-1]["val_ssim"], "best_val_ssim": max(r["val_ssim"] for r in rows),
                                "val_psnr": rows[-1]["val_psnr"], "train_img_per_s": rows[-1]["train_img_per_s"]}
     gap = runs["bf16"]["val_ssim"] - runs["fp32"]["val_ssim"]
     return {"machine": machine(device),
-            "settings": {"preset": args.preset, "epochs": args.epochs, "batch": args.batch, "data": data},
+            "settings": {"preset": args.preset, "epochs": args.epochs, "batch": args.batch_size, "data": data},
             "bf16": runs["bf16"], "fp32": runs["fp32"], "val_ssim_bf16_minus_fp32": gap,
             "targets": {"quality_ssim_gap": abs(gap) <= TARGETS["quality_ssim_gap"]}}
 
@@ -354,16 +354,12 @@ def int_list(text: str) -> list[int]:
 def main(argv=None):
     p = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=256, help="image side for the speed runs (default: 256)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps, each side (default: 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them; with --compile give 3, as "
                    "the first two compile (default: 2)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    add_runtime_flags(p, batch_size=16, batch_help="images per training step, each side")
     p.add_argument("--preset", default="seed", choices=list(PRESETS), help="the project's model (default: seed, "
                    "the yardstick's recipe)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="the project's precision, as train.py --precision (default: auto)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="the project's memory format, as train.py (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
@@ -385,9 +381,7 @@ def main(argv=None):
         path = Path(args.json or ("bench_quality.json" if args.quality else "bench.json"))
         if not path.parent.is_dir():  # checked before the benchmark runs, not after
             raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it or choose another path")
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        device = choose_device(args.device)
+        device = apply_runtime_flags(args)
         if args.quality:
             results = quality(args, device)
             print(f"\nvalidation SSIM after {args.epochs} epochs of the {args.preset} preset on "
@@ -404,8 +398,8 @@ def main(argv=None):
 
 
 def check_args(args):
-    if min(args.size, args.batch, args.steps, args.epochs) < 1 or args.warmup < 0 or args.threads < 0:
-        raise UserError("--size, --batch, --steps and --epochs must be at least 1, --warmup and --threads at least 0")
+    if min(args.size, args.steps, args.epochs) < 1 or args.warmup < 0:
+        raise UserError("--size, --steps and --epochs must be at least 1, --warmup at least 0")
     factor = PRESETS[args.preset].model.downsampling_factor
     if args.size % factor:
         raise UserError(f"--size must be a multiple of {factor} for the {args.preset} preset")

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import torch
 
-from dataset import DATASETS, DEMO_MARKER, SLICE_AXES, DataError, build_dataset, default_demo_root, generate_demo
+from dataset import DATASETS, DEMO_MARKER, build_dataset, default_demo_root, generate_demo
+from images import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
 from modules import PRESETS, PixelCNNConfig, PixelCNNPrior, VQVAE, VQVAEConfig, config_from_dict, first_failure
-from utils import UserError, one_line_reason, write_atomically
+from utils import DEVICES, MAX_BATCH_SIZE, PRECISIONS, DataError, UserError, one_line_reason, write_atomically
 
 CHECKPOINT_FORMAT = "vqvae-mri/1"
-PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("constant", "cosine")
-DEVICES = ("auto", "cpu", "cuda")
-MAX_BATCH_SIZE = 65536
-MAX_IMAGE_SIZE = 8192
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,7 +69,7 @@ class TrainConfig:
             "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
             "grad_clip": self.grad_clip is None or 0 <= self.grad_clip < math.inf,
             "precision": self.precision in PRECISIONS,
-            "image_size": self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
+            "image_size": self.image_size is None or MIN_IMAGE_SIDE <= self.image_size <= MAX_IMAGE_SIDE,
             "val_fraction": 0 < self.val_fraction < 1, "max_minutes": 0 <= self.max_minutes < math.inf,
             "test_fraction": 0 <= self.test_fraction < 1 - self.val_fraction,
             "slice_axis": self.slice_axis in SLICE_AXES,
@@ -168,12 +165,26 @@ def save_checkpoint(state: dict, path: Path, *also: Path):
                         f"choose another --out, then resume from the last checkpoint") from None
 
 
+def checkpoint_file(path, resume: bool = False) -> Path:
+    """The one rule for every checkpoint argument: a .pt file as given, or a run folder, meaning its best.pt (the
+    model to use) or, to resume training, its last.pt."""
+    path = Path(path)
+    return path / ("last.pt" if resume else "best.pt") if path.is_dir() else path
+
+
+def default_prior(vqvae_checkpoint) -> Path:
+    """Where train_prior.py writes a VQ-VAE's prior unless told otherwise (its run folder prior/ in the VQ-VAE's
+    run folder), and so where the commands that need a prior look first: prior/best.pt."""
+    return run_dir_of(vqvae_checkpoint) / "prior" / "best.pt"
+
+
 def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
     """A checkpoint of `kind` ("vqvae" or "prior") loaded with weights_only=True and its keys' types checked
-    (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise."""
-    path = Path(path)
+    (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise. `path` as
+    checkpoint_file reads it."""
+    path = checkpoint_file(path, resume)
     if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder; pass the path of a .pt file in it (last.pt, best.pt)")
+        raise UserError(f"checkpoint {path} is a folder; pass a .pt file, or a run folder holding best.pt")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by {SCRIPT[kind]}")
     state = _load_weights_only(path, kind)
@@ -264,14 +275,16 @@ def rebuild_prior(state: dict, path) -> tuple[PixelCNNPrior, PriorTrainConfig]:
 
 
 def load_vqvae(path, device: torch.device) -> tuple[VQVAE, TrainConfig, dict]:
-    """(model on `device` in eval mode, its training config, the whole checkpoint) from a train.py checkpoint."""
+    """(model on `device` in eval mode, its training config, the whole checkpoint) from a train.py checkpoint (a .pt
+    file, or a run folder: its best.pt)."""
     state = load_checkpoint(path, "vqvae")
     model, cfg = rebuild_vqvae(state, path)
     return model.to(device).eval(), cfg, state
 
 
 def load_prior(path, device: torch.device) -> tuple[PixelCNNPrior, PriorTrainConfig, dict]:
-    """(prior on `device` in eval mode, its training config, the whole checkpoint) from a train_prior.py checkpoint."""
+    """(prior on `device` in eval mode, its training config, the whole checkpoint) from a train_prior.py checkpoint
+    (a .pt file, or a prior run folder: its best.pt)."""
     state = load_checkpoint(path, "prior")
     prior, cfg = rebuild_prior(state, path)
     return prior.to(device).eval(), cfg, state
@@ -286,8 +299,8 @@ def check_prior_fits(prior_state: dict, vqvae: VQVAE, prior_path, vqvae_path):
 
 
 def run_dir_of(checkpoint) -> Path:
-    """The run folder a checkpoint belongs to: its folder, or the one above checkpoints/."""
-    checkpoint = Path(checkpoint)
+    """The run folder a checkpoint belongs to: its folder, or the one above checkpoints/ (a run folder: itself)."""
+    checkpoint = checkpoint_file(checkpoint)
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 

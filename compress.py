@@ -20,7 +20,7 @@ File format (.vqz, version 1; little-endian; a 38-byte header, then the payload)
      4     1     coder: 0 fixed-length (ceil(log2 K) bits per code), 1 static (range coding with the VQ-VAE's
                  code-usage histogram), 2 prior (range coding with the PixelCNN prior's conditionals)
      5     1     class label for a class-conditional prior, 255 for none
-     6     2+2   image height, width (pixels, at most 4096 each)
+     6     2+2   image height, width (pixels, at most 8192 each: images.MAX_IMAGE_SIDE)
     10     2+2   code grid height, width (must be what the VQ-VAE makes of that image size)
     14     8     VQ-VAE weights hash (the first 8 bytes of SHA-256 over its state dict)
     22     8     prior weights hash (zeros unless coder 2)
@@ -44,7 +44,6 @@ import argparse
 import hashlib
 import io
 import math
-import re
 import struct
 import time
 import zlib
@@ -55,10 +54,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import check_prior_fits, load_prior, load_split, load_vqvae, run_dir_of
-from dataset import read_slice, to_float
-from metrics import psnr, ssim
-from utils import ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, write_json
+from checkpoints import check_prior_fits, default_prior, load_prior, load_split, load_vqvae, run_dir_of
+from dataset import read_slice
+from images import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, natural_key, psnr, ssim, to_float, to_uint8
+from modules import gate
+from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
+                   pyplot, write_csv, write_json)
 
 MAGIC = b"VQZ"
 FORMAT_VERSION = 1
@@ -66,12 +67,10 @@ HEADER = struct.Struct("<3sBBBHHHH8s8sII")
 FIXED, STATIC, PRIOR = 0, 1, 2
 CODER_NAMES = {FIXED: "fixed", STATIC: "static", PRIOR: "prior"}
 NO_LABEL = 255
-MAX_IMAGE_SIDE = 4096  # pixels per side a .vqz file may declare: bounds what decoding allocates
 MAX_CODES = 1 << 22            # code positions per slice: a 2048x2048 grid
 MAX_PAYLOAD_BITS_PER_CODE = 24  # the range coder's precision: no code costs more than 24 bits
 MAX_FILE_BYTES = HEADER.size + MAX_CODES * MAX_PAYLOAD_BITS_PER_CODE // 8 + 64
 SUFFIX = ".vqz"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # ---------------------------------------------------------------------------------------------------------
 # Probabilities as integers
@@ -119,11 +118,6 @@ def frequencies(logits, bits: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # The prior, position by position, in float64
 # ---------------------------------------------------------------------------------------------------------
-
-def _gate(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, -1)
-    return torch.tanh(a) * torch.sigmoid(b)
-
 
 class PriorEngine:
     """The PixelCNN prior's conditionals in raster order, computed incrementally in float64 on channels-last
@@ -183,7 +177,8 @@ class PriorEngine:
                 to_horizontal.append(torch.addmm(layer["bvh"], features, layer["wvh"]).view(n, w, 2 * c))
                 if index + 1 < len(layers):
                     features = features.view(n, w, 2 * c)
-                    vertical[index + 1][:, r, r:r + w] = _gate(features if bias is None else features + bias[:, None])
+                    pre = features if bias is None else features + bias[:, None]
+                    vertical[index + 1][:, r, r:r + w] = gate(pre, dim=-1)
             for buf in horizontal:
                 buf.zero_()
             for j in range(w):
@@ -193,7 +188,7 @@ class PriorEngine:
                     pre = torch.addmm(layer["bh"], window, layer["wh"]) + to_horizontal[index][:, j]
                     if bias is not None:
                         pre = pre + bias
-                    out = torch.addmm(layer["bo"], _gate(pre), layer["wo"])
+                    out = torch.addmm(layer["bo"], gate(pre, dim=-1), layer["wo"])
                     if layer["residual"]:
                         out = horizontal[index][:, r + j] + out
                     if index + 1 < len(layers):
@@ -349,11 +344,6 @@ def read_vqz(path: Path) -> bytes:
 # The codec
 # ---------------------------------------------------------------------------------------------------------
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, H, W) in [-1, 1] -> uint8 (N, H, W): the 8-bit image a decoded file is."""
-    return torch.round(((images.float() + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)[:, 0]
-
-
 class Codec:
     """A VQ-VAE (and optionally its prior) as an image codec. Everything is batched: images or code maps of one
     size in, a list of file contents (or decoded maps and images) out."""
@@ -393,7 +383,7 @@ class Codec:
         out = []
         for batch in codes.split(self.batch_size):
             with self.amp:
-                out.append(to_uint8(self.vqvae.decode_indices(batch.to(self.device))).cpu())
+                out.append(to_uint8(self.vqvae.decode_indices(batch.to(self.device)))[:, 0].cpu())  # (B, H, W)
         return torch.cat(out)
 
     def grid_of(self, image_shape) -> tuple:
@@ -610,10 +600,6 @@ def load_codec(checkpoint: Path, prior_path: Path | None, device, batch_size: in
     return Codec(vqvae, prior, class_names, device, batch_size, precision), cfg, state
 
 
-def natural_key(name: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
-
-
 def expand_inputs(paths: list[Path], suffixes: tuple, what: str) -> list[Path]:
     """Files as given, and the files with one of `suffixes` directly inside each folder given, in natural order."""
     files = []
@@ -670,8 +656,7 @@ def resolve_class(codec: Codec, class_name: str | None, n: int):
 # Commands
 # ---------------------------------------------------------------------------------------------------------
 
-def cmd_encode(args):
-    device = choose_device(args.device)
+def cmd_encode(args, device):
     if not args.inputs and args.split is None:
         raise UserError("nothing to encode: pass image files or folders, or --split")
     if args.inputs and args.split is not None:
@@ -723,8 +708,7 @@ def cmd_encode(args):
           f"{len(files) / seconds:.2f} slices/s | written to {args.out}")
 
 
-def cmd_decode(args):
-    device = choose_device(args.device)
+def cmd_decode(args, device):
     files = expand_inputs(args.files, (SUFFIX,), ".vqz files")
     codec, _, _ = load_codec(args.checkpoint, args.prior, device, args.batch_size, args.precision)
     blobs = [read_vqz(f) for f in files]
@@ -882,24 +866,8 @@ def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndar
     return torch.cat(s).numpy(), torch.cat(p).numpy()
 
 
-def cmd_rd(args):
-    device = choose_device(args.device)
-    budgets = sorted(set(args.budgets))
-    if not budgets or min(budgets) < 1:
-        raise UserError("--budgets must be positive byte counts, e.g. 320,640,1280")
-    codecs = list(dict.fromkeys(args.codecs))
-    for c in codecs:
-        classical_settings(c, 1 << 16)
-    if args.priors and len(args.priors) != len(args.checkpoints):
-        raise UserError(f"give one --prior per --checkpoint ({len(args.checkpoints)}), 'none' for no prior, or no "
-                        f"--prior to use each run's prior/best.pt where there is one")
-    priors = []
-    for i, ckpt in enumerate(args.checkpoints):
-        if args.priors:
-            priors.append(None if str(args.priors[i]).lower() == "none" else Path(args.priors[i]))
-        else:
-            default = run_dir_of(ckpt) / "prior" / "best.pt"
-            priors.append(default if default.is_file() else None)
+def cmd_rd(args, device):
+    budgets, codecs, priors = rd_settings(args)
     out = args.out or run_dir_of(args.checkpoints[0]) / f"rd_{args.split}"
     outputs = {name: out / name for name in ("rd.csv", "rd.json", "rd.png", "rd_slice.png")}
     existing = [p for p in outputs.values() if p.exists()]
@@ -908,74 +876,26 @@ def cmd_rd(args):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
 
-    rows, originals, files, speeds, figure, models = [], None, None, {}, {}, {}
+    # Each VQ-VAE, on the same slices
+    measured, originals, names = {}, None, None
     for ckpt, prior_path in zip(args.checkpoints, priors):
         codec, cfg, state = load_codec(ckpt, prior_path, device, args.batch_size, args.precision)
-        data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"])
-        images, labels = data.images, data.labels
-        if args.max_images and len(images) > args.max_images:
-            pick = torch.linspace(0, len(images) - 1, args.max_images).round().long()
-            images, labels, names = images[pick], labels[pick], [data.files[i] for i in pick.tolist()]
-        else:
-            names = list(data.files)
+        images, labels, files = rd_slices(load_split(cfg, args.split, args.data_root, demo=state["demo_settings"]),
+                                          args.max_images)
         if originals is None:
-            originals, files = images, names
+            originals, names = images, files
         elif originals.shape != images.shape or not torch.equal(originals, images):
             raise UserError(f"{ckpt} records other {args.split} images than {args.checkpoints[0]}; compare "
                             f"checkpoints trained on the same dataset")
         label = f"{cfg.preset} ({run_dir_of(ckpt).name})"
-        if label in models:  # the same run twice (e.g. with and without its prior)
-            label = f"{label} #{len(models) + 1}"
-        n, (height, width) = len(images), images.shape[1:]
-        t0 = time.perf_counter()
-        codes = codec.codes(images)
-        t_codes = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        recon = codec.reconstruct(codes)
-        t_recon = time.perf_counter() - t0
-        s, p = mean_scores(recon, images)
-        h, w = codes.shape[1:]
-        speed = {"vqvae_encode_slices_per_s": n / t_codes, "vqvae_decode_slices_per_s": n / t_recon,
-                 "threads": torch.get_num_threads(), "device": str(device)}
-        coded = {"fixed": codec.encode_codes(codes, (height, width), coder="fixed"),
-                 "static": codec.encode_codes(codes, (height, width), coder="static")}
-        ideal = None
-        if codec.prior is not None:
-            y = labels if codec.prior.config.num_classes else None
-            ideal = []
-            t0 = time.perf_counter()
-            with tqdm(total=n, desc=f"{label}: prior encoding", unit="slice", leave=False) as bar:
-                coded["prior"] = codec.encode_codes(codes, (height, width), y, "prior", bar, ideal)
-            t_enc = time.perf_counter() - t0
-            speed["prior_encode_slices_per_s"] = n / (t_codes + t_enc)
-            if args.verify:
-                t0 = time.perf_counter()
-                with tqdm(total=n, desc=f"{label}: prior decoding", unit="slice", leave=False) as bar:
-                    decoded_codes, decoded = codec.decode(coded["prior"], [f"{f} ({label})" for f in names], bar)
-                speed["prior_decode_slices_per_s"] = n / (time.perf_counter() - t0)
-                if not torch.equal(decoded_codes, codes) or not torch.equal(decoded, recon):
-                    raise UserError(f"{label}: decoding the prior-coded files did not give back the same codes and "
-                                    f"images; please report this")
-        speeds[label] = speed
-        for coder, blobs in coded.items():
-            sizes = np.array([len(b) for b in blobs], dtype=np.float64)
-            row = {"codec": f"VQ-VAE {label}", "setting": coder, "budget_bytes": "", "images": n,
-                   "images_fit": n, "images_over_budget": 0, "mean_bytes": sizes.mean(),
-                   "mean_payload_bytes": sizes.mean() - HEADER.size, "bits_per_slice": sizes.mean() * 8,
-                   "payload_bits_per_code": (sizes.mean() - HEADER.size) * 8 / (h * w),
-                   "mean_ssim": float(s.mean()), "std_ssim": float(s.std()), "mean_psnr": float(p.mean()),
-                   "latent_grid": f"{h}x{w}", "K": codec.k}
-            if coder == "prior":
-                row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
-            row["_sizes"] = sizes  # each slice's budget for the classical codecs at equal bytes
-            rows.append(row)
-        best = min(coded, key=lambda c: np.mean([len(b) for b in coded[c]]))
-        figure[label] = {"coder": best, "files": coded[best], "recon": recon}
-        models[label] = {"checkpoint": str(ckpt), "prior": str(prior_path) if prior_path else None,
-                         "epoch": state.get("epoch"), "latent_grid": [h, w], "K": codec.k,
-                         "vqvae_hash": codec.vqvae_hash.hex(), "prior_hash": codec.prior_hash.hex()}
+        if label in measured:  # the same run twice (e.g. with and without its prior)
+            label = f"{label} #{len(measured) + 1}"
+        measured[label] = measure_vqvae(codec, images, labels, files, label, args.verify)
+        measured[label]["model"].update(checkpoint=str(ckpt), prior=str(prior_path) if prior_path else None,
+                                        epoch=state.get("epoch"))
+    rows = [row for m in measured.values() for row in m["rows"]]
 
-    # classical codecs: at each fixed budget, and at each slice's own .vqz size under each VQ-VAE row
+    # Classical codecs: at each fixed budget, and at each slice's own .vqz size under each VQ-VAE row
     matched = {f"{r['codec']} {r['setting']}": r.pop("_sizes") for r in rows}
     results = classical_study(originals.numpy(), codecs, budgets, matched, args.workers)
     for codec_name in codecs:
@@ -983,11 +903,13 @@ def cmd_rd(args):
         rows += [classical_row(results, codec_name, ("matched", name), f"at the size of each {name} file",
                                "per slice") for name in matched]
 
+    # Outputs
     out.mkdir(parents=True, exist_ok=True)
     write_csv(outputs["rd.csv"], rows)
+    speeds = {label: m["speed"] for label, m in measured.items()}
     summary = {"split": args.split, "images": len(originals), "image_size": list(originals.shape[1:]),
                "header_bytes": HEADER.size, "budgets": budgets, "codecs": codecs,
-               "models": models,
+               "models": {label: m["model"] for label, m in measured.items()},
                "rows": rows, "speed": speeds, "targets": targets(rows),
                "about": "bytes are whole .vqz files (38-byte header included) and whole classical files "
                         "(JPEG 2000 as a raw codestream, without the JP2 container); classical means are over the "
@@ -995,7 +917,106 @@ def cmd_rd(args):
     write_json(outputs["rd.json"], summary)
     plot_rd(rows, outputs["rd.png"],
             f"{args.split}: {len(originals)} slices of {originals.shape[1]}x{originals.shape[2]}")
-    slice_figure(originals.numpy(), figure, codecs, outputs["rd_slice.png"], args.figure_slice, files)
+    slice_figure(originals.numpy(), {label: m["figure"] for label, m in measured.items()}, codecs,
+                 outputs["rd_slice.png"], args.figure_slice, names)
+    print_rd(rows, speeds, out)
+    return summary
+
+
+def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
+    """rd's budgets, classical codecs and the prior of each --checkpoint (default_prior where none is given and one
+    is there), checked before anything is loaded."""
+    budgets = sorted(set(args.budgets))
+    if not budgets or min(budgets) < 1:
+        raise UserError("--budgets must be positive byte counts, e.g. 320,640,1280")
+    codecs = list(dict.fromkeys(args.codecs))
+    for c in codecs:
+        classical_settings(c, 1 << 16)
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {args.max_images}")
+    if args.priors and len(args.priors) != len(args.checkpoints):
+        raise UserError(f"give one --prior per --checkpoint ({len(args.checkpoints)}), 'none' for no prior, or no "
+                        f"--prior to use each run's prior/best.pt where there is one")
+    if args.priors:
+        priors = [None if str(p).lower() == "none" else Path(p) for p in args.priors]
+    else:
+        priors = [default_prior(c) if default_prior(c).is_file() else None for c in args.checkpoints]
+    return budgets, codecs, priors
+
+
+def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(uint8 images, labels, file names) of a split, or `max_images` of them spread evenly over it."""
+    if not max_images or len(data.images) <= max_images:
+        return data.images, data.labels, list(data.files)
+    pick = torch.linspace(0, len(data.images) - 1, max_images).round().long()
+    return data.images[pick], data.labels[pick], [data.files[i] for i in pick.tolist()]
+
+
+def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, names: list[str], label: str,
+                  verify: bool) -> dict:
+    """One VQ-VAE as a codec: its reconstructions' scores, its files under every coder it has (the prior-coded ones
+    decoded again with `verify`), their speed; -> {"rows": rows of rd.csv, "speed", "figure", "model"}."""
+    n, (height, width) = len(images), images.shape[1:]
+    t0 = time.perf_counter()
+    codes = codec.codes(images)
+    t_codes = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recon = codec.reconstruct(codes)
+    speed = {"vqvae_encode_slices_per_s": n / t_codes, "vqvae_decode_slices_per_s": n / (time.perf_counter() - t0),
+             "threads": torch.get_num_threads(), "device": str(codec.device)}
+    coded = {coder: codec.encode_codes(codes, (height, width), coder=coder) for coder in ("fixed", "static")}
+    ideal = None
+    if codec.prior is not None:
+        y = labels if codec.prior.config.num_classes else None
+        ideal = []
+        t0 = time.perf_counter()
+        with tqdm(total=n, desc=f"{label}: prior encoding", unit="slice", leave=False) as bar:
+            coded["prior"] = codec.encode_codes(codes, (height, width), y, "prior", bar, ideal)
+        speed["prior_encode_slices_per_s"] = n / (t_codes + time.perf_counter() - t0)
+        if verify:
+            speed["prior_decode_slices_per_s"] = verify_decoding(codec, coded["prior"], codes, recon, names, label)
+    s, p = mean_scores(recon, images)
+    h, w = codes.shape[1:]
+    rows = [vqvae_row(label, coder, blobs, s, p, (h, w), codec.k, ideal if coder == "prior" else None)
+            for coder, blobs in coded.items()]
+    best = min(coded, key=lambda c: np.mean([len(b) for b in coded[c]]))
+    model = {"latent_grid": [h, w], "K": codec.k, "vqvae_hash": codec.vqvae_hash.hex(),
+             "prior_hash": codec.prior_hash.hex()}
+    return {"rows": rows, "speed": speed, "figure": {"coder": best, "files": coded[best], "recon": recon},
+            "model": model}
+
+
+def verify_decoding(codec: Codec, files: list[bytes], codes: torch.Tensor, recon: torch.Tensor, names: list[str],
+                    label: str) -> float:
+    """Decode prior-coded files again: UserError unless they give back the same codes and images; -> slices/s."""
+    t0 = time.perf_counter()
+    with tqdm(total=len(files), desc=f"{label}: prior decoding", unit="slice", leave=False) as bar:
+        decoded_codes, decoded = codec.decode(files, [f"{f} ({label})" for f in names], bar)
+    if not torch.equal(decoded_codes, codes) or not torch.equal(decoded, recon):
+        raise UserError(f"{label}: decoding the prior-coded files did not give back the same codes and images; "
+                        f"please report this")
+    return len(files) / (time.perf_counter() - t0)
+
+
+def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.ndarray, grid: tuple[int, int],
+              k: int, ideal: list | None) -> dict:
+    """One row of rd.csv for a VQ-VAE's files under one coder (SSIM and PSNR are its reconstructions', whatever
+    the coder); "_sizes" holds each slice's file size, the classical codecs' budgets at equal bytes."""
+    sizes = np.array([len(b) for b in blobs], dtype=np.float64)
+    h, w = grid
+    row = {"codec": f"VQ-VAE {label}", "setting": coder, "budget_bytes": "", "images": len(blobs),
+           "images_fit": len(blobs), "images_over_budget": 0, "mean_bytes": sizes.mean(),
+           "mean_payload_bytes": sizes.mean() - HEADER.size, "bits_per_slice": sizes.mean() * 8,
+           "payload_bits_per_code": (sizes.mean() - HEADER.size) * 8 / (h * w),
+           "mean_ssim": float(s.mean()), "std_ssim": float(s.std()), "mean_psnr": float(p.mean()),
+           "latent_grid": f"{h}x{w}", "K": k}
+    if ideal is not None:
+        row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
+    row["_sizes"] = sizes
+    return row
+
+
+def print_rd(rows: list[dict], speeds: dict, out: Path):
     for r in rows:
         if r["codec"].startswith("VQ-VAE"):
             print(f"{r['codec']} {r['setting']}: {r['mean_bytes']:.1f} bytes/slice ({r['mean_payload_bytes']:.1f} "
@@ -1006,7 +1027,6 @@ def cmd_rd(args):
                   f"{r['mean_bytes']:.1f} bytes | SSIM {r['mean_ssim']:.4f} | PSNR {r['mean_psnr']:.2f} dB")
     print(f"speed: {speeds}")
     print(f"written to {out} (rd.csv, rd.json, rd.png, rd_slice.png)")
-    return summary
 
 
 def targets(rows: list[dict]) -> dict:
@@ -1042,29 +1062,8 @@ def targets(rows: list[dict]) -> dict:
     return out
 
 
-def write_csv(path: Path, rows: list[dict]):
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [",".join(columns)]
-    for r in rows:
-        cells = []
-        for c in columns:
-            v = r.get(c, "")
-            quoted = f"\"{v}\"" if isinstance(v, str) and "," in v else str(v)
-            cells.append(f"{v:.6g}" if isinstance(v, float) else quoted)
-        lines.append(",".join(cells))
-    with open(path, "x") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_rd(rows: list[dict], path: Path, title: str):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, metric, name in zip(axes, ("mean_ssim", "mean_psnr"), ("mean SSIM", "mean PSNR (dB)")):
         for codec in dict.fromkeys(r["codec"] for r in rows if not r["codec"].startswith("VQ-VAE")):
@@ -1105,7 +1104,7 @@ def plot_rd(rows: list[dict], path: Path, title: str):
 
 def slice_figure(originals: np.ndarray, figure: dict, codecs, path: Path, index: int | None, files):
     """One slice: the original, then per VQ-VAE its decoded file beside every classical codec at the same bytes."""
-    plt = _pyplot()
+    plt = pyplot()
     index = len(originals) // 2 if index is None else index
     if not 0 <= index < len(originals):
         raise UserError(f"--figure-slice {index} is outside 0..{len(originals) - 1}")
@@ -1147,13 +1146,10 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     def common(q, prior_help):
-        q.add_argument("--checkpoint", type=Path, required=True, help="the VQ-VAE .pt written by train.py")
+        q.add_argument("--checkpoint", type=Path, required=True, help="the VQ-VAE .pt written by train.py, or its "
+                       "run folder (its best.pt)")
         q.add_argument("--prior", type=Path, help=prior_help)
-        q.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-        q.add_argument("--batch-size", type=int, default=64, help="slices per pass of the models (default: 64)")
-        q.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
-        q.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                       help="the VQ-VAE's arithmetic, as in predict.py: auto is bf16 where the hardware has it")
+        add_runtime_flags(q, batch_size=64, batch_help="slices per pass of the models")
 
     e = sub.add_parser("encode", help="images -> .vqz files", description="Encode slices into .vqz files.")
     common(e, "a prior .pt written by train_prior.py: code with its probabilities (default: no prior, static or "
@@ -1175,7 +1171,7 @@ def parse_args(argv=None):
     r = sub.add_parser("rd", help="rate-distortion study against JPEG, WebP, JPEG 2000 and AVIF",
                        description="Bytes per slice against SSIM and PSNR for VQ-VAEs and classical codecs.")
     r.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", required=True,
-                   help="a VQ-VAE .pt; repeat for several (e.g. default and hq)")
+                   help="a VQ-VAE .pt or run folder (its best.pt); repeat for several (e.g. default and hq)")
     r.add_argument("--prior", dest="priors", action="append",
                    help="the prior of each --checkpoint in order, or none (default: <run>/prior/best.pt if present)")
     r.add_argument("--split", default="test", help="the split to measure (default: test)")
@@ -1190,11 +1186,7 @@ def parse_args(argv=None):
     r.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="decode every prior-coded file and check it gives the same codes and image (default: on)")
     r.add_argument("--out", type=Path, help="output folder (default: rd_<split> in the first checkpoint's run)")
-    r.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-    r.add_argument("--batch-size", type=int, default=64, help="slices per pass of the models (default: 64)")
-    r.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
-    r.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="the VQ-VAE's arithmetic, as in predict.py: auto is bf16 where the hardware has it")
+    add_runtime_flags(r, batch_size=64, batch_help="slices per pass of the models")
     return p.parse_args(argv)
 
 
@@ -1202,15 +1194,8 @@ def main(argv=None):
     with exits_with_one_line(interrupted="interrupted; the files written so far are complete, the rest were not "
                                          "written"):
         args = parse_args(argv)
-        if args.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UserError(f"--threads must be at least 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        if args.command == "rd" and args.max_images is not None and args.max_images < 1:
-            raise UserError(f"--max-images must be at least 1, got {args.max_images}")
-        return {"encode": cmd_encode, "decode": cmd_decode, "rd": cmd_rd}[args.command](args)
+        device = apply_runtime_flags(args)
+        return {"encode": cmd_encode, "decode": cmd_decode, "rd": cmd_rd}[args.command](args, device)
 
 
 if __name__ == "__main__":

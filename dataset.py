@@ -28,10 +28,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from images import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SPLITS, SliceDataset, natural_key
+from utils import DataError
+
 DATASETS = ("OASIS", "ADNI", "demo", "nifti")
-SPLITS = ("train", "validate", "test")
-SLICE_AXES = ("axial", "coronal", "sagittal")  # nifti: the anatomical axis slices are cut across
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
 ADNI_PREFIXES = ("", "AD_NC/")
@@ -46,42 +46,6 @@ NAME_PATTERNS = {"OASIS": re.compile(r"(?:case|demo)_(?P<patient>.+)_slice_\d+")
 EXPECTED_NAMES = {"OASIS": "case_<id>_slice_<n>.nii.png (or the demo's demo_<id>_slice_<n>.png)",
                   "ADNI": "<patient>_<slice>.jpeg (e.g. 1003730_84.jpeg)"}
 MAX_FILE_BYTES = 64 << 20  # one slice image; a bigger file is refused before it is read
-MAX_IMAGE_SIDE = 8192  # pixels; checked from the image header, before decoding allocates anything
-MIN_IMAGE_SIDE = 8  # SSIM's 7x7 window, and the model's downsampling of the default preset (2^3)
-
-
-class DataError(Exception):
-    """A problem with the user's data; str(e) is one line naming the path and the fix."""
-
-
-class SliceDataset(torch.utils.data.Dataset):
-    """Decoded 2D slices of one split; items are (float32 (1, H, W) image in [-1, 1], int label)."""
-
-    def __init__(self, images, labels, class_names, patients, files, name, split, volumes=None):
-        self.images = images  # uint8 (N, H, W)
-        self.labels = labels  # int64 (N,)
-        self.class_names = class_names
-        self.patients = patients
-        self.files = files
-        self.name = name
-        self.split = split
-        self.volumes = volumes  # nifti: a nifti.Volume per volume, in row order (where its slices are, how to write
-        # a reconstruction back); None for datasets of slice images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return to_float(self.images[i]).unsqueeze(0), int(self.labels[i])
-
-    @property
-    def image_shape(self):
-        return tuple(self.images.shape[1:])
-
-
-def to_float(images_uint8):
-    """uint8 (..., H, W) -> float32 in [-1, 1]."""
-    return images_uint8.float() / 127.5 - 1
 
 
 # -----------------------------------------------------------------------------
@@ -260,8 +224,8 @@ class _Tree:
         else:
             names = [p.name for p in (self.root / rel).iterdir() if p.is_file()]
         # skip hidden files such as macOS "._case_1_slice_0.nii.png" resource forks
-        names = [n for n in names if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")]
-        return [f"{rel}/{n}" for n in sorted(names, key=_natural_key)]
+        names = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+        return [f"{rel}/{n}" for n in sorted(names, key=natural_key)]
 
     def entries(self, rel=""):
         """Names directly inside folder `rel` (for error messages)."""
@@ -319,10 +283,6 @@ class _Tree:
         shown = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
         raise DataError(f"{self.root} does not have the expected layout: expected {expected}; "
                         f"found {shown or 'nothing'}; pass --data-root pointing at the right folder or zip")
-
-
-def _natural_key(s):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def _parent(rel):
@@ -400,7 +360,7 @@ def _with_patients(tree, files, layout):
 
 def _validation_patients(patients, val_fraction, seed):
     """A seeded random `val_fraction` of the patients (at least one), so no patient is in both train and validate."""
-    unique = sorted(set(patients), key=_natural_key)
+    unique = sorted(set(patients), key=natural_key)
     random.Random(seed).shuffle(unique)
     return set(unique[:max(1, round(val_fraction * len(unique)))])
 
@@ -434,7 +394,7 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     if name == "nifti":
         if not 0 <= test_fraction < 1 - val_fraction:
             raise DataError(f"test fraction must be in [0, 1 - validation fraction), got {test_fraction}")
-        from nifti import SliceOptions, load_folder  # the one module that imports nibabel
+        from nifti import SliceOptions, load_folder  # here: nibabel takes ~0.5 s to import
         options = SliceOptions(slice_axis, clip_percentile, min_brain_fraction, image_size)
         return load_folder(root, split, options, val_fraction, test_fraction, seed, skip_bad, verbose)
     if name == "demo":

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, run_dir_of, save_checkpoint
-from dataset import to_float
+from checkpoints import checkpoint_file, load_checkpoint, run_dir_of, save_checkpoint
+from images import to_float
 from modules import VQVAE, ConfigError, VQVAEConfig, broadcast_from_rank0
 from utils import (ArgumentParser, UserError, append_csv, interrupts_deferred, keep_freed_memory, rng_state,
                    trim_csvs)
@@ -26,6 +26,18 @@ from utils import (ArgumentParser, UserError, append_csv, interrupts_deferred, k
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def command_flags(values: dict) -> list[str]:
+    """{config field: value} -> the flags that set them, as a command line takes them (None left out, booleans as
+    --field / --no-field): how ablate.py and bench.py start train.py."""
+    flags = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            flags.append(flag(name) if value else "--no-" + flag(name)[2:])
+        elif value is not None:
+            flags += [flag(name), str(value)]
+    return flags
 
 
 def field_help(cls) -> dict[str, str]:
@@ -168,8 +180,7 @@ def check_new_run_folder(folder: Path):
 def resume_checkpoint(run_args: dict, model_args: dict, allowed, kind: str) -> tuple[Path, dict]:
     """The checkpoint that --resume names (a run folder: its last.pt), loaded with what a resume reads, once it is
     clear that no flag but those in `allowed` was given with it: everything else comes from the checkpoint."""
-    path = Path(run_args["resume"])
-    path = path / "last.pt" if path.is_dir() else path
+    path = checkpoint_file(run_args["resume"], resume=True)
     changed = sorted(set(run_args) - set(allowed)) + sorted(model_args)
     if changed:
         raise UserError(f"--resume continues a run with its saved config; these flags cannot change: "

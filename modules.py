@@ -12,8 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from metrics import ssim
-from utils import to_unit
+from images import ssim, to_unit
 
 
 IMAGE_CHANNELS = 1  # grayscale MRI: every loader yields one channel
@@ -496,9 +495,10 @@ class CausalConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, self.padding_lrtb), self.weight * self.mask, self.bias)  # same (h, w) as x
 
 
-def gate(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2C, ...) -> (B, C, ...): tanh(a) * sigmoid(b), the paper's gated activation."""
-    a, b = x.chunk(2, dim=1)
+def gate(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """(B, 2C, ...) -> (B, C, ...): tanh(a) * sigmoid(b), the paper's gated activation, a and b the two halves of
+    `dim` (the channels: 1, or -1 for channels-last buffers such as the codec's)."""
+    a, b = x.chunk(2, dim=dim)
     return torch.tanh(a) * torch.sigmoid(b)
 
 

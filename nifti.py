@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from dataset import SLICE_AXES, SPLITS, DataError, SliceDataset, _natural_key
-from utils import write_atomically
+from images import SLICE_AXES, SPLITS, SliceDataset, natural_key
+from utils import DataError, write_atomically
 
 EXTENSIONS = (".nii", ".nii.gz")
 SPLITS_FILE = "splits.csv"
@@ -112,7 +112,7 @@ def find_volumes(root: Path) -> list[Path]:
             continue
         if path.is_file():
             found.append(path)
-    return sorted(found, key=lambda p: _natural_key(p.relative_to(root).as_posix()))
+    return sorted(found, key=lambda p: natural_key(p.relative_to(root).as_posix()))
 
 
 def subject_of(path: Path, root: Path | None = None) -> str:
@@ -137,7 +137,7 @@ def split_subjects(subjects: list[str], root: Path, val_fraction: float, test_fr
     (`test_fraction`, at least one unless 0), validate (`val_fraction`, at least one) and train (the rest)."""
     if (root / SPLITS_FILE).is_file():
         return _read_splits(root / SPLITS_FILE, set(subjects))
-    unique = sorted(set(subjects), key=_natural_key)
+    unique = sorted(set(subjects), key=natural_key)
     random.Random(seed).shuffle(unique)
     n_test = max(1, round(test_fraction * len(unique))) if test_fraction > 0 else 0
     n_val = max(1, round(val_fraction * len(unique)))

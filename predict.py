@@ -24,22 +24,22 @@ of --split whose top half of codes is kept and bottom half sampled, beside the o
 sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each beside a real-data reference).
 """
 import argparse
-import csv
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoints import check_prior_fits, load_prior, load_split, load_vqvae, newest_checkpoint, run_dir_of
-from dataset import DATASETS, SPLITS, to_float
+from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_split, load_vqvae,
+                         newest_checkpoint, run_dir_of)
+from dataset import DATASETS
+from images import SPLITS, to_float, to_uint8, to_unit
 from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
                      prior_bits, score_split)
 from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
-from utils import (ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, plot_histogram,
-                   plot_training_curves, plot_triplets, save_image_grid, save_side_by_side, to_unit, use_bf16,
-                   write_atomically, write_json)
+from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
+                   plot_histogram, plot_training_curves, plot_triplets, save_image_grid, save_side_by_side, use_bf16,
+                   write_csv, write_json)
 
 SSIM_BAR = 0.6  # the course's pass mark for mean SSIM
 
@@ -64,23 +64,18 @@ def parse_args(argv=None):
                    "training)")
     p.add_argument("--out", type=Path, help="output folder (default: <run>/predict_<split>; with --sample, "
                    "predict_samples/ in the prior checkpoint's folder)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run (default: auto)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="auto: bf16 where the hardware has it, as in training (default: auto)")
-    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
+    add_runtime_flags(p, batch_size=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: faster once compiled, "
                    "worth it for large splits (ADNI's test set) and --sample's nearest-neighbour search")
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
     sampling.add_argument("--sample", type=int, metavar="N", help="number of new slices to sample and score (>= 2)")
-    sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py "
-                          "(default: prior/best.pt in the --checkpoint's run folder)")
+    sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py, or its run folder (its "
+                          "best.pt) (default: prior/best.pt in the --checkpoint's run folder)")
     sampling.add_argument("--class", dest="class_name", help="the class to sample from a conditional prior, e.g. AD "
                           "(default: every class in turn)")
     sampling.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     args = p.parse_args(argv)
-    if not 1 <= args.batch_size <= 65536:
-        raise UserError(f"--batch-size must be between 1 and 65536, got {args.batch_size}")
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.dataset and not args.data_root:
@@ -94,8 +89,6 @@ def parse_args(argv=None):
         raise UserError(f"--sample must be between 2 and 100000 (the Frechet distance needs two), got {args.sample}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature must be a positive number, got {args.temperature}")
-    if args.checkpoint is not None and args.checkpoint.is_dir():  # a run folder: its best.pt
-        args.checkpoint = args.checkpoint / "best.pt"
     return args
 
 
@@ -106,8 +99,8 @@ def main(argv=None):
 
 
 def run(args):
-    path = args.checkpoint or newest_checkpoint()
-    device = choose_device(args.device)
+    path = checkpoint_file(args.checkpoint or newest_checkpoint())
+    device = apply_runtime_flags(args)
     model, cfg, state = load_vqvae(path, device)
     data = (load_volume_files(args, cfg) if args.volumes else
             load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset))
@@ -126,8 +119,8 @@ def run(args):
     else:
         scores, per_volume = score_volumes(model, data, device, args, out)
     ssim, psnr = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
-    lines = [f"\"{name}\",{s:.6f},{q:.4f}\n" for name, s, q in zip(data.files, ssim, psnr)]
-    write_atomically(out / "per_image.csv", "file,ssim,psnr\n" + "".join(lines))
+    write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q)}
+                                      for name, s, q in zip(data.files, ssim, psnr)])
     summary = {"checkpoint": str(path), "epoch": state["epoch"], "dataset": data.name, "trained_on": cfg.dataset,
                "split": args.split, "images": len(data), "precision": "bf16" if use_bf16(args.precision, device)
                else "fp32", "ssim": summarise(ssim), "psnr": summarise(psnr),
@@ -172,7 +165,7 @@ def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, li
     for volume, path in zip(data.volumes, paths):
         scores = score_split(model, data.images[volume.rows], device, amp, args.batch_size,
                              compiled_ssim=args.compile, keep=len(volume.kept), progress=f"reconstructing {path.name}")
-        images = (to_unit(scores.outputs[:, 0]) * 255).round().to(torch.uint8).numpy()
+        images = to_uint8(scores.outputs[:, 0]).numpy()
         write_reconstruction(volume, images, path)
         ssims.append(scores.ssim.cpu())
         psnrs.append(scores.psnr.cpu())
@@ -182,11 +175,7 @@ def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, li
                      "ssim": float(ssims[-1].mean()), "psnr": float(psnrs[-1].mean()), "reconstruction": str(path)})
         print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} | PSNR "
               f"{rows[-1]['psnr']:.2f} dB | written to {path}")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({**r, "ssim": f"{r['ssim']:.6f}", "psnr": f"{r['psnr']:.4f}"} for r in rows)
-    write_atomically(out / "per_volume.csv", text.getvalue())
+    write_csv(out / "per_volume.csv", rows)
     return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values())), rows
 
 
@@ -206,10 +195,10 @@ def output_names(volumes) -> list[str]:
 
 def sampling_models(args, device):
     """The prior and the VQ-VAE whose codes it models, checked to belong together; the prior's class index."""
-    vqvae_path, prior_path = args.checkpoint, args.prior
+    vqvae_path, prior_path = args.checkpoint, args.prior and checkpoint_file(args.prior)
     if prior_path is None:
-        vqvae_path = vqvae_path or newest_checkpoint()
-        prior_path = run_dir_of(vqvae_path) / "prior" / "best.pt"
+        vqvae_path = checkpoint_file(vqvae_path or newest_checkpoint())
+        prior_path = default_prior(vqvae_path)
         if not prior_path.is_file():
             raise UserError(f"no prior at {prior_path}; train one with python train_prior.py --vqvae {vqvae_path}, "
                             f"or pass --prior")
@@ -230,7 +219,7 @@ def sampling_models(args, device):
 
 def generate(args):
     """--sample: new slices from the prior, completions of real slices' bottom halves, and their scores."""
-    device = choose_device(args.device)
+    device = apply_runtime_flags(args)
     (prior, prior_path, prior_state), (model, vqvae_path, cfg, state), class_index = sampling_models(args, device)
     amp = autocast(args.precision, device)
     train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"])

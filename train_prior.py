@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import PriorTrainConfig, check_prior_fits, load_split, load_vqvae, rebuild_prior, run_dir_of
+from checkpoints import PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae, rebuild_prior
 from engine import (SavedEpochs, TensorBoardLog, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
                     reserve_run_folder, restore_training, resume_checkpoint, resumed_config, tensorboard_writer_class)
 from metrics import batched, encode_images, prior_bits
@@ -98,7 +98,7 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
 
     # Run folder, reserved and locked only now
     writer_class = tensorboard_writer_class(cfg.tensorboard)  # checked before the folder is made
-    run_dir, lock = reserve_run_folder(cfg.out or str(run_dir_of(cfg.vqvae) / "prior"), Path("runs"), "prior",
+    run_dir, lock = reserve_run_folder(cfg.out or str(default_prior(cfg.vqvae).parent), Path("runs"), "prior",
                                        "train_prior.py", resuming=resume_state is not None)
     cfg = replace(cfg, out=str(run_dir))
     (run_dir / "samples").mkdir(exist_ok=True)

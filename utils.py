@@ -1,5 +1,7 @@
-"""Shared plumbing: errors and command lines, seeding, devices and processes, interruptions, files (atomic writes,
-CSV, JSON) and plots."""
+"""Shared plumbing of every command: the errors a user can fix (UserError, DataError) and the one-line way they end a
+command; the flags every model-running command shares (add_runtime_flags); seeding, devices, bf16 autocast and
+torchrun processes; Ctrl-C and SIGTERM handling; files written atomically, CSV (one writer, one appender, one
+reader) and JSON; and the plots and image grids."""
 import argparse
 import csv
 import ctypes
@@ -20,15 +22,48 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset import DataError
+from images import to_unit
+
 
 class UserError(Exception):
     """Something the user can fix; str(e) is one line saying what was wrong and how to fix it."""
 
 
+class DataError(Exception):
+    """A problem with the user's data; str(e) is one line naming the path and the fix."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Seeding, devices, distributed
 # ---------------------------------------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
+MAX_BATCH_SIZE = 65536
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int, batch_help: str = "slices per forward pass"):
+    """--device, --precision, --batch-size and --threads, the flags of every command that runs a model (the trainers
+    take the first three as fields of their configs, from the same choices); apply_runtime_flags checks them."""
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where to run: auto is cuda where a GPU is visible, else cpu (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the models' arithmetic: auto is bf16 where the hardware has it, as in training "
+                             "(default: auto)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {batch_size})")
+    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
+
+
+def apply_runtime_flags(args) -> torch.device:
+    """The device add_runtime_flags' flags ask for, with PyTorch's CPU threads set; UserError for a bad value."""
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return choose_device(args.device)
+
 
 def seed_everything(seed: int):
     random.seed(seed)
@@ -214,11 +249,6 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see python {self.prog} --help\n")
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1], clamped."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # CSV, JSON and plots
 # ---------------------------------------------------------------------------------------------------------
@@ -271,6 +301,13 @@ def _csv_line(values) -> str:
     text = io.StringIO()
     csv.writer(text).writerow(values)  # csv.DictWriter's dialect: "\r\n" line ends
     return text.getvalue()
+
+
+def write_csv(path: Path, rows: list[dict]):
+    """A whole table, atomically: the columns are every key of the rows in first-seen order, a missing value is
+    empty, floats are written in full (repr), and text is quoted where the CSV dialect needs it."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    write_atomically(path, "".join(_csv_line(r) for r in [columns, *([r.get(c, "") for c in columns] for r in rows)]))
 
 
 def append_csv(path: Path, row: dict):
@@ -350,7 +387,8 @@ def _finite(data):
     return data
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen needed), imported on first use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -360,7 +398,7 @@ def _pyplot():
 def plot_curves(rows: list[dict], x: str, series: dict[str, str], path: Path, title: str, ylabel: str,
                 logy: bool = False):
     """One line per {column: label} in `series`, against column `x`."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for column, label in series.items():
         points = [(r[x], r[column]) for r in rows if isinstance(r.get(column), float)]
@@ -397,7 +435,7 @@ def plot_training_curves(metrics_csv: Path, out_dir: Path):
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, title: str | None = None):
     """(B, 1, H, W) images in [-1, 1] -> one PNG grid."""
     from torchvision.utils import make_grid
-    plt = _pyplot()
+    plt = pyplot()
     grid = make_grid(to_unit(images.detach().cpu()), nrow=nrow, padding=2, pad_value=1.0)[0]
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 100, grid.shape[0] / 100 + (0.3 if title else 0)), dpi=100)
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -412,7 +450,7 @@ def save_side_by_side(inputs: torch.Tensor, outputs: torch.Tensor, path: Path, t
                       nrow: int = 8):
     """Two grids, inputs beside outputs, in one figure."""
     from torchvision.utils import make_grid
-    plt = _pyplot()
+    plt = pyplot()
     grids = [make_grid(to_unit(t.detach().cpu()), nrow=nrow, padding=2, pad_value=1.0)[0] for t in (inputs, outputs)]
     h, w = grids[0].shape
     fig, axes = plt.subplots(1, 2, figsize=(2 * w / 100 + 0.4, h / 100 + 0.5), dpi=100)
@@ -427,7 +465,7 @@ def save_side_by_side(inputs: torch.Tensor, outputs: torch.Tensor, path: Path, t
 
 def plot_triplets(inputs: torch.Tensor, indices: torch.Tensor, outputs: torch.Tensor, path: Path, scores=None):
     """Rows of input / code-index map / reconstruction."""
-    plt = _pyplot()
+    plt = pyplot()
     n = inputs.shape[0]
     fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
     for i in range(n):
@@ -445,7 +483,7 @@ def plot_triplets(inputs: torch.Tensor, indices: torch.Tensor, outputs: torch.Te
 
 
 def plot_histogram(values, path: Path, title: str, xlabel: str, threshold: float | None = None):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(np.asarray(values), bins=40, color="steelblue")
     if threshold is not None:
@@ -458,7 +496,7 @@ def plot_histogram(values, path: Path, title: str, xlabel: str, threshold: float
 
 
 def plot_bars(values, path: Path, title: str, xlabel: str, ylabel: str):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(np.arange(len(values)), np.asarray(values), width=1.0, color="steelblue")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)

@@ -17,7 +17,7 @@ from engine import build_training, train_step
 from modules import PRESETS, ConvTranspose2d, count_codes
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--size", "32", "--batch", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
+TINY = ["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
 
 
 def run_bench(*args):

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 import dataset
-from dataset import DataError, build_dataset, generate_demo, read_slice, to_float
+import images
+from dataset import build_dataset, generate_demo, read_slice
+from images import to_float
+from utils import DataError
 from helpers import assert_one_line_error, make_adni, write_image
 
 # -----------------------------------------------------------------------------
@@ -22,7 +25,7 @@ def noise(seed, shape=(32, 32)):
 
 def make_oasis(holder, patients=("2", "10"), n_slices=3, size=32):
     """keras_png_slices_{train,validate,test} of noise slices, plus a keras_png_seg_train that must be ignored."""
-    for k, split in enumerate(dataset.SPLITS):
+    for k, split in enumerate(images.SPLITS):
         for p in patients:
             for s in range(n_slices):
                 pixels = noise(1000 * k + 100 * int(p) + s, (size, size))
@@ -172,7 +175,7 @@ def test_demo_is_deterministic(tmp_path):
 
 def test_demo_builds_on_first_use_in_default_root(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "default_demo_root", lambda: tmp_path / "demo")
-    sizes = {split: len(load("demo", None, split)) for split in dataset.SPLITS}
+    sizes = {split: len(load("demo", None, split)) for split in images.SPLITS}
     assert sizes == {"train": 240, "validate": 30, "test": 30}
     ds = load("demo", None, "validate")
     assert set(ds.patients).isdisjoint(load("demo", None, "train").patients)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import dataset
-from dataset import (DEMO_MANIFEST, DEMO_MARKER, DataError, check_compatible, demo_settings, generate_demo,
-                     patient_id, read_slice)
+import images
+from dataset import DEMO_MANIFEST, DEMO_MARKER, check_compatible, demo_settings, generate_demo, patient_id, read_slice
+from utils import DataError
 from helpers import assert_one_line_error, make_adni, write_image
 from test_dataset import encode, load, make_oasis, noise, zip_tree
 
@@ -279,7 +280,7 @@ def test_check_compatible(tmp_path):
     for p in ("2", "10"):
         for s in (1, 2):
             (tmp_path / "keras_png_slices_test" / f"case_{p}_slice_{s}.nii.png").unlink()
-    train, val, test = (load("OASIS", tmp_path, split) for split in dataset.SPLITS)
+    train, val, test = (load("OASIS", tmp_path, split) for split in images.SPLITS)
     assert check_compatible(train.image_shape, val) is None
     with pytest.raises(DataError) as e:
         check_compatible(train.image_shape, test)

@@ -3,8 +3,9 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import metrics
-from metrics import psnr, score_split, ssim
+import images
+from images import psnr, ssim
+from metrics import score_split
 from modules import VQVAE, VQVAEConfig
 from utils import autocast
 
@@ -24,7 +25,7 @@ def test_batched_ssim_equals_skimage_per_image():
 def test_window_sums_equal_direct_sums_along_either_axis(width):
     m = torch.randn(2, 1, 13, 17, dtype=torch.float64)
     for dim in (-1, -2):
-        assert torch.allclose(metrics.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
+        assert torch.allclose(images.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
 
 
 def test_compiled_ssim_equals_the_eager_one():
@@ -39,8 +40,8 @@ def test_ssim_runs_eagerly_with_one_warning_where_compiling_fails(monkeypatch):
         def fail(*args):
             raise RuntimeError("no C++ compiler found\nlong details")
         return fail
-    monkeypatch.setattr(metrics, "_ssim_compiled_once", no_compiler)
-    monkeypatch.setattr(metrics, "_compile_failed", False)
+    monkeypatch.setattr(images, "_ssim_compiled_once", no_compiler)
+    monkeypatch.setattr(images, "_compile_failed", False)
     x = torch.rand(8, 1, 16, 16)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler found\\); running it eagerly"):
         values = ssim(x, x.flip(-1), compiled=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import ssim
+from images import ssim
 from modules import PRESETS, VQVAE, ConfigError, VectorQuantizer, VQVAEConfig, config_from_dict, kmeans
 
 

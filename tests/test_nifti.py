@@ -11,7 +11,8 @@ import nifti
 import predict
 import train
 from checkpoints import TrainConfig, load_split
-from dataset import DataError, build_dataset
+from dataset import build_dataset
+from utils import DataError
 from helpers import assert_one_line_error, run_main, tiny_args
 
 RAS = np.diag([1.0, 1.0, 1.0, 1.0])

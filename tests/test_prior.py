@@ -20,7 +20,8 @@ from checkpoints import load_checkpoint, save_checkpoint
 from dataset import generate_demo
 from modules import PixelCNNConfig, PixelCNNPrior
 from helpers import REPO, assert_one_line_error, make_adni, nan_weights_on_second_call, run_main, run_script, tiny_args
-from metrics import frechet_distance, nearest_ssim, ssim
+from images import ssim
+from metrics import frechet_distance, nearest_ssim
 
 
 def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0):
