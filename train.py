@@ -32,7 +32,7 @@ from metrics import score_split
 from modules import PRESETS, VQVAEConfig, all_reduce_sum
 from utils import (UserError, autocast, choose_device, distributed_env, exits_with_one_line, fail_together,
                    ignore_further_interrupts, is_distributed, one_line_reason, plot_bars,
-                   plot_training_curves, save_side_by_side, seed_everything, set_rng_state, stop_on_sigterm, unwrap,
+                   plot_training_curves, save_side_by_side, seed_everything, set_rng_state, stop_on_interrupts, unwrap,
                    use_bf16, write_json)
 
 # The figures (curves, code usage, reconstructions) take ~1 s to draw: with short epochs (a GPU) they are drawn
@@ -429,13 +429,15 @@ def configs_from_args(run_args: dict, model_args: dict) -> tuple[TrainConfig, VQ
 
 
 def main(argv=None):
+    stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     rank, world, _ = distributed_env()
     finished = False
     try:
         with exits_with_one_line(f"error (rank {rank})" if world > 1 else "error",
                                  "interrupted before training started; no checkpoint was written or changed"):
             cfg, model_cfg, state = configs_from_args(*parse_config_flags(
-                argv, "train.py", __doc__, TrainConfig, VQVAEConfig, "model overrides (VQVAEConfig; default: the preset's value)"))
+                argv, "train.py", __doc__, TrainConfig, VQVAEConfig,
+                "model overrides (VQVAEConfig; default: the preset's value)"))
             train(cfg, model_cfg, state)
             finished = True
     finally:
@@ -446,5 +448,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()  # a scheduler's SIGTERM stops like Ctrl-C: train() says what was saved and how to resume
     main()

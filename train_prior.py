@@ -27,7 +27,7 @@ from engine import (SavedEpochs, TensorBoardLog, config_or_error, lr_scheduler, 
 from metrics import batched, encode_images, prior_bits
 from modules import PixelCNNConfig, PixelCNNPrior
 from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
-                   read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_sigterm, use_bf16, write_json)
+                   read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_interrupts, use_bf16, write_json)
 
 
 def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, progress) -> float:
@@ -182,11 +182,11 @@ def configs_from_args(run_args: dict, prior_args: dict):
 
 
 def main(argv=None):
+    stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
-        train_prior(*configs_from_args(*parse_config_flags(argv, "train_prior.py", __doc__, PriorTrainConfig, PixelCNNConfig,
-                                                           "prior (PixelCNNConfig)", exclude=DERIVED)))
+        train_prior(*configs_from_args(*parse_config_flags(argv, "train_prior.py", __doc__, PriorTrainConfig,
+                                                           PixelCNNConfig, "prior (PixelCNNConfig)", exclude=DERIVED)))
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()  # a scheduler's SIGTERM stops like Ctrl-C: train_prior() says what was saved and how to resume
     main()

@@ -178,27 +178,37 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # Interruptions and command lines
 # ---------------------------------------------------------------------------------------------------------
 
-def stop_on_sigterm():
-    """Treat SIGTERM (`kill`, a cluster scheduler's time limit or pre-emption) like Ctrl-C: KeyboardInterrupt."""
+def stop_on_interrupts():
+    """Ctrl-C and SIGTERM (`kill`, a cluster scheduler's time limit or pre-emption) both raise KeyboardInterrupt, and
+    only once: the handler ignores every later one before anything else runs, so a second signal, however soon
+    after the first (an impatient double Ctrl-C), cannot cut short what the first one's handling saves and reports.
+    The trainers' main() calls it; in the main thread only, where handlers can be set."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _interrupt_once)
+
+
+def _interrupt_once(signum, frame):
+    ignore_further_interrupts()
+    raise KeyboardInterrupt
 
 
 @contextmanager
 def interrupts_deferred():
-    """Hold back Ctrl-C (and SIGTERM after stop_on_sigterm) inside the block and raise KeyboardInterrupt at its
+    """Hold back Ctrl-C (and SIGTERM after stop_on_interrupts) inside the block and raise KeyboardInterrupt at its
     end, so that what the block writes (an epoch's checkpoints and CSV rows) is written in full or not at all."""
     if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
         yield
         return
     received = []
-    held = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.default_int_handler]
+    held = [s for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) in (signal.default_int_handler, _interrupt_once)]
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if received else handler)
     if received:
         raise KeyboardInterrupt
 

@@ -17,19 +17,11 @@ def demo_root(tmp_path_factory):
     return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
 
 
-@pytest.fixture
-def sigterm_stops_like_ctrl_c():
-    """What the __main__ of train.py and train_prior.py sets up, undone afterwards."""
-    previous = signal.getsignal(signal.SIGTERM)
-    utils.stop_on_sigterm()
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 @pytest.fixture(autouse=True)
 def signal_handlers_restored():
-    """A script's main that handled Ctrl-C ignores further signals (utils.ignore_further_interrupts), as its process
-    is about to end; in this process the next test gets the handlers back."""
+    """A trainer's main installs its own Ctrl-C / SIGTERM handler (utils.stop_on_interrupts), and one that handled
+    an interrupt ignores further signals, as its process is about to end; in this process the next test gets the
+    handlers back."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
     for s, handler in previous.items():

@@ -384,7 +384,7 @@ def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_while_an_epoch_is_saved_lands_after_its_checkpoints_and_csv_rows(
-        demo_root, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
+        demo_root, tmp_path, monkeypatch, capsys, signum):
     real_save = engine.save_checkpoint
 
     def save_after_an_interrupt(state, path, *also):
@@ -480,6 +480,30 @@ def test_two_runs_started_together_in_one_out_folder_leave_one_run_and_one_error
     assert_one_line_error(loser.stderr.strip().splitlines()[-1], str(run))
     assert "is being written by train.py (pid" in loser.stderr or "already holds a run" in loser.stderr
     assert metrics_epochs(run) == [1]
+
+
+def test_a_second_ctrl_c_landing_before_the_first_is_handled_still_reports_what_was_saved(
+        demo_root, tmp_path, monkeypatch, capsys):
+    real_epoch, real_ignore, calls = train.train_epoch, train.ignore_further_interrupts, []
+
+    def ctrl_c_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_epoch(*a, **k)
+
+    def second_ctrl_c_first(*a):
+        os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, before the first one's handling has begun
+        real_ignore(*a)
+
+    monkeypatch.setattr(train, "train_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(train, "ignore_further_interrupts", second_ctrl_c_first)
+    run = tmp_path / "run"
+    r = run_main(train.main, train_args(demo_root, run, "--epochs", EPOCHS)[1:], capsys)
+    assert r.returncode == 130 and "Traceback" not in r.stderr
+    assert (f"interrupted during epoch 2; {run / 'last.pt'} holds epoch 1. Resume with: python train.py --resume "
+            f"{run / 'last.pt'}") in r.stderr
+    assert "before training started" not in r.stderr and metrics_epochs(run) == [1]
 
 
 def test_a_second_ctrl_c_while_the_first_is_handled_changes_nothing(demo_root, tmp_path, monkeypatch, capsys):

@@ -245,7 +245,7 @@ def metrics_epochs(out):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_while_a_prior_epoch_is_saved_lands_after_its_checkpoints_and_csv_row(
-        vqvae, tmp_path, monkeypatch, capsys, sigterm_stops_like_ctrl_c, signum):
+        vqvae, tmp_path, monkeypatch, capsys, signum):
     real_save = engine.save_checkpoint
 
     def save_after_an_interrupt(state, path, *also):
