@@ -1030,7 +1030,7 @@ def print_rd(rows: list[dict], speeds: dict, out: Path):
 
 
 def targets(rows: list[dict]) -> dict:
-    """The issue's targets as measured: SSIM against JPEG 2000 at 640 bytes and at equal bytes per slice, the
+    """The codec's targets as measured: SSIM against JPEG 2000 at 640 bytes and at equal bytes per slice, the
     prior-coded size, and whether the VQ-VAE points lie above every classical codec's points below 1.5 KB."""
     vq = [r for r in rows if r["codec"].startswith("VQ-VAE")]
     classical = [r for r in rows if not r["codec"].startswith("VQ-VAE")]

@@ -10,7 +10,8 @@ most 4095 holds 12-bit data and is scaled by 255/4095, any other by 255/65535 (1
 volume is at most 4095, so all its slices get the same scale.
 
 Limits: a file is at most MAX_FILE_BYTES and an image at most MAX_IMAGE_SIDE pixels per side, both checked before
-anything is decoded; unless --image-size resizes them, images are at least MIN_IMAGE_SIDE pixels per side.
+anything is decoded; unless --image-size resizes them, images are at least MIN_IMAGE_SIDE pixels per side (the side
+limits, like the split names and SliceDataset, are in images.py).
 """
 
 import io

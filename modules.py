@@ -1,7 +1,13 @@
-"""VQ-VAE building blocks (van den Oord et al. 2017, arXiv:1711.00937) and the presets built from them.
+"""The models: the VQ-VAE (van den Oord et al. 2017, arXiv:1711.00937) and the gated PixelCNN prior over its codes.
 
-A model is `Encoder -> VectorQuantizer -> Decoder`; every hyper-parameter lives in `VQVAEConfig`, which is
-saved inside every checkpoint so the exact model can be rebuilt from the file alone.
+- VQ-VAE: `Encoder -> VectorQuantizer -> Decoder` (VQVAE), its config (VQVAEConfig) and the presets (PRESETS: model
+  and optimiser settings together); the quantiser's straight-through estimator, EMA codebook, k-means
+  initialisation and dead-code restarts, with the DDP helpers they use (all_reduce_sum, broadcast_from_rank0);
+- prior: PixelCNNConfig, the causal convolutions and gated layers, PixelCNNPrior (training, sampling, completion);
+- config plumbing shared with checkpoints.py: ConfigError, config_from_dict, first_failure.
+
+Every hyper-parameter lives in a config dataclass saved inside every checkpoint, so the exact model can be rebuilt
+from the file alone.
 """
 import math
 from dataclasses import dataclass, fields

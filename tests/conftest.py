@@ -7,8 +7,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the flat repo root: modules, dataset, ...
 
-import utils  # noqa: E402
+import torch  # noqa: E402
+
 from dataset import generate_demo  # noqa: E402
+
+# One thread, as in the scripts the tests start (helpers.ONE_THREAD): the tests' tiny tensors gain nothing from a
+# second one, and a run in this process then computes exactly what the same run in a child does.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

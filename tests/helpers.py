@@ -1,4 +1,5 @@
 """Plain helpers shared by several test modules (fixtures are in conftest.py)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,24 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_script(*args, cwd=REPO):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+# A VQ-VAE of a few thousand weights, for every test that trains or builds one (K is each test's choice).
+TINY_MODEL = dict(hidden_channels=16, residual_channels=8, embedding_dim=8)
+# Children use one thread: light on a shared 2-core machine, and the same arithmetic in every child.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def tiny_args(demo_root, out, *extra):
-    """train.py flags for a tiny model on the data at `demo_root`, writing to `out`."""
-    return ["--dataset", "demo", "--data-root", str(demo_root), "--batch-size", "8", "--hidden-channels", "16",
-            "--residual-channels", "8", "--embedding-dim", "8", "--out", str(out), *extra]
+def run_script(*args, cwd=REPO, env=ONE_THREAD, timeout=300, **kwargs):
+    """`python ARGS...` in the repository as a user runs it, finished: for what needs a process of its own (signals,
+    torchrun, resource limits, two writers, the import of a script); everything else runs in-process (run_main)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def tiny_args(data_root, out, *extra, dataset="demo"):
+    """train.py flags for a TINY_MODEL (batch 8) on the slices at `data_root`, writing to `out`."""
+    from engine import command_flags
+    return [*command_flags({"dataset": dataset, "data_root": data_root, "batch_size": 8, **TINY_MODEL, "out": out}),
+            *map(str, extra)]
 
 
 def write_image(path, pixels, mode=None, **save_kwargs):
@@ -50,9 +61,6 @@ def nan_weights_on_second_call(real_epoch):
     return epoch
 
 
-TINY_MODEL = dict(hidden_channels=16, residual_channels=8, embedding_dim=8, codebook_size=16)
-
-
 def vqvae_state(epoch=1, **train_config):
     """A complete VQ-VAE checkpoint state of a tiny untrained model, as train.py saves it (without format)."""
     from dataclasses import asdict
@@ -61,7 +69,7 @@ def vqvae_state(epoch=1, **train_config):
     from modules import VQVAEConfig
     from utils import rng_state
     cfg = TrainConfig(dataset="demo", **train_config).resolved()
-    model_cfg = VQVAEConfig(**TINY_MODEL)
+    model_cfg = VQVAEConfig(**TINY_MODEL, codebook_size=16)
     model, opt, scheduler = build_training(cfg, model_cfg, torch.device("cpu"), 10)
     model(torch.zeros(2, 1, 16, 16)).losses["reconstruction"].backward()
     opt.step()

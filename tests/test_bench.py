@@ -2,9 +2,6 @@
 training step never waits for the GPU."""
 import json
 from dataclasses import replace
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +11,14 @@ import bench
 from dataset import generate_demo
 from checkpoints import TrainConfig
 from engine import build_training, train_step
+from helpers import TINY_MODEL, run_script
 from modules import PRESETS, ConvTranspose2d, count_codes
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *TINY, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return run_script("bench.py", *TINY, *args, timeout=120)
 
 
 def test_bench_measures_everything_it_promises(tmp_path):
@@ -97,7 +93,7 @@ def test_code_counts_equal_bincount(k):
 def test_a_training_step_never_waits_for_the_gpu(name):
     device = torch.device("cuda")
     cfg = TrainConfig(preset=name, batch_size=4, grad_clip=1.0).resolved()
-    model_cfg = replace(PRESETS[name].model, hidden_channels=16, residual_channels=8, embedding_dim=8)
+    model_cfg = replace(PRESETS[name].model, **TINY_MODEL)
     model, opt, scheduler = build_training(cfg, model_cfg, device, 10)
     x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)

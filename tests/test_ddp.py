@@ -3,9 +3,6 @@
 One set of outputs from a torchrun run; weights and quantiser buffers identical on every rank; 2 ranks x batch b
 equal 1 rank x batch 2b where no batch statistics are involved; --resume under DDP equals an uninterrupted run;
 a failure on one rank stops every rank."""
-import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from datetime import timedelta
 from types import SimpleNamespace
@@ -22,16 +19,14 @@ import train
 from checkpoints import TrainConfig, load_checkpoint, load_split
 from engine import LRSchedule, TimeBudget
 from modules import VQVAE, VQVAEConfig
-from helpers import REPO, tiny_args
+from helpers import TINY_MODEL, run_script, tiny_args
 from utils import UserError, fail_together, seed_everything, unwrap
 
 ARGS = ("--lr-schedule", "constant", "--precision", "fp32", "--device", "cpu")  # CPU DDP, also where GPUs exist
 
 
 def torchrun(*args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +85,7 @@ def test_a_bad_flag_stops_every_rank(demo_root, tmp_path):
 # In-process checks: 2 ranks spawned here, each running train.train_epoch on its share of fixed images
 # ---------------------------------------------------------------------------------------------------------
 
-TINY = dict(hidden_channels=16, residual_channels=8, embedding_dim=8, codebook_size=16)
+TINY = dict(**TINY_MODEL, codebook_size=16)
 
 
 def epoch(model_cfg, images, batch_size, rank=0, world=1, shuffle=False, deadline=0.0):

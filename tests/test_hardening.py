@@ -1,4 +1,4 @@
-"""Issue 7: bad input, interruptions and untrusted files never crash with a traceback or lose work.
+"""Bad input, interruptions and untrusted files never crash with a traceback or lose work.
 
 Everything goes through the scripts (train.py and predict.py as subprocesses) unless a fault can only be
 injected in-process; loader-level behaviour is in test_dataset.py, checkpoint-level in test_utils.py.
@@ -27,12 +27,10 @@ from PIL import Image
 import engine
 import predict
 import train
-from helpers import REPO, assert_one_line_error, nan_weights_on_second_call, run_main
+from helpers import ONE_THREAD, REPO, assert_one_line_error, nan_weights_on_second_call, run_main, run_script, tiny_args
 from checkpoints import load_checkpoint, save_checkpoint
 from engine import reserve_run_folder
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # light on a shared CPU, and the same arithmetic in every child
-TINY_MODEL = ["--batch-size", "8", "--hidden-channels", "16", "--residual-channels", "8", "--embedding-dim", "8"]
 SPLIT_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
 EPOCHS = 3  # of the shared run
 
@@ -41,15 +39,10 @@ EPOCHS = 3  # of the shared run
 # helpers and the shared run
 # ---------------------------------------------------------------------------------------------------------
 
-def script(*args, **kwargs):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
 def scripts(*calls):
     """Several script runs, two at a time; their results in order."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda args: script(*args), calls))
+        return list(pool.map(lambda args: run_script(*args), calls))
 
 
 def assert_ends_with_error_line(result, *fragments):
@@ -70,8 +63,7 @@ def oasis_tree(source, where):
 
 
 def train_args(data_root, out, *extra):
-    return ["train.py", "--dataset", "OASIS", "--data-root", str(data_root), *TINY_MODEL, "--out", str(out),
-            *map(str, extra)]
+    return ["train.py", *tiny_args(data_root, out, *extra, dataset="OASIS")]
 
 
 def train_files(tree):
@@ -95,10 +87,8 @@ def shared(demo_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("shared")
     tree = oasis_tree(demo_root, base / "données IRM" / "keras png ✓")
     run, predicted = base / "runs ü" / "run 1", base / "sortie é"
-    r = script(*train_args(tree, run, "--epochs", EPOCHS))
-    assert r.returncode == 0, r.stderr
-    r = script("predict.py", "--checkpoint", run / "best.pt", "--out", predicted)
-    assert r.returncode == 0, r.stderr
+    train.main(train_args(tree, run, "--epochs", EPOCHS)[1:])
+    predict.main(["--checkpoint", str(run / "best.pt"), "--out", str(predicted)])
     return tree, run, predicted
 
 
@@ -164,42 +154,44 @@ BAD_DATA = [empty_png, truncated_png, truncated_jpeg, web_page_named_jpeg, odd_s
             zip_of_another_layout]
 
 
-def test_bad_data_stops_training_with_one_line_naming_the_file_and_the_fix(demo_root, tmp_path):
+def test_bad_data_stops_training_with_one_line_naming_the_file_and_the_fix(demo_root, tmp_path, capsys):
     trees = [oasis_tree(demo_root, tmp_path / spoil.__name__) for spoil in BAD_DATA]
     expected = [spoil(tree) for spoil, tree in zip(BAD_DATA, trees)]
-    results = scripts(*(train_args(tree, tmp_path / f"run {i}", "--epochs", 1) for i, tree in enumerate(trees)))
+    results = [run_main(train.main, train_args(tree, tmp_path / f"run {i}", "--epochs", 1)[1:], capsys)
+               for i, tree in enumerate(trees)]
     for spoil, result, fragments in zip(BAD_DATA, results, expected):
         assert_one_line_error(result, *fragments)
     assert not list(tmp_path.glob("run *"))
 
 
-def test_skip_bad_trains_on_the_readable_images_of_the_most_common_size(demo_root, tmp_path):
+def test_skip_bad_trains_on_the_readable_images_of_the_most_common_size(demo_root, tmp_path, capsys):
     tree = oasis_tree(demo_root, tmp_path / "data")
     files = train_files(tree)
     Image.fromarray(np.zeros((30, 32), np.uint8)).save(files[0])  # the odd size comes first
     files[1].write_bytes(b"")
     files[2].write_bytes(files[2].read_bytes()[:200])
     files[3].write_text("<html></html>")
-    r = script(*train_args(tree, tmp_path / "run", "--epochs", 1, "--skip-bad"))
+    r = run_main(train.main, train_args(tree, tmp_path / "run", "--epochs", 1, "--skip-bad")[1:], capsys)
     assert r.returncode == 0, r.stderr
     assert f"skipped 4 unreadable or odd-sized files (first: {files[0]})" in r.stdout
     assert "OASIS train: 28 slices" in r.stdout
 
 
-def test_predict_skips_a_bad_test_image_with_skip_bad_as_its_error_says(shared, tmp_path):
+def test_predict_skips_a_bad_test_image_with_skip_bad_as_its_error_says(shared, tmp_path, capsys):
     tree, run, _ = shared
     copy = oasis_tree(tree, tmp_path / "data")
     bad = sorted((copy / SPLIT_DIRS[2]).iterdir())[1]
     bad.write_bytes(b"")
-    refused, skipped = scripts(*(["predict.py", "--checkpoint", run / "best.pt", "--data-root", copy,
-                                  "--out", tmp_path / "out", *flags] for flags in ([], ["--skip-bad"])))
+    refused, skipped = (run_main(predict.main, ["--checkpoint", run / "best.pt", "--data-root", copy,
+                                                "--out", tmp_path / "out", *flags], capsys)
+                        for flags in ([], ["--skip-bad"]))
     assert_one_line_error(refused, f"cannot read image {bad}", "--skip-bad")
     assert skipped.returncode == 0, skipped.stderr
     assert f"skipped 1 unreadable or odd-sized files (first: {bad})" in skipped.stdout
     assert len(per_image_scores(tmp_path / "out")) == 3
 
 
-def test_error_while_a_long_split_loads_is_not_glued_to_its_progress_bar(tmp_path):
+def test_error_while_a_long_split_loads_is_not_glued_to_its_progress_bar(tmp_path, capsys):
     """Splits of more than 200 images draw a progress bar while they load."""
     for split in SPLIT_DIRS:
         (tmp_path / "data" / split).mkdir(parents=True)
@@ -207,12 +199,12 @@ def test_error_while_a_long_split_loads_is_not_glued_to_its_progress_bar(tmp_pat
         Image.fromarray(np.full((8, 8), i, np.uint8)).save(tmp_path / "data" / SPLIT_DIRS[0] / f"case_{i}_slice_0.png")
     bad = tmp_path / "data" / SPLIT_DIRS[0] / "case_150_slice_0.png"
     bad.write_bytes(b"")
-    r = script(*train_args(tmp_path / "data", tmp_path / "run", "--epochs", 1))
+    r = run_main(train.main, train_args(tmp_path / "data", tmp_path / "run", "--epochs", 1)[1:], capsys)
     assert "OASIS train:" in r.stderr  # the bar was drawn
     assert_ends_with_error_line(r, f"cannot read image {bad}")
 
 
-def test_colour_16_bit_and_palette_images_are_read_as_the_same_grey_levels(shared, tmp_path):
+def test_colour_16_bit_and_palette_images_are_read_as_the_same_grey_levels(shared, tmp_path, capsys):
     tree, run, predicted = shared
     recoded = oasis_tree(tree, tmp_path / "recoded")
     perm = np.random.default_rng(0).permutation(256).astype(np.uint8)  # palette index -> grey level, shuffled
@@ -230,7 +222,8 @@ def test_colour_16_bit_and_palette_images_are_read_as_the_same_grey_levels(share
     for path, encode in zip(test_files, encoders):
         encode(np.asarray(Image.open(path))).save(path)
     assert sorted(Image.open(p).mode for p in test_files) == ["I;16", "P", "RGB", "RGBA"]
-    r = script("predict.py", "--checkpoint", run / "best.pt", "--data-root", recoded, "--out", tmp_path / "out")
+    r = run_main(predict.main, ["--checkpoint", run / "best.pt", "--data-root", recoded, "--out", tmp_path / "out"],
+                 capsys)
     assert r.returncode == 0, r.stderr
     assert per_image_scores(tmp_path / "out") == per_image_scores(predicted)  # same pixels in, same scores out
 
@@ -257,10 +250,10 @@ def test_bad_flags_exit_with_one_line(demo_root, shared, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_new_run_never_overwrites_the_run_in_its_out_folder(shared):
+def test_a_new_run_never_overwrites_the_run_in_its_out_folder(shared, capsys):
     tree, run, _ = shared
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    r = script(*train_args(tree, run, "--epochs", 1))
+    r = run_main(train.main, train_args(tree, run, "--epochs", 1)[1:], capsys)
     assert_one_line_error(r, f"--out {run} already holds a run; continue it with --resume {run}")
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
@@ -347,7 +340,7 @@ def test_predict_says_where_the_missing_dataset_was_and_how_to_point_at_it(share
 def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninterrupted_one(shared, tmp_path):
     tree, uninterrupted, _ = shared
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, *train_args(tree, run, "--epochs", EPOCHS)], cwd=REPO, env=ENV,
+    process = subprocess.Popen([sys.executable, *train_args(tree, run, "--epochs", EPOCHS)], cwd=REPO, env=ONE_THREAD,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (run / "last.pt").exists():  # epoch 1 is saved
         assert process.poll() is None, process.communicate()
@@ -360,7 +353,7 @@ def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninter
     assert f"{run / 'last.pt'} holds epoch {saved}. Resume with: python train.py --resume {run / 'last.pt'}" in err
     assert metrics_epochs(run) == list(range(1, saved + 1))
 
-    r = script("train.py", "--resume", run / "last.pt")
+    r = run_script("train.py", "--resume", run / "last.pt")
     assert r.returncode == 0, r.stderr
     a, b = load_checkpoint(uninterrupted / "last.pt"), load_checkpoint(run / "last.pt")
     assert a["epoch"] == b["epoch"] == EPOCHS
@@ -371,7 +364,7 @@ def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninter
 
 def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_path):
     run = shutil.copytree(shared[1], tmp_path / "run")
-    r = script("train.py", "--resume", run / "checkpoints" / "epoch_001.pt")
+    r = run_script("train.py", "--resume", run / "checkpoints" / "epoch_001.pt")
     assert r.returncode == 0, r.stderr
     assert ("resumed from epoch 1: removed the rows of epochs 2-3, which this run trains again, from metrics.csv, "
             "code_usage.csv") in r.stdout
@@ -430,9 +423,9 @@ def test_kill_9_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "last.pt"]  # the next writer clears what they left
 
 
-def test_diverging_loss_stops_the_run_before_anything_is_saved(demo_root, tmp_path):
+def test_diverging_loss_stops_the_run_before_anything_is_saved(demo_root, tmp_path, capsys):
     run = tmp_path / "run"
-    r = script(*train_args(demo_root, run, "--epochs", EPOCHS, "--lr", "1e8"))
+    r = run_main(train.main, train_args(demo_root, run, "--epochs", EPOCHS, "--lr", "1e8")[1:], capsys)
     assert_ends_with_error_line(r, "training diverged in epoch 1", "nothing was saved", "lower --lr")
     assert not list(run.rglob("*.pt"))
 
@@ -459,7 +452,7 @@ def test_full_disk_while_saving_is_reported_and_keeps_the_previous_checkpoint(sh
     def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    r = script("train.py", "--resume", run / "last.pt", "--epochs", EPOCHS + 1, preexec_fn=small_disk)
+    r = run_script("train.py", "--resume", run / "last.pt", "--epochs", EPOCHS + 1, preexec_fn=small_disk)
     assert_ends_with_error_line(r, f"could not write checkpoint {run / 'checkpoints' / f'epoch_{EPOCHS + 1:03d}.pt'}",
                                 "File too large", "resume from the last checkpoint")
     assert load_checkpoint(run / "last.pt")["epoch"] == EPOCHS

@@ -19,7 +19,7 @@ import train_prior
 from checkpoints import load_checkpoint, save_checkpoint
 from dataset import generate_demo
 from modules import PixelCNNConfig, PixelCNNPrior
-from helpers import REPO, assert_one_line_error, make_adni, nan_weights_on_second_call, run_main, run_script, tiny_args
+from helpers import ONE_THREAD, REPO, assert_one_line_error, make_adni, nan_weights_on_second_call, run_main, tiny_args
 from images import ssim
 from metrics import frechet_distance, nearest_ssim
 
@@ -136,7 +136,7 @@ PRIOR_FLAGS = ["--batch-size", "8", "--channels", "8", "--layers", "2", "--kerne
 
 def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_path, capsys):
     out = tmp_path / "prior"
-    r = run_script("train_prior.py", "--vqvae", str(vqvae), "--epochs", "2", "--out", str(out), *PRIOR_FLAGS)
+    r = run_main(train_prior.main, ["--vqvae", vqvae, "--epochs", "2", "--out", out, *PRIOR_FLAGS], capsys)
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "metrics.csv", "loss.png", "best.pt", "last.pt", "samples/epoch_001.png",
                  "samples/epoch_002.png"):
@@ -148,12 +148,12 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     assert state["model_config"]["layers"] == 2 and state["vqvae_checkpoint"] == str(vqvae)
     assert state["vqvae_model_config"] == load_checkpoint(vqvae)["model_config"]
 
-    r = run_script("train_prior.py", "--resume", str(out / "last.pt"), "--epochs", "3")
+    r = run_main(train_prior.main, ["--resume", out / "last.pt", "--epochs", "3"], capsys)
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out / "last.pt", kind="prior")["epoch"] == 3
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3
 
-    r = run_script("predict.py", "--sample", "4", "--prior", str(out / "best.pt"), "--out", str(tmp_path / "s"))
+    r = run_main(predict.main, ["--sample", "4", "--prior", out / "best.pt", "--out", tmp_path / "s"], capsys)
     assert r.returncode == 0, r.stderr
     for name in ("samples.png", "completions.png", "sample_scores.json"):
         assert (tmp_path / "s" / name).is_file(), name
@@ -267,7 +267,7 @@ def test_sigterm_stops_train_prior_like_ctrl_c_and_says_how_to_resume(vqvae, tmp
     out = tmp_path / "prior"
     process = subprocess.Popen([sys.executable, "train_prior.py", "--vqvae", str(vqvae), "--epochs", "1000",
                                 "--out", str(out), *PRIOR_FLAGS], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     while not (out / "last.pt").exists():  # epoch 1 is saved
         assert process.poll() is None, process.communicate()
         time.sleep(0.01)

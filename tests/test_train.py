@@ -7,13 +7,13 @@ import torch
 import predict
 import train
 from dataset import generate_demo
-from helpers import assert_one_line_error, run_script, tiny_args
+from helpers import assert_one_line_error, run_main, tiny_args
 from checkpoints import load_checkpoint, save_checkpoint
 
 
-def test_train_then_predict_write_every_promised_file(demo_root, tmp_path):
+def test_train_then_predict_write_every_promised_file(demo_root, tmp_path, capsys):
     out = tmp_path / "run"
-    r = run_script("train.py", *tiny_args(demo_root, out, "--epochs", "2"))
+    r = run_main(train.main, tiny_args(demo_root, out, "--epochs", "2"), capsys)
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "metrics.csv", "code_usage.csv", "best.pt", "last.pt", "loss.png", "ssim.png",
                  "codebook.png", "code_usage.png", "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt",
@@ -24,7 +24,7 @@ def test_train_then_predict_write_every_promised_file(demo_root, tmp_path):
                    "codes_used_pct", "perplexity", "lr", "epoch_seconds"):
         assert column in header
 
-    r = run_script("predict.py", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "pred"))
+    r = run_main(predict.main, ["--checkpoint", out / "best.pt", "--out", tmp_path / "pred"], capsys)
     assert r.returncode == 0, r.stderr
     for name in ("per_image.csv", "summary.json", "reconstructions.png", "triplets.png", "ssim_hist.png",
                  "loss.png", "ssim.png"):
@@ -103,25 +103,25 @@ def test_out_of_range_flags_exit_with_one_line_before_anything_is_written(demo_r
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_dataset_root_and_bad_checkpoint_exit_with_one_line(tmp_path):
-    r = run_script("train.py", "--dataset", "OASIS", "--data-root", str(tmp_path / "nowhere"))
+def test_missing_dataset_root_and_bad_checkpoint_exit_with_one_line(tmp_path, capsys):
+    r = run_main(train.main, ["--dataset", "OASIS", "--data-root", tmp_path / "nowhere"], capsys)
     assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    r = run_script("predict.py", "--checkpoint", str(tmp_path / "bad.pt"))
+    r = run_main(predict.main, ["--checkpoint", tmp_path / "bad.pt"], capsys)
     assert r.returncode != 0 and "cannot load checkpoint" in r.stderr and "Traceback" not in r.stderr
-    r = run_script("train.py", "--resume", str(tmp_path / "bad.pt"))
+    r = run_main(train.main, ["--resume", tmp_path / "bad.pt"], capsys)
     assert r.returncode != 0 and "cannot load checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_predict_says_how_to_point_at_a_dataset_that_moved(demo_root, tmp_path):
+def test_predict_says_how_to_point_at_a_dataset_that_moved(demo_root, tmp_path, capsys):
     import shutil
     moved = tmp_path / "data"
     shutil.copytree(demo_root, moved)
     train.main(tiny_args(moved, tmp_path / "run", "--epochs", "1", "--dataset", "OASIS"))  # demo files, OASIS layout
     shutil.rmtree(moved)
-    r = run_script("predict.py", "--checkpoint", str(tmp_path / "run" / "best.pt"))
+    r = run_main(predict.main, ["--checkpoint", tmp_path / "run" / "best.pt"], capsys)
     assert r.returncode != 0 and "--data-root" in r.stderr and "Traceback" not in r.stderr
-    r = run_script("predict.py", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data-root", str(demo_root))
+    r = run_main(predict.main, ["--checkpoint", tmp_path / "run" / "best.pt", "--data-root", demo_root], capsys)
     assert r.returncode == 0, r.stderr
 
 
