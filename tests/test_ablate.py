@@ -40,9 +40,10 @@ def test_unknown_variant_and_an_out_that_is_a_file_are_one_line_errors(tmp_path,
 
 def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=0))
+    monkeypatch.setattr(ablate.subprocess, "run",
+                        lambda cmd, **kwargs: commands.append(cmd) or SimpleNamespace(returncode=0))
     args = SimpleNamespace(dataset="OASIS", data_root="/data", image_size=None, max_minutes=10.0, epochs=40,
-                           batch_size=16, seed=0, device="cpu")
+                           batch_size=16, precision="auto", threads=None, seed=0, device="cpu")
     ablate.train_variant("default-no-warmup-no-clip", args, tmp_path / "run", resume=False)
     command = " ".join(commands[0])
     assert "--preset default" in command and "--epochs 40" in command and "--max-minutes 10.0" in command
