@@ -22,6 +22,37 @@ def demo_root(tmp_path_factory):
     return generate_demo(tmp_path_factory.mktemp("data") / "demo", size=32, n_patients=10, slices_per_patient=4)
 
 
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory):
+    """A tiny VQ-VAE (32x32 demo slices -> 8x8 codes, K=16) and a tiny prior trained on its codes, trained once per
+    test session: (vqvae best.pt, prior best.pt), the prior in prior/ of the VQ-VAE's run folder, where the commands
+    look for it. Tests read them or copy them; none changes them."""
+    import train
+    import train_prior
+    from checkpoints import load_checkpoint, load_split, rebuild_prior, save_checkpoint
+    from compress import load_codec
+    from helpers import tiny_args
+    root = tmp_path_factory.mktemp("trained")
+    data = generate_demo(root / "demo", size=32, n_patients=10, slices_per_patient=4)
+    vqvae, prior = root / "vq" / "best.pt", root / "vq" / "prior" / "best.pt"
+    train.main(tiny_args(data, root / "vq", "--epochs", "1", "--codebook-size", "16", "--downsamplings", "2"))
+    train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--batch-size", "8", "--channels", "8", "--layers", "2",
+                      "--kernel-size", "3", "--epoch-samples", "0"])
+    # One epoch of 4 steps leaves the prior near uniform: 60 more steps here (seconds fewer than more epochs).
+    codec, cfg, state = load_codec(vqvae, None, torch.device("cpu"), 64, "auto")
+    codes = codec.codes(load_split(cfg, "train", None, demo=state["demo_settings"], verbose=False).images)
+    prior_state = load_checkpoint(prior, "prior")
+    model, _ = rebuild_prior(prior_state, prior)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(codes), codes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint({**prior_state, "model": model.state_dict()}, prior)
+    return vqvae, prior
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers_restored():
     """A trainer's main installs its own Ctrl-C / SIGTERM handler (utils.stop_on_interrupts), and one that handled

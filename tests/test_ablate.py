@@ -6,13 +6,13 @@ from types import SimpleNamespace
 import pytest
 
 import ablate
-from helpers import assert_one_line_error, run_main, run_script
+from helpers import assert_one_line_error, run_main
 
 
-def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path):
-    args = ["ablate.py", "--dataset", "demo", "--data-root", str(demo_root), "--epochs", "1", "--batch-size", "8",
-            "--variants", "seed,default-no-restart", "--out", str(tmp_path)]
-    first = run_script(*args)
+def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path, capsys):
+    args = ["--dataset", "demo", "--data-root", demo_root, "--epochs", "1", "--batch-size", "8",
+            "--variants", "seed,default-no-restart", "--out", tmp_path]
+    first = run_main(ablate.main, args, capsys)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("=== ") == 2  # both variants trained
     rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
@@ -23,7 +23,7 @@ def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_p
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == ["| seed", "| default-no-restart"]
 
-    again = run_script(*args)
+    again = run_main(ablate.main, args, capsys)
     assert again.returncode == 0 and "=== " not in again.stdout  # scored again, not retrained
     rescored = json.loads((tmp_path / "ablation.json").read_text())["rows"]
     # equal up to float rounding: on CUDA, cuDNN may pick other (equally valid) kernels the second time

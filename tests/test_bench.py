@@ -11,20 +11,20 @@ import bench
 from dataset import generate_demo
 from checkpoints import TrainConfig
 from engine import build_training, train_step
-from helpers import TINY_MODEL, run_script
+from helpers import TINY_MODEL, run_main
 from modules import PRESETS, ConvTranspose2d, count_codes
 
 TINY = ["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
 
 
-def run_bench(*args):
-    return run_script("bench.py", *TINY, *args, timeout=120)
+def run_bench(capsys, *args):
+    return run_main(bench.main, [*TINY, *args], capsys)
 
 
-def test_bench_measures_everything_it_promises(tmp_path):
+def test_bench_measures_everything_it_promises(tmp_path, capsys):
     out = tmp_path / "bench.json"
     have_reference = bench.REFERENCE.is_file()
-    r = run_bench("--json", str(out), *([] if have_reference else ["--skip-reference"]))
+    r = run_bench(capsys, "--json", out, *([] if have_reference else ["--skip-reference"]))
     assert r.returncode == 0, r.stderr
     results = json.loads(out.read_text())
     expected = {
@@ -48,10 +48,10 @@ def test_bench_measures_everything_it_promises(tmp_path):
     assert "training (img/s)" in r.stdout
 
 
-def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path):
+def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path, capsys):
     generate_demo(tmp_path / "slices", size=32, n_patients=10, slices_per_patient=2)
     out = tmp_path / "quality.json"
-    r = run_bench("--quality", "--epochs", "1", "--data-root", str(tmp_path / "slices"), "--json", str(out))
+    r = run_bench(capsys, "--quality", "--epochs", "1", "--data-root", tmp_path / "slices", "--json", out)
     assert r.returncode == 0, r.stderr
     results = json.loads(out.read_text())
     assert results["settings"]["data"] == str(tmp_path / "slices")

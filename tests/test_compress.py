@@ -1,6 +1,6 @@
 """compress.py: the .vqz codec (exact round trips, the prior's incremental float64 conditionals, integer
 frequencies that do not depend on the thread count, coded size against the prior's NLL), its header checks and
-refusals, and the rate-distortion study, on tiny models trained here on tiny generated slices."""
+refusals, and the rate-distortion study, on the session's tiny models (conftest.trained_models)."""
 import csv
 import json
 
@@ -10,10 +10,8 @@ import torch
 from PIL import Image
 
 import compress
-import train
-import train_prior
-from checkpoints import load_checkpoint, load_split, rebuild_prior, save_checkpoint
-from helpers import tiny_args, write_image
+from checkpoints import load_split
+from helpers import write_image
 from metrics import prior_bits, score_split
 from modules import PixelCNNConfig, PixelCNNPrior
 from utils import autocast
@@ -21,42 +19,9 @@ from utils import autocast
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The codec's steps are small matrix products, which a second thread slows down on a busy 2-core machine (the
-    tests that compare thread counts set their own)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def models(demo_root, tmp_path_factory):
-    """A tiny VQ-VAE (32x32 slices -> 8x8 codes, K=16) and a tiny prior trained on its codes, as checkpoints."""
-    root = tmp_path_factory.mktemp("compress")
-    vqvae, prior = root / "vq" / "best.pt", root / "vq" / "prior" / "best.pt"
-    train.main(tiny_args(demo_root, root / "vq", "--epochs", "1", "--codebook-size", "16", "--downsamplings", "2"))
-    train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--batch-size", "8", "--channels", "8", "--layers", "2",
-                      "--kernel-size", "3", "--epoch-samples", "0"])
-    # One epoch of 4 steps leaves the prior near uniform: 60 more steps here (seconds fewer than more epochs).
-    codec, cfg, state = compress.load_codec(vqvae, None, CPU, 64, "auto")
-    codes = codec.codes(load_split(cfg, "train", None, demo=state["demo_settings"], verbose=False).images)
-    prior_state = load_checkpoint(prior, "prior")
-    model, _ = rebuild_prior(prior_state, prior)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = torch.nn.functional.cross_entropy(model(codes), codes)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_checkpoint({**prior_state, "model": model.state_dict()}, prior)
-    return vqvae, prior
-
-
-@pytest.fixture(scope="module")
-def codec(models):
-    c, cfg, state = compress.load_codec(*models, CPU, 64, "auto")
+def codec(trained_models):
+    c, cfg, state = compress.load_codec(*trained_models, CPU, 64, "auto")
     c.test_images = load_split(cfg, "test", None, demo=state["demo_settings"], verbose=False).images
     c.train_images = load_split(cfg, "train", None, demo=state["demo_settings"], verbose=False).images
     return c
@@ -153,10 +118,10 @@ def test_fixed_length_codes_pack_and_unpack():
 # Round trips
 # ---------------------------------------------------------------------------------------------------------
 
-def test_encode_decode_round_trip_gives_the_same_codes_and_predicts_reconstruction(codec, models, tmp_path):
+def test_encode_decode_round_trip_gives_the_same_codes_and_predicts_reconstruction(codec, trained_models, tmp_path):
     """Files -> .vqz -> PNG: the decoded codes are the encoder's, and each PNG is the VQ-VAE's reconstruction as
     predict.py computes it (metrics.score_split, same precision), to the 8-bit pixel."""
-    checkpoint, prior = models
+    checkpoint, prior = trained_models
     images = codec.test_images
     for i, image in enumerate(images):
         write_image(tmp_path / "in" / f"case_{i}_slice_0.nii.png", image.numpy())
@@ -194,13 +159,13 @@ def test_every_coder_round_trips_in_any_grouping_and_thread_count(codec, coder):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_files_coded_on_the_cpu_and_on_cuda_are_the_same_bytes(models, codec):
+def test_files_coded_on_the_cpu_and_on_cuda_are_the_same_bytes(trained_models, codec):
     """The prior's integer frequencies on a GPU (float64 there too) are the CPU's: the same code maps give
     byte-identical files, and CPU-coded files decode to the same codes on the GPU."""
     codes = codec.codes(codec.test_images)
     shape = tuple(codec.test_images.shape[1:])
     on_cpu = codec.encode_codes(codes, shape, coder="prior")
-    gpu, _, _ = compress.load_codec(*models, torch.device("cuda"), 64, "auto")
+    gpu, _, _ = compress.load_codec(*trained_models, torch.device("cuda"), 64, "auto")
     assert gpu.encode_codes(codes, shape, coder="prior") == on_cpu
     decoded, _ = gpu.decode(on_cpu, [f"{i}.vqz" for i in range(len(on_cpu))])
     assert torch.equal(decoded, codes)
@@ -275,18 +240,18 @@ def one_file(codec):
 
 
 @pytest.mark.parametrize("case", list(BAD_FILES))
-def test_bad_files_are_refused_with_one_line(case, one_file, models, tmp_path, capsys):
+def test_bad_files_are_refused_with_one_line(case, one_file, trained_models, tmp_path, capsys):
     make, message = BAD_FILES[case]
     bad = tmp_path / "bad.vqz"
     bad.write_bytes(make(one_file))
-    checkpoint, prior = models
+    checkpoint, prior = trained_models
     fails_with(capsys, ["decode", "--checkpoint", str(checkpoint), "--prior", str(prior), str(bad),
                         "--out", str(tmp_path / "out")], message)
     assert not any((tmp_path / "out").glob("*.png"))
 
 
-def test_decoding_needs_the_prior_and_the_vqvae_it_was_encoded_with(one_file, models, tmp_path, capsys):
-    checkpoint, prior = models
+def test_decoding_needs_the_prior_and_the_vqvae_it_was_encoded_with(one_file, trained_models, tmp_path, capsys):
+    checkpoint, prior = trained_models
     f = tmp_path / "a.vqz"
     f.write_bytes(one_file)
     fails_with(capsys, ["decode", "--checkpoint", str(checkpoint), str(f), "--out", str(tmp_path / "o")],
@@ -302,8 +267,8 @@ def test_decoding_needs_the_prior_and_the_vqvae_it_was_encoded_with(one_file, mo
                "larger than any .vqz file")
 
 
-def test_outputs_are_never_overwritten(codec, models, tmp_path, capsys):
-    checkpoint, prior = models
+def test_outputs_are_never_overwritten(codec, trained_models, tmp_path, capsys):
+    checkpoint, prior = trained_models
     write_image(tmp_path / "in" / "x.png", codec.test_images[0].numpy())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x.vqz").write_bytes(b"mine")
@@ -318,8 +283,8 @@ def test_outputs_are_never_overwritten(codec, models, tmp_path, capsys):
                         str(tmp_path / "o3")], "not divisible")
 
 
-def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(models, codec, tmp_path, capsys):
-    checkpoint, _ = models
+def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(trained_models, codec, tmp_path, capsys):
+    checkpoint, _ = trained_models
     compress.main(["encode", "--checkpoint", str(checkpoint), "--split", "test", "--out", str(tmp_path / "s")])
     files = sorted((tmp_path / "s").glob("*.vqz"))
     assert len(files) == len(codec.test_images)
@@ -332,8 +297,8 @@ def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(m
 # Rate-distortion study
 # ---------------------------------------------------------------------------------------------------------
 
-def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(models, tmp_path, capsys):
-    checkpoint, prior = models
+def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_models, tmp_path, capsys):
+    checkpoint, prior = trained_models
     out = tmp_path / "rd"
     compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", str(prior), "--budgets", "80,400,3000",
                    "--out", str(out)])
@@ -361,8 +326,8 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(models, tm
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--out", str(out)], "already exists")
 
 
-def test_rd_compares_several_checkpoints(models, tmp_path, capsys):
-    checkpoint, prior = models
+def test_rd_compares_several_checkpoints(trained_models, tmp_path, capsys):
+    checkpoint, prior = trained_models
     out = tmp_path / "rd2"
     compress.main(["rd", "--checkpoint", str(checkpoint), "--checkpoint", str(checkpoint), "--prior", "none",
                    "--prior", str(prior), "--budgets", "500", "--codecs", "jpeg2000", "--no-verify", "--out", str(out)])

@@ -17,7 +17,6 @@ import predict
 import train
 import train_prior
 from checkpoints import load_checkpoint, save_checkpoint
-from dataset import generate_demo
 from modules import PixelCNNConfig, PixelCNNPrior
 from helpers import ONE_THREAD, REPO, assert_one_line_error, make_adni, nan_weights_on_second_call, run_main, tiny_args
 from images import ssim
@@ -123,12 +122,9 @@ def test_nearest_ssim_finds_copies_and_equals_an_exhaustive_search():
 
 
 @pytest.fixture(scope="module")
-def vqvae(tmp_path_factory):
-    """A tiny VQ-VAE (4x4 code maps, K=32) trained for one epoch on a tiny 32x32 demo tree."""
-    root = tmp_path_factory.mktemp("prior")
-    data = generate_demo(root / "demo", size=32, n_patients=10, slices_per_patient=4)
-    train.main(tiny_args(data, root / "vqvae", "--epochs", "1"))
-    return root / "vqvae" / "best.pt"
+def vqvae(trained_models):
+    """The session's tiny VQ-VAE (8x8 code maps, K=16)."""
+    return trained_models[0]
 
 
 PRIOR_FLAGS = ["--batch-size", "8", "--channels", "8", "--layers", "2", "--kernel-size", "3", "--epoch-samples", "4"]
@@ -144,7 +140,7 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"epoch", "train_bits_per_code", "val_bits_per_code", "lr"} <= set(header)
     state = load_checkpoint(out / "last.pt", kind="prior")
-    assert state["epoch"] == 2 and state["model_config"]["codebook_size"] == 32
+    assert state["epoch"] == 2 and state["model_config"]["codebook_size"] == 16
     assert state["model_config"]["layers"] == 2 and state["vqvae_checkpoint"] == str(vqvae)
     assert state["vqvae_model_config"] == load_checkpoint(vqvae)["model_config"]
 
