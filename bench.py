@@ -246,7 +246,8 @@ def speed(args, device) -> dict:
 
     achieved = project["flops_per_step"] / project["step_s"]
     # what the training target asks of this machine: the step's FLOPs at TARGETS["train_speedup"] x the yardstick
-    needed = reference and TARGETS["train_speedup"] * reference["img_per_s"] / args.batch_size * project["flops_per_step"]
+    needed = reference and (TARGETS["train_speedup"] * reference["img_per_s"] / args.batch_size
+                            * project["flops_per_step"])
     r = {
         "machine": machine(device),
         "settings": {"preset": args.preset, "size": args.size, "batch": args.batch_size, "steps": args.steps,
