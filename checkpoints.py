@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 0                     # initial weights, shuffling and the ADNI validation split
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default runs/<dataset>-<preset>-NNN
-    resume: str | None = None         # a run folder or checkpoint to continue from
+    resume: str | None = None         # a checkpoint to continue from, or its run folder (its last.pt)
 
     CHOICES = {"dataset": DATASETS, "preset": tuple(PRESETS), "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                "device": DEVICES, "slice_axis": SLICE_AXES}
@@ -98,7 +98,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PriorTrainConfig:
     """Everything train_prior.py needs besides the prior's config; one flag per field."""
-    vqvae: str | None = None          # the VQ-VAE checkpoint whose code maps are modelled (required)
+    vqvae: str | None = None          # the VQ-VAE checkpoint (or run folder: its best.pt) whose codes are modelled
     data_root: str | None = None      # where the VQ-VAE's dataset is now, if it moved after training
     conditional: bool = False         # condition on the class (needs a dataset with classes: ADNI's AD / NC)
     epochs: int = 30                  # epochs to train
@@ -113,7 +113,7 @@ class PriorTrainConfig:
     seed: int = 0                     # initial weights, shuffling and the samples drawn each epoch
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default: prior/ in the VQ-VAE's run folder
-    resume: str | None = None         # a prior run folder or checkpoint to continue from
+    resume: str | None = None         # a prior checkpoint to continue from, or its run folder (its last.pt)
 
     CHOICES = {"lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES}
 
