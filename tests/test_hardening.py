@@ -337,7 +337,7 @@ def test_predict_says_where_the_missing_dataset_was_and_how_to_point_at_it(share
 # interruptions and failures while training
 # ---------------------------------------------------------------------------------------------------------
 
-def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninterrupted_one(shared, tmp_path):
+def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninterrupted_one(shared, tmp_path, capsys):
     tree, uninterrupted, _ = shared
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, *train_args(tree, run, "--epochs", EPOCHS)], cwd=REPO, env=ONE_THREAD,
@@ -353,7 +353,7 @@ def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninter
     assert f"{run / 'last.pt'} holds epoch {saved}. Resume with: python train.py --resume {run / 'last.pt'}" in err
     assert metrics_epochs(run) == list(range(1, saved + 1))
 
-    r = run_script("train.py", "--resume", run / "last.pt")
+    r = run_main(train.main, ["--resume", run / "last.pt"], capsys)
     assert r.returncode == 0, r.stderr
     a, b = load_checkpoint(uninterrupted / "last.pt"), load_checkpoint(run / "last.pt")
     assert a["epoch"] == b["epoch"] == EPOCHS
@@ -362,9 +362,9 @@ def test_ctrl_c_keeps_a_consistent_last_pt_and_the_resumed_run_equals_an_uninter
     assert metrics_epochs(run) == list(range(1, EPOCHS + 1))
 
 
-def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_path):
+def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_path, capsys):
     run = shutil.copytree(shared[1], tmp_path / "run")
-    r = run_script("train.py", "--resume", run / "checkpoints" / "epoch_001.pt")
+    r = run_main(train.main, ["--resume", run / "checkpoints" / "epoch_001.pt"], capsys)
     assert r.returncode == 0, r.stderr
     assert ("resumed from epoch 1: removed the rows of epochs 2-3, which this run trains again, from metrics.csv, "
             "code_usage.csv") in r.stdout
