@@ -5,9 +5,9 @@
     python ablate.py --dataset demo --epochs 10 --variants seed,default
 
 Each variant is a normal train.py run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
-already finished its epochs (with --max-minutes: any run that saved an epoch) is scored again without retraining
-and an unfinished one is resumed, so an interrupted ablation can be re-run. --device, --precision and --batch-size
-go to train.py as they are, --threads as OMP_NUM_THREADS.
+already finished its epochs or spent its --max-minutes is scored again without retraining, and an unfinished one
+(interrupted, or crashed) is resumed with the rest of its budget, so an interrupted ablation can be re-run.
+--device, --precision and --batch-size go to train.py as they are, --threads as OMP_NUM_THREADS.
 """
 import argparse
 import os
@@ -54,13 +54,18 @@ def train_variant(name: str, args, run_dir: Path, resume: bool):
                         f"finished variants are not trained again, an unfinished one is resumed")
 
 
+def finished(state: dict, epochs: int) -> bool:
+    """Whether a variant's last checkpoint ends its training: all its epochs done, or its --max-minutes spent (the
+    checkpoint says so: TimeBudget.state). Anything else, a Ctrl-C or a crash, is resumed."""
+    return state["epoch"] >= epochs or bool(state.get("time_budget", {}).get("done"))
+
+
 def run_variant(name: str, args, device) -> dict:
     """Train the variant unless its run already finished (its epochs, or its minutes), then score its best.pt on
     args.split."""
     run_dir = args.out / name
     last = run_dir / "last.pt"
-    finished = last.is_file() and (load_checkpoint(last)["epoch"] >= args.epochs or args.max_minutes > 0)
-    if not finished:
+    if not (last.is_file() and finished(load_checkpoint(last), args.epochs)):
         train_variant(name, args, run_dir, resume=last.is_file())
     model, cfg, state = load_vqvae(run_dir / "best.pt", device)
     scored = load_split(cfg, args.split, demo=state["demo_settings"])

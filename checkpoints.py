@@ -144,6 +144,9 @@ SCHEMA = {
               "metrics": dict, "vqvae_checkpoint": str, "vqvae_epoch": int, "vqvae_model_config": dict,
               "vqvae_codebook": torch.Tensor, "class_names": list},
 }
+# kind -> key -> type of what a checkpoint of that kind may hold (newer keys; older files lack them), and its fields
+OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {}}
+TIME_BUDGET_SCHEMA = {"seconds_left": (int, float, type(None)), "done": bool}
 # What a resume reads on top: the optimiser, its schedule and the random streams.
 RESUME_SCHEMA = {"optimizer": dict, "scheduler": dict, "rng": dict}
 RNG_SCHEMA = {"torch": torch.Tensor, "python": tuple, "numpy": dict}
@@ -195,6 +198,9 @@ def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
         raise UserError(f"{path} holds a {state.get('kind')} checkpoint, but a {kind} checkpoint is needed here")
     try:
         _check_types(state, {**SCHEMA[kind], **(RESUME_SCHEMA if resume else {})})
+        _check_types(state, {k: t for k, t in OPTIONAL_SCHEMA[kind].items() if k in state})
+        if "time_budget" in state:
+            _check_types(state["time_budget"], TIME_BUDGET_SCHEMA, "time_budget.")
         if resume:
             _check_types(state["rng"], RNG_SCHEMA, "rng.")
             if not state["optimizer"].get("state") or not state["optimizer"].get("param_groups"):

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -190,12 +190,19 @@ def resume_checkpoint(run_args: dict, model_args: dict, allowed, kind: str) -> t
 
 def resumed_config(saved_cfg, run_args: dict, path: Path, state: dict):
     """The saved training config with the flags a resume may change, checked like any flag; UserError if the run
-    already finished the epochs asked for."""
+    already finished the epochs asked for, or spent its --max-minutes. Without a new --max-minutes, a run that had
+    one gets the rest of it (the checkpoint's time_budget, TimeBudget.state)."""
     cfg = config_or_error(type(saved_cfg), **{**vars(saved_cfg), **run_args, "resume": str(path),
                                                "out": str(run_dir_of(path))})
     if state["epoch"] >= cfg.epochs:
         raise UserError(f"{path} already finished epoch {state['epoch']} of {cfg.epochs}; pass a larger --epochs to "
                         f"train further")
+    budget = state.get("time_budget")
+    if budget and budget["seconds_left"] is not None and "max_minutes" not in run_args:
+        if budget["done"]:
+            raise UserError(f"{path} stopped when its --max-minutes {saved_cfg.max_minutes:g} were spent; pass "
+                            f"--max-minutes M with --resume to train M minutes more")
+        cfg = replace(cfg, max_minutes=max(1.0, budget["seconds_left"]) / 60)
     return cfg
 
 
@@ -262,12 +269,19 @@ class TimeBudget:
     """--max-minutes: a hard deadline by rank 0's clock, and a plan that fits the LR schedule to it.
 
     Early in a new run (global steps FROM_STEP..AT_STEP) the step time is measured, and the schedule's total is cut
-    to the steps that fit before the deadline, with each epoch's validation and saving estimated as well; the run
-    then ends at that step, annealed, instead of being stopped with the learning rate still high."""
+    to the steps that fit before the deadline, with each epoch's validation and saving estimated as well; at every
+    epoch's end the plan is made again from that epoch's own step time and validation time, so a host that slows
+    down or speeds up still ends on time. A plan also shortens the warmup to at most WARMUP_SHARE of its steps (or
+    ends it at once, if already past that), so even a budget shorter than the preset's warmup ends annealed. The
+    run then ends at the planned step, annealed, instead of being stopped with the learning rate still high.
+
+    The plan lives in the LR schedule (a resumed run continues it) and the time left in every checkpoint
+    (`state()`): a resumed run without a new --max-minutes gets the rest of its budget, not a new one."""
     FROM_STEP, AT_STEP = 10, 40
     EVAL_COST = 0.5         # a validation image costs about this share of a training image (forward only, SSIM)
     EPOCH_OVERHEAD_S = 3.0  # checkpoint, CSV rows and figures
     SAFETY = 0.97           # plan for this share of the time left
+    WARMUP_SHARE = 0.1      # of a planned run's steps, at most
 
     def __init__(self, minutes: float, eval_items: int, batch_size: int, verbose: bool):
         self.minutes, self.eval_items, self.batch_size, self.verbose = minutes, eval_items, batch_size, verbose
@@ -280,8 +294,14 @@ class TimeBudget:
     def up(self, device) -> bool:
         return bool(self.deadline) and time_is_up(self.deadline, device)
 
+    def state(self, done: bool) -> dict:
+        """What a checkpoint records of the budget: the seconds left (None without --max-minutes) and whether the
+        run stopped because its budget was spent (its planned steps done, or the deadline passed)."""
+        return {"seconds_left": max(0.0, self.deadline - time.monotonic()) if self.deadline else None,
+                "done": bool(done)}
+
     def observe(self, scheduler, steps_per_epoch: int, device):
-        """Call after every optimiser step; fits the schedule once, at global step AT_STEP, if not fitted yet."""
+        """Call after every optimiser step; plans once, at global step AT_STEP, if not planned yet."""
         schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
         if not self.deadline or schedule.fitted_to_deadline or step not in (self.FROM_STEP, self.AT_STEP):
             return
@@ -295,15 +315,27 @@ class TimeBudget:
             return
         step_seconds = (now - self._started) / (self.AT_STEP - self.FROM_STEP)
         eval_seconds = self.eval_items / self.batch_size * step_seconds * self.EVAL_COST + self.EPOCH_OVERHEAD_S
+        self.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds, schedule.total_steps, device)
+
+    def replan(self, scheduler, steps_per_epoch: int, step_seconds: float, eval_seconds: float, most: int, device):
+        """At an epoch's end: plan again from the step time and the validation time that epoch measured (at most
+        `most` steps in all, the --epochs' worth); a run not yet planned (it has not reached AT_STEP) is left."""
+        if self.deadline and scheduler.lr_lambdas[0].fitted_to_deadline:
+            self.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds + self.EPOCH_OVERHEAD_S, most, device)
+
+    def plan(self, scheduler, steps_per_epoch: int, step_seconds: float, eval_seconds: float, most: int, device):
+        """Fit the schedule to the steps that fit before the deadline (rank 0's plan, for every rank)."""
+        schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
         fit = steps_that_fit(self.SAFETY * (self.deadline - time.monotonic()), step_seconds, steps_per_epoch,
-                             step % steps_per_epoch, eval_seconds, schedule.total_steps - step)
+                             step % steps_per_epoch, eval_seconds, most - step)
         total = int(broadcast_from_rank0(torch.tensor([step + fit], device=device, dtype=torch.float64)).item())
+        changed = not schedule.fitted_to_deadline or total != schedule.total_steps
         schedule.fitted_to_deadline = True
-        if total < schedule.total_steps:
-            schedule.total_steps = total
-            if self.verbose:
-                tqdm.write(f"--max-minutes {self.minutes:g}: {total} steps ({total / steps_per_epoch:.2f} epochs) fit "
-                           f"before the deadline at {step_seconds:.3f} s/step; the learning rate schedule ends there")
+        schedule.total_steps = total
+        schedule.warmup_steps = min(schedule.warmup_steps, max(step, int(self.WARMUP_SHARE * total)))
+        if self.verbose and changed:
+            tqdm.write(f"--max-minutes {self.minutes:g}: {total} steps ({total / steps_per_epoch:.2f} epochs) fit "
+                       f"before the deadline at {step_seconds:.3f} s/step; the learning rate schedule ends there")
 
 
 def steps_that_fit(seconds: float, step_seconds: float, steps_per_epoch: int, step_in_epoch: int,

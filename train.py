@@ -234,9 +234,10 @@ def codebook_stats(counts: torch.Tensor, quantizer) -> dict:
 
 def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, autocast, budget, saved, epoch,
               tensorboard):
-    """Train one epoch and validate; returns its metrics.csv row, its code counts and the kept validation images."""
+    """Train one epoch and validate; returns its metrics.csv row, its code counts, the kept validation images and
+    (seconds per training step, seconds of validation), which --max-minutes plans with."""
     sampler.set_epoch(epoch)
-    t0 = time.perf_counter()
+    t0, first_step = time.perf_counter(), scheduler.last_epoch
     with tqdm(total=len(sampler) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", disable=not proc.main,
               leave=False, dynamic_ncols=True) as progress:
         train_metrics, counts, seen, wait = train_epoch(model, opt, scheduler, train_data, sampler, cfg, proc.device,
@@ -244,12 +245,14 @@ def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, a
     train_seconds = time.perf_counter() - t0
     saved.check_finite(epoch, "train loss", train_metrics["train_loss"], cfg)  # before anything of it is saved
     average_batchnorm_stats(unwrap(model))
+    t_val = time.perf_counter()
     val_metrics, val_scores = evaluate(unwrap(model), val_data, cfg, proc.device, autocast, keep=8)
+    timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
     saved.check_finite(epoch, "validation loss", val_metrics["val_loss"], cfg)  # e.g. the very last step broke it
     row = {"epoch": epoch, **train_metrics, **val_metrics, **codebook_stats(counts.cpu(), unwrap(model).quantizer),
            "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
            "train_img_per_s": seen / train_seconds, "data_wait_pct": 100 * wait / train_seconds}
-    return row, counts.cpu(), val_scores
+    return row, counts.cpu(), val_scores, timing
 
 
 def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, saved: SavedEpochs, tensorboard):
@@ -333,13 +336,16 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
     figures_at, epoch = -math.inf, start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            row, counts, val_scores = run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, amp,
-                                                budget, saved, epoch, tensorboard)
+            row, counts, val_scores, timing = run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg,
+                                                        proc, amp, budget, saved, epoch, tensorboard)
             best, best_val = row["val_loss"] < best_val, min(best_val, row["val_loss"])
             stopping = schedule_done(scheduler) or budget.up(proc.device)
+            if not stopping:  # before the save: a resumed run continues this plan
+                budget.replan(scheduler, steps_per_epoch, *timing, cfg.epochs * steps_per_epoch, proc.device)
             with fail_together(proc.device):  # also the barrier: no rank goes on before rank 0 has saved
                 if proc.main:
-                    saved.save(checkpoint_state(model, opt, scheduler, best_val, cfg, model_cfg, proc, row), epoch,
+                    saved.save(checkpoint_state(model, opt, scheduler, best_val, cfg, model_cfg, proc, row, budget,
+                                                stopping), epoch,
                                best, {"metrics.csv": row,
                                       "code_usage.csv": {"epoch": epoch, **{f"code_{i}": int(c) for i, c in
                                                                             enumerate(counts)}}})
@@ -392,11 +398,12 @@ def resume(state: dict | None, model, opt, scheduler, cfg: TrainConfig, proc: Pr
     return start_epoch, state["best_val_loss"]
 
 
-def checkpoint_state(model, opt, scheduler, best_val, cfg, model_cfg, proc, row) -> dict:
+def checkpoint_state(model, opt, scheduler, best_val, cfg, model_cfg, proc, row, budget, stopping) -> dict:
     """What a checkpoint holds besides the epoch and the random streams (SavedEpochs.save adds those)."""
     return {"kind": "vqvae", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
             "scheduler": scheduler.state_dict(), "best_val_loss": best_val, "model_config": asdict(model_cfg),
             "train_config": asdict(cfg), "world_size": proc.world, "metrics": row,
+            "time_budget": budget.state(done=stopping),
             "demo_settings": demo_settings(cfg.data_root) if cfg.dataset == "demo" else None}
 
 

@@ -48,3 +48,10 @@ def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tm
     command = " ".join(commands[0])
     assert "--preset default" in command and "--epochs 40" in command and "--max-minutes 10.0" in command
     assert "--warmup-steps 0" in command and "--grad-clip 0.0" in command
+
+
+def test_a_variant_stopped_by_its_deadline_is_finished_and_an_interrupted_one_is_resumed():
+    assert ablate.finished({"epoch": 40}, epochs=40)
+    assert ablate.finished({"epoch": 3, "time_budget": {"seconds_left": 0.0, "done": True}}, epochs=40)
+    assert not ablate.finished({"epoch": 3, "time_budget": {"seconds_left": 412.0, "done": False}}, epochs=40)
+    assert not ablate.finished({"epoch": 3}, epochs=40)  # no budget recorded: resumed

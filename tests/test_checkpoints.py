@@ -84,6 +84,9 @@ def test_truncated_empty_zeroed_foreign_and_missing_checkpoints_are_refused_with
     (lambda s: s["train_config"].update(image_size="256"), "image_size"),
     (lambda s: s["model"]["decoder.to_image.weight"].fill_(float("nan")), "NaN"),
     (lambda s: s["model"].pop("decoder.to_image.weight"), "decoder.to_image.weight"),
+    (lambda s: s.update(time_budget=[600.0]), "time_budget is a list"),
+    (lambda s: s.update(time_budget={"seconds_left": "600", "done": False}), "time_budget.seconds_left is a str"),
+    (lambda s: s.update(time_budget={"seconds_left": 600.0}), "missing time_budget.done"),
 ])
 def test_a_checkpoint_whose_schema_or_types_are_wrong_is_refused_on_load(tmp_path, tamper, reason):
     state = vqvae_state()

@@ -1,6 +1,7 @@
 """The pieces both trainers run on: the LR schedule and --max-minutes, run folders with one writer, flags."""
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -31,6 +32,61 @@ def test_a_schedule_fitted_to_the_deadline_is_restored_on_resume_and_others_stre
         engine.restore_scheduler(resumed, saved.state_dict(), total_steps=200)
         assert resumed.lr_lambdas[0].total_steps == expected
     assert engine.LRSchedule("cosine", 0, 37)(37) == pytest.approx(0.0)
+
+
+def planned(seconds_left, step, step_seconds, warmup=100, steps_per_epoch=1000, eval_seconds=0.0, most=10000,
+            scheduler=None):
+    """A cosine schedule at `step` planned by a TimeBudget with `seconds_left` before its deadline."""
+    if scheduler is None:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, engine.LRSchedule("cosine", warmup, most))
+        scheduler.last_epoch = step
+    budget = engine.TimeBudget(1.0, 0, 16, verbose=False)
+    budget.deadline = time.monotonic() + seconds_left
+    budget.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds, most, torch.device("cpu"))
+    return scheduler
+
+
+def test_a_budget_shorter_than_the_warmup_ends_annealed():
+    schedule = planned(seconds_left=36, step=40, step_seconds=1.0, warmup=100).lr_lambdas[0]
+    assert schedule.fitted_to_deadline and 70 <= schedule.total_steps <= 75
+    assert schedule.warmup_steps == 40  # past a tenth of the plan already: the warmup ends now
+    assert schedule(schedule.total_steps - 1) < 0.01 and schedule(schedule.total_steps) == pytest.approx(0.0)
+    long = planned(seconds_left=10000, step=40, step_seconds=1.0, warmup=100).lr_lambdas[0]
+    assert long.warmup_steps == 100  # a plan of thousands of steps keeps the preset's warmup
+
+
+def test_the_plan_is_made_again_at_each_epoch_end_from_that_epochs_step_time():
+    scheduler = planned(seconds_left=1000, step=40, step_seconds=1.0, steps_per_epoch=100)
+    first = scheduler.lr_lambdas[0].total_steps
+    scheduler.last_epoch = 100  # the end of epoch 1: the host got twice as slow
+    budget = engine.TimeBudget(1.0, 0, 16, verbose=False)
+    budget.deadline = time.monotonic() + 1000 - 60 - 100
+    budget.replan(scheduler, 100, 2.0, 5.0, 10000, torch.device("cpu"))
+    slower = scheduler.lr_lambdas[0].total_steps
+    budget.replan(scheduler, 100, 0.5, 5.0, 10000, torch.device("cpu"))  # and then four times faster
+    assert slower < first < scheduler.lr_lambdas[0].total_steps
+    budget.replan(scheduler, 100, 1e-6, 0.0, 2000, torch.device("cpu"))
+    assert scheduler.lr_lambdas[0].total_steps == 2000  # never beyond --epochs
+
+
+def test_a_schedule_not_yet_planned_is_left_at_an_epoch_end():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, engine.LRSchedule("cosine", 100, 600))
+    budget = engine.TimeBudget(1.0, 0, 16, verbose=False)
+    budget.replan(scheduler, 20, 1.0, 1.0, 600, torch.device("cpu"))
+    assert scheduler.lr_lambdas[0].total_steps == 600 and not scheduler.lr_lambdas[0].fitted_to_deadline
+
+
+def test_a_resumed_run_gets_the_rest_of_its_budget_and_a_spent_one_is_refused(tmp_path):
+    saved = TrainConfig(dataset="demo", epochs=10, max_minutes=30.0)
+    state = {"epoch": 2, "time_budget": {"seconds_left": 600.0, "done": False}}
+    assert engine.resumed_config(saved, {}, tmp_path / "last.pt", state).max_minutes == pytest.approx(10.0)
+    assert engine.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", state).max_minutes == 5.0
+    spent = {"epoch": 2, "time_budget": {"seconds_left": 0.0, "done": True}}
+    with pytest.raises(UserError, match="stopped when its --max-minutes 30 were spent; pass --max-minutes M"):
+        engine.resumed_config(saved, {}, tmp_path / "last.pt", spent)
+    assert engine.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", spent).max_minutes == 5.0
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, VQVAEConfig, PriorTrainConfig, PixelCNNConfig])
