@@ -268,7 +268,7 @@ def time_is_up(deadline: float, device: torch.device) -> bool:
 class TimeBudget:
     """--max-minutes: a hard deadline by rank 0's clock, and a plan that fits the LR schedule to it.
 
-    Early in a new run (global steps FROM_STEP..AT_STEP) the step time is measured, and the schedule's total is cut
+    Early in a new run (after global steps 10 and 40) the step time is measured, and the schedule's total is cut
     to the steps that fit before the deadline, with each epoch's validation and saving estimated as well; at every
     epoch's end the plan is made again from that epoch's own step time and validation time, so a host that slows
     down or speeds up still ends on time. A plan also shortens the warmup to at most WARMUP_SHARE of its steps (or
@@ -277,7 +277,7 @@ class TimeBudget:
 
     The plan lives in the LR schedule (a resumed run continues it) and the time left in every checkpoint
     (`state()`): a resumed run without a new --max-minutes gets the rest of its budget, not a new one."""
-    FROM_STEP, AT_STEP = 10, 40
+    PLAN_AT = (10, 40)      # steps of a new run after which it plans, from the steps since the previous one (or 1)
     EVAL_COST = 0.5         # a validation image costs about this share of a training image (forward only, SSIM)
     EPOCH_OVERHEAD_S = 3.0  # checkpoint, CSV rows and figures
     SAFETY = 0.97           # plan for this share of the time left
@@ -286,7 +286,7 @@ class TimeBudget:
     def __init__(self, minutes: float, eval_items: int, batch_size: int, verbose: bool):
         self.minutes, self.eval_items, self.batch_size, self.verbose = minutes, eval_items, batch_size, verbose
         self.deadline = time.monotonic() + 60 * minutes if minutes else 0.0
-        self._started = None
+        self._timed, self._most = None, None  # (step, time) of the last timing point; the plan's largest total
 
     def __bool__(self):
         return bool(self.deadline)
@@ -301,25 +301,28 @@ class TimeBudget:
                 "done": bool(done)}
 
     def observe(self, scheduler, steps_per_epoch: int, device):
-        """Call after every optimiser step; plans once, at global step AT_STEP, if not planned yet."""
+        """Call after every optimiser step of a new run: times steps 1-10 and plans at step 10 (a first guess, for
+        budgets of few steps), then times steps 10-40 and plans again at step 40."""
         schedule, step = scheduler.lr_lambdas[0], scheduler.last_epoch
-        if not self.deadline or schedule.fitted_to_deadline or step not in (self.FROM_STEP, self.AT_STEP):
+        if not self.deadline or step not in (1, *self.PLAN_AT):
             return
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.perf_counter()
-        if step == self.FROM_STEP:
-            self._started = now
-            return
-        if self._started is None:
-            return
-        step_seconds = (now - self._started) / (self.AT_STEP - self.FROM_STEP)
-        eval_seconds = self.eval_items / self.batch_size * step_seconds * self.EVAL_COST + self.EPOCH_OVERHEAD_S
-        self.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds, schedule.total_steps, device)
+        if self._timed is not None:
+            since_step, since = self._timed
+            step_seconds = (now - since) / (step - since_step)
+            eval_seconds = self.eval_items / self.batch_size * step_seconds * self.EVAL_COST + self.EPOCH_OVERHEAD_S
+            self.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds, self._most, device)
+        elif step == 1:
+            self._most = schedule.total_steps  # the --epochs' worth: no plan goes beyond it
+        else:
+            return  # not timed from step 1 (a resumed run): its epoch ends plan
+        self._timed = (step, now)
 
     def replan(self, scheduler, steps_per_epoch: int, step_seconds: float, eval_seconds: float, most: int, device):
         """At an epoch's end: plan again from the step time and the validation time that epoch measured (at most
-        `most` steps in all, the --epochs' worth); a run not yet planned (it has not reached AT_STEP) is left."""
+        `most` steps in all, the --epochs' worth); a run not yet planned (it has not reached step 10) is left."""
         if self.deadline and scheduler.lr_lambdas[0].fitted_to_deadline:
             self.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds + self.EPOCH_OVERHEAD_S, most, device)
 
