@@ -154,7 +154,7 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     for name in ("samples.png", "completions.png", "sample_scores.json"):
         assert (tmp_path / "s" / name).is_file(), name
     scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())
-    assert 0 < scores["validation_nll_bits_per_code"] and scores["log2_codebook_size"] == 5
+    assert 0 < scores["validation_nll_bits_per_code"] and scores["log2_codebook_size"] == 4  # K = 16
     for name in ("samples", "validate_real", "validate_reconstructions"):
         assert -1 <= scores["nearest_train_ssim"][name]["mean"] <= scores["nearest_train_ssim"][name]["max"] <= 1
         assert scores["frechet_distance"][f"{name}_vs_train"] >= 0
