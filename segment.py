@@ -8,8 +8,9 @@ the VQ-VAE (predict.py --segmenter, compress.py rd --segmenter).
     python segment.py score --checkpoint runs/segmenter-OASIS-000/best.pt --split test
 
 A training run folder holds config.json, metrics.csv, checkpoints/epoch_NNN.pt, best.pt (highest validation mean
-Dice), last.pt and dice.png. Scoring writes per_slice.csv, summary.json, segmentations.png (slice / true mask /
-predicted mask, the worst slices first) and dice_hist.png into <run>/score_<split> (or --out).
+Dice), last.pt and dice.png (validation Dice per epoch, drawn when the run ends). Scoring writes per_slice.csv,
+summary.json, segmentations.png (slice / true mask / predicted mask, the worst slices first) and dice_hist.png into
+<run>/score_<split> (or --out).
 """
 import argparse
 import math
@@ -165,14 +166,16 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
             best, best_dice = row["val_dice_mean"] > best_dice, max(best_dice, row["val_dice_mean"])
             saved.save(checkpoint_state(model, opt, scheduler, best_dice, cfg, model_cfg, row), epoch, best,
                        {"metrics.csv": row})
-            plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
-                        {f"val_dice_{t.lower()}": t for t in TISSUES} | {"val_dice_mean": "mean"},
-                        run_dir / "dice.png", "Validation Dice", "Dice")
+            stopping = schedule_done(scheduler) or budget.up(device)
+            if stopping or epoch == cfg.epochs:
+                plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
+                            {f"val_dice_{t.lower()}": t for t in TISSUES} | {"val_dice_mean": "mean"},
+                            run_dir / "dice.png", "Validation Dice", "Dice")
             tqdm.write(f"epoch {epoch:3d} | train loss {loss:.4f} | val Dice CSF {row['val_dice_csf']:.4f} GM "
                        f"{row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean {row['val_dice_mean']:.4f} | lr "
                        f"{row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
                        + (" *" if best else ""))
-            if schedule_done(scheduler) or budget.up(device):
+            if stopping:
                 print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes:g}")
                 break
     except KeyboardInterrupt:

@@ -1,0 +1,114 @@
+"""The tissue segmenter and its judge: masks paired with slices, Dice, segment.py train/score."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import segment
+from dataset import MASK_LEVELS, SEG_DIRS, DataError, build_dataset, generate_demo, mask_path
+from helpers import assert_one_line_error, run_main, write_image
+from metrics import dice_per_class
+from utils import read_csv
+
+TINY_UNET = ["--base-channels", "4", "--levels", "3", "--batch-size", "4", "--epoch-slices", "8"]
+
+
+def copy_of(demo_root, tmp_path):
+    return shutil.copytree(demo_root, tmp_path / "demo")
+
+
+def train_args(root, out, *extra):
+    return ["train", "--dataset", "demo", "--data-root", root, *TINY_UNET, "--out", out, *extra]
+
+
+# -----------------------------------------------------------------------------
+# masks
+
+def test_demo_writes_a_mask_beside_every_slice_and_lists_it(demo_root):
+    listed = set((demo_root / "DEMO_FILES").read_text().split())
+    images = [p for p in demo_root.rglob("demo_*.png")]
+    assert images and all(mask_path(p.relative_to(demo_root).as_posix()) in listed for p in images)
+    data = build_dataset("demo", demo_root, "train", masks=True, verbose=False)
+    assert data.masks.shape == data.images.shape and set(data.masks.unique().tolist()) == {0, 1, 2, 3}
+    assert (data.images[data.masks == 0].float().mean() < data.images[data.masks == 3].float().mean())
+
+
+def test_masks_read_in_place_from_the_zip_equal_those_of_the_folder(demo_root, tmp_path):
+    archive = shutil.make_archive(str(tmp_path / "demo"), "zip", demo_root)
+    from_zip = build_dataset("OASIS", archive, "validate", masks=True, verbose=False)
+    from_folder = build_dataset("OASIS", demo_root, "validate", masks=True, verbose=False)
+    assert torch.equal(from_zip.masks, from_folder.masks) and torch.equal(from_zip.images, from_folder.images)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("missing", "is missing"),
+    ("size", "is 16x16 pixels but its slice is 32x32"),
+    ("values", "grey levels 7"),
+])
+def test_a_bad_mask_is_one_line_naming_it_and_skip_bad_skips_its_slice(demo_root, tmp_path, damage, fragment):
+    root = copy_of(demo_root, tmp_path)
+    mask = root / SEG_DIRS["test"] / "seg_010_slice_1.png"
+    if damage == "missing":
+        mask.unlink()
+    else:
+        pixels = np.zeros((16, 16) if damage == "size" else (32, 32), np.uint8)
+        pixels[0, 0] = 7 if damage == "values" else MASK_LEVELS[1]
+        write_image(mask, pixels)
+    with pytest.raises(DataError) as e:
+        build_dataset("OASIS", root, "test", masks=True, verbose=False)
+    assert_one_line_error(e, mask.name, fragment, "--skip-bad")
+    kept = build_dataset("OASIS", root, "test", masks=True, skip_bad=True, verbose=False)
+    assert len(kept) == 3 and not any("slice_1" in f for f in kept.files)
+    assert len(kept.masks) == len(kept.images) == 3
+
+
+def test_masks_of_a_dataset_without_them_are_refused(tmp_path):
+    with pytest.raises(DataError) as e:
+        build_dataset("ADNI", tmp_path, "train", masks=True)
+    assert_one_line_error(e, "OASIS and the demo")
+
+
+# -----------------------------------------------------------------------------
+# Dice
+
+def test_dice_perfect_empty_swapped_and_partial():
+    truth = torch.tensor([[[0, 1], [2, 3]]])
+    assert dice_per_class(truth, truth).tolist() == [[1.0, 1.0, 1.0]]
+    background = torch.zeros_like(truth)
+    assert dice_per_class(background, background).tolist() == [[1.0, 1.0, 1.0]]  # no tissue, none found
+    swapped = torch.tensor([[[0, 1], [3, 2]]])  # grey and white matter exchanged
+    assert dice_per_class(swapped, truth).tolist() == [[1.0, 0.0, 0.0]]
+    half = torch.tensor([[[0, 1], [1, 3]]])  # CSF 1 of 2 predicted right: 2 * 1 / (2 + 1)
+    assert dice_per_class(half, truth)[0].tolist() == pytest.approx([2 / 3, 0.0, 1.0])
+
+
+# -----------------------------------------------------------------------------
+# segment.py
+
+def test_training_resumed_after_an_epoch_ends_as_the_uninterrupted_run(demo_root, tmp_path, capsys):
+    assert run_main(segment.main, train_args(demo_root, tmp_path / "whole", "--epochs", "2"), capsys).returncode == 0
+    assert run_main(segment.main, train_args(demo_root, tmp_path / "cut", "--epochs", "1"), capsys).returncode == 0
+    resumed = run_main(segment.main, ["train", "--resume", tmp_path / "cut", "--epochs", "2"], capsys)
+    assert resumed.returncode == 0, resumed.err
+    whole, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("whole", "cut"))
+    assert cut["epoch"] == 2 and all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    rows = [read_csv(tmp_path / run / "metrics.csv") for run in ("whole", "cut")]
+    assert [(r["train_loss"], r["val_dice_mean"]) for r in rows[0]] == [(r["train_loss"], r["val_dice_mean"])
+                                                                       for r in rows[1]]
+
+
+def test_score_writes_dice_per_slice_and_summary(demo_root, tmp_path, capsys):
+    run_main(segment.main, train_args(demo_root, tmp_path / "run", "--epochs", "1"), capsys)
+    result = run_main(segment.main, ["score", "--checkpoint", tmp_path / "run", "--split", "test"], capsys)
+    assert result.returncode == 0, result.err
+    out = tmp_path / "run" / "score_test"
+    rows = read_csv(out / "per_slice.csv")
+    assert len(rows) == 4 and list(rows[0]) == ["file", "dice_csf", "dice_gm", "dice_wm", "dice_mean"]
+    assert all(0 <= r["dice_mean"] <= 1 for r in rows)
+    assert (out / "segmentations.png").is_file() and (out / "dice_hist.png").is_file()
+    assert "Dice CSF" in result.stdout
+
+
+def test_segment_without_a_command_is_one_line(capsys):
+    assert_one_line_error(run_main(segment.main, ["--dataset", "demo"], capsys), "train or score")
