@@ -374,11 +374,11 @@ DATA_ROOT_HINTS = {
 
 
 def load_split(cfg: TrainConfig, split: str, data_root: str | None = None, skip_bad: bool | None = None,
-               demo: dict | None = None, dataset: str | None = None, verbose: bool = True):
+               demo: dict | None = None, dataset: str | None = None, verbose: bool = True, masks: bool = False):
     """One split of the dataset a VQ-VAE was trained on, as its training config records it: the same image size,
     ADNI validation carving and skipping rule. `data_root` if the data moved; `dataset` (with `data_root`) scores
     the model on another dataset's split instead, at the image size it was trained on. Demo data that is gone is
-    made again with `demo` (the checkpoint's "demo_settings")."""
+    made again with `demo` (the checkpoint's "demo_settings"). With `masks`, each slice's tissue mask too."""
     name = dataset or cfg.dataset
     root = data_root or (cfg.data_root if name == cfg.dataset else None)
     if name == "demo":
@@ -396,7 +396,7 @@ def load_split(cfg: TrainConfig, split: str, data_root: str | None = None, skip_
                  f"this checkpoint does not record where its {name} data is")
         raise UserError(f"{where}; pass --data-root pointing at {DATA_ROOT_HINTS[name]}")
     try:
-        return build_dataset(name, root, split, **{**cfg.data_options(), "verbose": verbose,
+        return build_dataset(name, root, split, **{**cfg.data_options(), "verbose": verbose, "masks": masks,
                                                    "skip_bad": cfg.skip_bad if skip_bad is None else skip_bad})
     except DataError as e:
         raise UserError(f"the {name} {split} data is not readable: {e}") from None

@@ -14,6 +14,13 @@ reconstruction as volumes/<name>_recon.nii.gz, on the input's affine and header,
     python predict.py --checkpoint runs/nifti-default-000                     # the test split's volumes
     python predict.py --checkpoint runs/nifti-default-000 --volumes scan1.nii.gz scan2.nii
 
+With --segmenter (a tissue segmenter trained by segment.py) it also judges the anatomy of each reconstruction: the
+segmenter's Dice against the true tissue masks on the original and on the reconstruction, and between the two
+segmentations, in per_image.csv and summary.json, and worst_anatomy.png (the slices whose reconstruction
+segments worst: original, reconstruction, true mask, both segmentations):
+
+    python predict.py --checkpoint runs/OASIS-default-000 --segmenter runs/segmenter-OASIS-000/best.pt
+
 With --sample N it samples instead of reconstructing, from a prior trained by train_prior.py:
 
     python predict.py --sample 64                       # the newest run's prior/best.pt
@@ -32,14 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import check_prior_fits, load_prior, load_split, load_vqvae, newest_checkpoint, run_dir_of
+from anatomy import dice_columns, dice_summary, dice_table, segment_images, worst_first
+from checkpoints import (check_prior_fits, load_prior, load_segmenter, load_split, load_vqvae, newest_checkpoint,
+                         run_dir_of)
 from dataset import DATASETS, SPLITS, to_float
 from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
                      prior_bits, score_split)
 from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
 from utils import (ArgumentParser, UserError, autocast, choose_device, exits_with_one_line, plot_histogram,
-                   plot_training_curves, plot_triplets, save_image_grid, save_side_by_side, to_unit, use_bf16,
-                   write_atomically, write_json)
+                   plot_image_rows, plot_training_curves, plot_triplets, save_image_grid, save_side_by_side, to_unit,
+                   use_bf16, write_atomically, write_csv, write_json)
 
 SSIM_BAR = 0.6  # the course's pass mark for mean SSIM
 
@@ -70,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass (default: 32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: faster once compiled, "
                    "worth it for large splits (ADNI's test set) and --sample's nearest-neighbour search")
+    p.add_argument("--segmenter", type=Path, help="a tissue segmenter .pt written by segment.py train, or its run "
+                   "folder: adds the Dice of the tissues on originals and reconstructions")
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
     sampling.add_argument("--sample", type=int, metavar="N", help="number of new slices to sample and score (>= 2)")
     sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py "
@@ -88,6 +99,8 @@ def parse_args(argv=None):
     if args.volumes and (args.dataset or args.data_root or args.sample is not None):
         raise UserError("--volumes reconstructs the files given; it does not go with --dataset, --data-root or "
                         "--sample")
+    if args.segmenter and (args.volumes or args.sample is not None):
+        raise UserError("--segmenter judges the reconstructions of a split; it does not go with --volumes or --sample")
     if args.volumes:
         args.split = "volumes"  # names the output folder (predict_volumes) and the summary's split
     if args.sample is not None and not 2 <= args.sample <= 100000:
@@ -109,8 +122,10 @@ def run(args):
     path = args.checkpoint or newest_checkpoint()
     device = choose_device(args.device)
     model, cfg, state = load_vqvae(path, device)
+    segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     data = (load_volume_files(args, cfg) if args.volumes else
-            load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset))
+            load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset,
+                       masks=segmenter is not None))
     try:
         model.config.latent_grid(*data.image_shape)
     except ValueError as e:
@@ -122,12 +137,18 @@ def run(args):
 
     if data.volumes is None:
         scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
-                             compiled_ssim=args.compile, keep=64, progress="reconstructing")
+                             compiled_ssim=args.compile, keep=len(data) if segmenter else 64,
+                             progress="reconstructing")
     else:
         scores, per_volume = score_volumes(model, data, device, args, out)
     ssim, psnr = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
-    lines = [f"\"{name}\",{s:.6f},{q:.4f}\n" for name, s, q in zip(data.files, ssim, psnr)]
-    write_atomically(out / "per_image.csv", "file,ssim,psnr\n" + "".join(lines))
+    if segmenter:
+        columns, anatomy = judge_reconstructions(segmenter, data, scores, device, args, out)
+        write_csv(out / "per_image.csv", [{"file": name, "ssim": round(float(s), 6), "psnr": round(float(q), 4), **c}
+                                          for name, s, q, c in zip(data.files, ssim, psnr, columns)])
+    else:
+        lines = [f"\"{name}\",{s:.6f},{q:.4f}\n" for name, s, q in zip(data.files, ssim, psnr)]
+        write_atomically(out / "per_image.csv", "file,ssim,psnr\n" + "".join(lines))
     summary = {"checkpoint": str(path), "epoch": state["epoch"], "dataset": data.name, "trained_on": cfg.dataset,
                "split": args.split, "images": len(data), "precision": "bf16" if use_bf16(args.precision, device)
                else "fp32", "ssim": summarise(ssim), "psnr": summarise(psnr),
@@ -135,9 +156,11 @@ def run(args):
                "bits_per_image": model.config.bits_per_image(*data.image_shape)}
     if data.volumes is not None:
         summary["volumes"] = per_volume
+    if segmenter:
+        summary["anatomy"] = anatomy
     write_json(out / "summary.json", summary)
 
-    save_side_by_side(scores.inputs, scores.outputs, out / "reconstructions.png")
+    save_side_by_side(scores.inputs[:64], scores.outputs[:64], out / "reconstructions.png")
     kept = ssim[:len(scores.inputs)]
     worst_first_best = [int(np.argmin(kept)), 0, int(np.argmax(kept))]
     plot_triplets(scores.inputs[worst_first_best], scores.indices[worst_first_best],
@@ -149,7 +172,38 @@ def run(args):
     print(f"{data.name} {args.split}: {len(data)} images | SSIM mean {s['mean']:.4f} std {s['std']:.4f} "
           f"min {s['min']:.4f} max {s['max']:.4f} | >= {SSIM_BAR}: {100 * summary[f'fraction_ssim_ge_{SSIM_BAR}']:.1f}% "
           f"| PSNR {summary['psnr']['mean']:.2f} dB | written to {out}")
+    if segmenter:
+        a = summary["anatomy"]
+        print(f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals {a['original']['dice_mean']['mean']:.4f}"
+              f", reconstructions {a['reconstruction']['dice_mean']['mean']:.4f} (difference "
+              f"{a['reconstruction_minus_original']:+.4f}); between the two segmentations "
+              f"{a['between']['dice_mean']['mean']:.4f}")
     return summary
+
+
+def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> tuple[list[dict], dict]:
+    """The segmenter's tissues on each original and on its reconstruction (as the 8-bit image it would be saved
+    as), scored against the true masks and against each other; the per-image columns, the summary and
+    worst_anatomy.png (the 6 reconstructions that segment worst)."""
+    model, _, state = segmenter
+    amp = autocast(args.precision, device)
+    recon = (to_unit(scores.outputs[:, 0]) * 255).round().to(torch.uint8)  # (N, H, W)
+    seg_original = segment_images(model, data.images, device, amp, args.batch_size, desc="segmenting originals")
+    seg_recon = segment_images(model, recon, device, amp, args.batch_size, desc="segmenting reconstructions")
+    tables = {"original": dice_table(seg_original, data.masks), "reconstruction": dice_table(seg_recon, data.masks),
+              "between": dice_table(seg_recon, seg_original)}
+    columns = [{k: v for t in row for k, v in t.items()}
+               for row in zip(*(dice_columns(table, f"{name}_") for name, table in tables.items()))]
+    anatomy = {"segmenter": str(args.segmenter), "segmenter_epoch": state["epoch"],
+               **{name: dice_summary(table) for name, table in tables.items()},
+               "reconstruction_minus_original": float(tables["reconstruction"][:, -1].mean()
+                                                      - tables["original"][:, -1].mean())}
+    rows = [[(to_float(data.images[i]), Path(data.files[i]).name[:24]), (to_float(recon[i]), "reconstruction"),
+             (data.masks[i], "true mask"), (seg_original[i], f"of original ({tables['original'][i, -1]:.3f})"),
+             (seg_recon[i], f"of reconstruction ({tables['reconstruction'][i, -1]:.3f})")]
+            for i in worst_first(tables["reconstruction"], min(6, len(data)))]
+    plot_image_rows(rows, out / "worst_anatomy.png")
+    return columns, anatomy
 
 
 def load_volume_files(args, cfg):
