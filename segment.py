@@ -259,7 +259,7 @@ def score(args) -> dict:
 def draw_scores(data, pred, table, out: Path, what: str):
     """segmentations.png: slice / true mask / prediction for the 4 worst slices and 4 spread over the split;
     dice_hist.png: the per-slice Dice of each tissue."""
-    picks = worst_first(table, 4) + torch.linspace(0, len(data) - 1, 4).long().tolist()
+    picks = list(dict.fromkeys(worst_first(table, 4) + torch.linspace(0, len(data) - 1, 4).long().tolist()))
     rows = [[(to_float(data.images[i]), Path(data.files[i]).name[:28]), (data.masks[i], "true mask"),
              (pred[i], f"predicted (Dice {table[i, -1]:.3f})")] for i in picks]
     plot_image_rows(rows, out / "segmentations.png")

@@ -1,17 +1,31 @@
 """The tissue segmenter and its judge: masks paired with slices, Dice, segment.py train/score."""
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
+import compress
+import predict
 import segment
-from dataset import MASK_LEVELS, SEG_DIRS, DataError, build_dataset, generate_demo, mask_path
-from helpers import assert_one_line_error, run_main, write_image
+import train
+from dataset import MASK_LEVELS, SEG_DIRS, DataError, build_dataset, mask_path
+from helpers import assert_one_line_error, run_main, tiny_args, write_image
 from metrics import dice_per_class
 from utils import read_csv
 
 TINY_UNET = ["--base-channels", "4", "--levels", "3", "--batch-size", "4", "--epoch-slices", "8"]
+
+
+@pytest.fixture(scope="module")
+def judged(demo_root, tmp_path_factory):
+    """A tiny VQ-VAE and a tiny segmenter, one epoch each on the demo slices, and the segmenter's test scores."""
+    root = tmp_path_factory.mktemp("judged")
+    train.main(tiny_args(demo_root, root / "vq", "--epochs", "1", "--codebook-size", "16", "--downsamplings", "2"))
+    segment.main(train_args(demo_root, root / "seg", "--epochs", "1"))
+    segment.main(["score", "--checkpoint", str(root / "seg"), "--split", "test"])
+    return root / "vq" / "best.pt", root / "seg" / "best.pt", read_csv(root / "seg" / "score_test" / "per_slice.csv")
 
 
 def copy_of(demo_root, tmp_path):
@@ -19,7 +33,7 @@ def copy_of(demo_root, tmp_path):
 
 
 def train_args(root, out, *extra):
-    return ["train", "--dataset", "demo", "--data-root", root, *TINY_UNET, "--out", out, *extra]
+    return [str(a) for a in ["train", "--dataset", "demo", "--data-root", root, *TINY_UNET, "--out", out, *extra]]
 
 
 # -----------------------------------------------------------------------------
@@ -98,17 +112,47 @@ def test_training_resumed_after_an_epoch_ends_as_the_uninterrupted_run(demo_root
                                                                        for r in rows[1]]
 
 
-def test_score_writes_dice_per_slice_and_summary(demo_root, tmp_path, capsys):
-    run_main(segment.main, train_args(demo_root, tmp_path / "run", "--epochs", "1"), capsys)
-    result = run_main(segment.main, ["score", "--checkpoint", tmp_path / "run", "--split", "test"], capsys)
-    assert result.returncode == 0, result.err
-    out = tmp_path / "run" / "score_test"
-    rows = read_csv(out / "per_slice.csv")
+def test_score_writes_dice_per_slice_and_summary(judged):
+    _, segmenter, rows = judged
+    out = segmenter.parent / "score_test"
     assert len(rows) == 4 and list(rows[0]) == ["file", "dice_csf", "dice_gm", "dice_wm", "dice_mean"]
     assert all(0 <= r["dice_mean"] <= 1 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dice"]["dice_mean"]["mean"] == pytest.approx(np.mean([r["dice_mean"] for r in rows]))
     assert (out / "segmentations.png").is_file() and (out / "dice_hist.png").is_file()
-    assert "Dice CSF" in result.stdout
 
 
 def test_segment_without_a_command_is_one_line(capsys):
     assert_one_line_error(run_main(segment.main, ["--dataset", "demo"], capsys), "train or score")
+
+
+# -----------------------------------------------------------------------------
+# the judge in predict.py and compress.py
+
+def test_predict_judges_originals_and_reconstructions_with_the_segmenter(judged, tmp_path, capsys):
+    vqvae, segmenter, scored = judged
+    result = run_main(predict.main, ["--checkpoint", vqvae, "--segmenter", segmenter, "--out", tmp_path], capsys)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(tmp_path / "per_image.csv")
+    assert len(rows) == 4 and {"ssim", "original_dice_mean", "reconstruction_dice_csf", "between_dice_wm"} <= set(rows[0])
+    assert [r["original_dice_mean"] for r in rows] == [r["dice_mean"] for r in scored]  # as segment.py score
+    anatomy = json.loads((tmp_path / "summary.json").read_text())["anatomy"]
+    assert anatomy["reconstruction_minus_original"] == pytest.approx(
+        anatomy["reconstruction"]["dice_mean"]["mean"] - anatomy["original"]["dice_mean"]["mean"])
+    assert (tmp_path / "worst_anatomy.png").is_file()
+
+
+def test_rd_gives_the_tissue_dice_of_every_codec_at_every_budget(judged, tmp_path, capsys):
+    vqvae, segmenter, scored = judged
+    result = run_main(compress.main, ["rd", "--checkpoint", vqvae, "--prior", "none", "--segmenter", segmenter,
+                                      "--budgets", "400,3000", "--codecs", "jpeg", "--out", tmp_path], capsys)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(tmp_path / "rd_anatomy.csv")
+    assert [(r["codec"], r["budget_bytes"]) for r in rows] == [
+        ("original", ""), *[(r["codec"], "") for r in rows if r["codec"].startswith("VQ-VAE")],
+        ("jpeg", 400.0), ("jpeg", 3000.0)]
+    assert rows[0]["dice_mean"] == pytest.approx(np.mean([r["dice_mean"] for r in scored]))
+    assert len({r["dice_mean"] for r in rows if r["codec"].startswith("VQ-VAE")}) == 1  # one reconstruction
+    jpeg = rows[-1]
+    assert jpeg["images_fit"] == 4 and jpeg["mean_bytes"] <= 3000
+    assert "dice_minus_jpeg2000_at_320_bytes" in json.loads((tmp_path / "rd_anatomy.json").read_text())
