@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from anatomy import dice_columns, dice_summary, dice_table, segment_images, worst_first
 from checkpoints import SegmenterTrainConfig, load_segmenter, rebuild_segmenter, run_dir_of
-from dataset import SPLITS, TISSUES, build_dataset, demo_settings, to_float
+from dataset import (DEMO_MARKER, SPLITS, TISSUES, build_dataset, default_demo_root, demo_settings,
+                     generate_demo, to_float)
 from engine import (SavedEpochs, TimeBudget, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
                     reserve_run_folder, restore_training, resume_checkpoint, resumed_config, schedule_done,
                     speed_settings)
@@ -230,8 +231,10 @@ def parse_score_args(argv):
 def score(args) -> dict:
     device = choose_device(args.device)
     model, cfg, state = load_segmenter(args.checkpoint, device)
-    data = build_dataset(cfg.dataset, args.data_root or cfg.data_root, args.split, skip_bad=args.skip_bad,
-                         masks=True)
+    root = args.data_root or cfg.data_root
+    if cfg.dataset == "demo" and not (Path(root or default_demo_root()) / DEMO_MARKER).is_file():
+        generate_demo(root or default_demo_root(), **(state["demo_settings"] or {}))  # gone: made again, as trained
+    data = build_dataset(cfg.dataset, root, args.split, skip_bad=args.skip_bad, masks=True)
     try:
         model.config.check_fits(*data.image_shape)
     except ValueError as e:
@@ -246,7 +249,7 @@ def score(args) -> dict:
     write_csv(out / "per_slice.csv", [{"file": f, **d} for f, d in zip(data.files, dice_columns(table))])
     summary = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "dataset": data.name,
                "split": args.split, "slices": len(data), "dice": dice_summary(table, pred, data.masks),
-               "empty_class_scores": 1.0}
+               "dice_of_a_tissue_in_neither_mask": 1.0}
     write_json(out / "summary.json", summary)
     draw_scores(data, pred, table, out, f"{data.name} {args.split}")
     d = summary["dice"]
