@@ -28,7 +28,8 @@ With --sample N it samples instead of reconstructing, from a prior trained by tr
 
 and writes (default: <prior run>/predict_samples/) samples.png (the first 64 of N new slices), completions.png (slices
 of --split whose top half of codes is kept and bottom half sampled, beside the originals) and
-sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each beside a real-data reference).
+sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each beside a real-data reference; with
+--segmenter also the Frechet distance in the segmenter's features and the samples' tissue fractions).
 """
 import argparse
 import csv
@@ -39,10 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anatomy import dice_columns, dice_summary, dice_table, segment_images, worst_first
+from anatomy import (dice_columns, dice_summary, dice_table, segment_images, segmenter_features, tissue_fractions,
+                     wasserstein_1d, worst_first)
 from checkpoints import (check_prior_fits, load_prior, load_segmenter, load_split, load_vqvae, newest_checkpoint,
                          run_dir_of)
-from dataset import DATASETS, SPLITS, to_float
+from dataset import DATASETS, SPLITS, TISSUES, to_float
 from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
                      prior_bits, score_split)
 from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
@@ -80,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: faster once compiled, "
                    "worth it for large splits (ADNI's test set) and --sample's nearest-neighbour search")
     p.add_argument("--segmenter", type=Path, help="a tissue segmenter .pt written by segment.py train, or its run "
-                   "folder: adds the Dice of the tissues on originals and reconstructions")
+                   "folder: adds the Dice of the tissues on originals and reconstructions (with --sample: the "
+                   "Frechet distance in its features and the samples' tissue fractions)")
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
     sampling.add_argument("--sample", type=int, metavar="N", help="number of new slices to sample and score (>= 2)")
     sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py "
@@ -99,8 +102,8 @@ def parse_args(argv=None):
     if args.volumes and (args.dataset or args.data_root or args.sample is not None):
         raise UserError("--volumes reconstructs the files given; it does not go with --dataset, --data-root or "
                         "--sample")
-    if args.segmenter and (args.volumes or args.sample is not None):
-        raise UserError("--segmenter judges the reconstructions of a split; it does not go with --volumes or --sample")
+    if args.segmenter and args.volumes:
+        raise UserError("--segmenter judges slices with true tissue masks; it does not go with --volumes")
     if args.volumes:
         args.split = "volumes"  # names the output folder (predict_volumes) and the summary's split
     if args.sample is not None and not 2 <= args.sample <= 100000:
@@ -287,7 +290,9 @@ def generate(args):
     device = choose_device(args.device)
     (prior, prior_path, prior_state), (model, vqvae_path, cfg, state), class_index = sampling_models(args, device)
     amp = autocast(args.precision, device)
-    train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"])
+    segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
+    train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"],
+                                   masks=segmenter is not None and split == "validate")
                         for split in ("train", "validate", args.split))
     out = args.out or run_dir_of(prior_path) / "predict_samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +317,7 @@ def generate(args):
               "class": prior_state["class_names"][class_index] if class_index is not None else None,
               "temperature": args.temperature, "seed": args.seed, "latent_grid": list(shape),
               "validation_nll_bits_per_code": bits, "log2_codebook_size": math.log2(model.config.codebook_size),
-              **sample_scores(model, samples, train, val, args, device)}
+              **sample_scores(model, samples, train, val, args, device, segmenter)}
     write_json(out / "sample_scores.json", scores)
     s, fd = scores["nearest_train_ssim"], scores["frechet_distance"]
     print(f"validation NLL {bits:.3f} bits/code (log2 K = {scores['log2_codebook_size']:.0f}) | nearest-train SSIM "
@@ -320,6 +325,12 @@ def generate(args):
           f"{s['validate_real']['mean']:.3f} max {s['validate_real']['max']:.3f} | Frechet samples "
           f"{fd['samples_vs_train']:.3g}, real validate {fd['validate_real_vs_train']:.3g}, validate "
           f"reconstructions {fd['validate_reconstructions_vs_train']:.3g} | written to {out}")
+    if segmenter:
+        sd, tf = scores["segmenter_frechet_distance"], scores["tissue_fractions"]
+        print(f"segmenter's judge | Frechet samples {sd['samples_vs_train']:.3g}, real validate "
+              f"{sd['validate_real_vs_train']:.3g}, validate reconstructions "
+              f"{sd['validate_reconstructions_vs_train']:.3g} | tissue fractions (share of brain) W1 samples vs "
+              f"validate: " + ", ".join(f"{t} {tf[t]['wasserstein_samples_vs_validate']:.4f}" for t in TISSUES))
     return scores
 
 
@@ -341,9 +352,9 @@ def save_completions(prior, model, held, shape, args, generator, amp, path: Path
                                                             f"the bottom half given the top half's codes")
 
 
-def sample_scores(model, samples, train, val, args, device) -> dict:
+def sample_scores(model, samples, train, val, args, device, segmenter=None) -> dict:
     """Nearest-train SSIM and the Frechet distance to the train slices, of the samples and, as references, of real
-    validation slices and of their reconstructions."""
+    validation slices and of their reconstructions; with a segmenter also its judgement (judge_samples)."""
     train_images, val_images = (to_float(d.images.unsqueeze(1)) for d in (train, val))
     val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size)
     reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
@@ -360,9 +371,42 @@ def sample_scores(model, samples, train, val, args, device) -> dict:
                                **{name: {"mean": float(v.mean()), "max": float(v.max()), "images": len(v)}
                                   for name, v in nearest.items()}},
         "frechet_distance": {"about": "between the train slices and each set, on the VQ-VAE encoder's output "
-                                      "pooled to its mean and std over space",
+                                      "pooled to its mean and std over space: the features of the model under "
+                                      "test, so not an independent judge (see segmenter_frechet_distance)",
                              **{f"{name}_vs_train": frechet_distance(f, features["train"])
                                 for name, f in features.items() if name != "train"}},
+        **(judge_samples(segmenter[0], {"train": train_images, "samples": samples, "validate_real": val_images,
+                                        "validate_reconstructions": val_recon}, val.masks, args, device)
+           if segmenter else {}),
+    }
+
+
+def judge_samples(segmenter, images: dict, val_masks, args, device) -> dict:
+    """The segmenter's view of the samples: the Frechet distance to the train slices in its bottleneck features
+    (anatomy.segmenter_features), of the samples and of real and reconstructed validation slices; and each
+    tissue's share of the brain pixels per slice, as it segments the samples and the real validation slices, with
+    the true masks' shares as a reference, and the 1-D Wasserstein distance of the samples' shares to the real."""
+    features = {name: segmenter_features(segmenter, x, device, args.batch_size) for name, x in images.items()}
+    as_uint8 = {name: (to_unit(images[name][:, 0]) * 255).round().to(torch.uint8)
+                for name in ("samples", "validate_real")}
+    amp = autocast(args.precision, device)
+    fractions = {name: tissue_fractions(segment_images(segmenter, x, device, amp, args.batch_size)).numpy()
+                 for name, x in as_uint8.items()}
+    fractions["validate_true_masks"] = tissue_fractions(val_masks).numpy()
+    return {
+        "segmenter_frechet_distance": {
+            "about": "between the train slices and each set, on the tissue segmenter's bottleneck pooled to its "
+                     "mean and std over space: a judge trained apart from the VQ-VAE and its prior",
+            **{f"{name}_vs_train": frechet_distance(f, features["train"])
+               for name, f in features.items() if name != "train"}},
+        "tissue_fractions": {
+            "about": "each tissue's share of the brain pixels (CSF + GM + WM) per slice: samples and validate_real "
+                     "as the segmenter sees them, validate_true_masks from the masks",
+            **{t: {**{name: {"mean": float(f[:, k].mean()), "std": float(f[:, k].std())}
+                      for name, f in fractions.items()},
+                   "wasserstein_samples_vs_validate": wasserstein_1d(fractions["samples"][:, k],
+                                                                     fractions["validate_real"][:, k])}
+               for k, t in enumerate(TISSUES)}},
     }
 
 

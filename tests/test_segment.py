@@ -10,6 +10,8 @@ import compress
 import predict
 import segment
 import train
+import train_prior
+from anatomy import wasserstein_1d
 from dataset import MASK_LEVELS, SEG_DIRS, DataError, build_dataset, mask_path
 from helpers import assert_one_line_error, run_main, tiny_args, write_image
 from metrics import dice_per_class
@@ -156,3 +158,25 @@ def test_rd_gives_the_tissue_dice_of_every_codec_at_every_budget(judged, tmp_pat
     jpeg = rows[-1]
     assert jpeg["images_fit"] == 4 and jpeg["mean_bytes"] <= 3000
     assert "dice_minus_jpeg2000_at_320_bytes" in json.loads((tmp_path / "rd_anatomy.json").read_text())
+
+
+def test_samples_are_judged_by_the_segmenter_beside_real_references(judged, tmp_path, capsys):
+    vqvae, segmenter, _ = judged
+    train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--batch-size", "8", "--channels", "8", "--layers", "2",
+                      "--kernel-size", "3", "--epoch-samples", "0", "--out", str(tmp_path / "prior")])
+    result = run_main(predict.main, ["--sample", "4", "--prior", tmp_path / "prior" / "best.pt", "--segmenter",
+                                     segmenter, "--out", tmp_path / "s"], capsys)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())
+    frechet = scores["segmenter_frechet_distance"]
+    assert {"samples_vs_train", "validate_real_vs_train", "validate_reconstructions_vs_train"} <= set(frechet)
+    assert "not an independent judge" in scores["frechet_distance"]["about"]
+    for tissue in ("CSF", "GM", "WM"):
+        shares = scores["tissue_fractions"][tissue]
+        assert {"samples", "validate_real", "validate_true_masks"} <= set(shares)
+        assert 0 <= shares["samples"]["mean"] <= 1 and shares["wasserstein_samples_vs_validate"] >= 0
+
+
+def test_wasserstein_of_shifted_samples_is_the_shift():
+    a = np.array([0.1, 0.2, 0.4])
+    assert wasserstein_1d(a, a + 0.25) == pytest.approx(0.25) and wasserstein_1d(a, a) == 0
