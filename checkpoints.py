@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from dataset import DATASETS, DEMO_MARKER, SLICE_AXES, DataError, build_dataset, default_demo_root, generate_demo
-from modules import (PRESETS, PixelCNNConfig, PixelCNNPrior, SegmenterConfig, UNet, VQVAE, VQVAEConfig, config_from_dict,
-                     first_failure)
+from modules import (PRESETS, PixelCNNConfig, PixelCNNPrior, SegmenterConfig, UNet, VQVAE, VQVAEConfig,
+                     config_from_dict, first_failure)
 from utils import UserError, one_line_reason, write_atomically
 
 CHECKPOINT_FORMAT = "vqvae-mri/1"
@@ -212,8 +212,8 @@ def save_checkpoint(state: dict, path: Path, *also: Path):
 
 
 def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
-    """A checkpoint of `kind` ("vqvae", "prior" or "segmenter") loaded with weights_only=True and its keys' types checked
-    (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise."""
+    """A checkpoint of `kind` ("vqvae", "prior" or "segmenter") loaded with weights_only=True and its keys' types
+    checked (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; pass the path of a .pt file in it (last.pt, best.pt)")

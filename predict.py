@@ -177,8 +177,8 @@ def run(args):
           f"| PSNR {summary['psnr']['mean']:.2f} dB | written to {out}")
     if segmenter:
         a = summary["anatomy"]
-        print(f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals {a['original']['dice_mean']['mean']:.4f}"
-              f", reconstructions {a['reconstruction']['dice_mean']['mean']:.4f} (difference "
+        print(f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals "
+              f"{a['original']['dice_mean']['mean']:.4f}, reconstructions {a['reconstruction']['dice_mean']['mean']:.4f} (difference "
               f"{a['reconstruction_minus_original']:+.4f}); between the two segmentations "
               f"{a['between']['dice_mean']['mean']:.4f}")
     return summary

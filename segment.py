@@ -12,7 +12,6 @@ Dice), last.pt and dice.png (validation Dice per epoch, drawn when the run ends)
 summary.json, segmentations.png (slice / true mask / predicted mask, the worst slices first) and dice_hist.png into
 <run>/score_<split> (or --out).
 """
-import argparse
 import math
 import sys
 import time
@@ -133,16 +132,7 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
     steps_per_epoch = slices // cfg.batch_size
 
     # Model, optimiser and schedule; a resumed run's state
-    model = UNet(model_cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    start_epoch, best_dice = 1, -math.inf
-    if state is not None:
-        restore_training(state, model, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
-        set_rng_state(state["rng"])
-        start_epoch, best_dice = state["epoch"] + 1, state["best_val_dice"]
+    model, opt, scheduler, start_epoch, best_dice = build_training(cfg, model_cfg, device, steps_per_epoch, state)
     amp = autocast(cfg.precision, device)
 
     # Run folder, reserved and locked only now
@@ -155,15 +145,8 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                      dynamic_ncols=True) as progress:
-                loss, seen = train_epoch(model, opt, scheduler, train_data, cfg, device, amp, budget, progress)
-            train_seconds = time.perf_counter() - t0
-            saved.check_finite(epoch, "train loss", loss, cfg)
-            row = {"epoch": epoch, "train_loss": loss, **validate(model, val_data, cfg, device, amp),
-                   "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
-                   "train_img_per_s": seen / train_seconds}
+            row = run_epoch(model, opt, scheduler, train_data, val_data, cfg, device, amp, budget, saved, epoch,
+                            steps_per_epoch)
             best, best_dice = row["val_dice_mean"] > best_dice, max(best_dice, row["val_dice_mean"])
             saved.save(checkpoint_state(model, opt, scheduler, best_dice, cfg, model_cfg, row), epoch, best,
                        {"metrics.csv": row})
@@ -172,8 +155,8 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
                 plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
                             {f"val_dice_{t.lower()}": t for t in TISSUES} | {"val_dice_mean": "mean"},
                             run_dir / "dice.png", "Validation Dice", "Dice")
-            tqdm.write(f"epoch {epoch:3d} | train loss {loss:.4f} | val Dice CSF {row['val_dice_csf']:.4f} GM "
-                       f"{row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean {row['val_dice_mean']:.4f} | lr "
+            tqdm.write(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} | val Dice CSF "
+                       f"{row['val_dice_csf']:.4f} GM {row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean {row['val_dice_mean']:.4f} | lr "
                        f"{row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
                        + (" *" if best else ""))
             if stopping:
@@ -186,6 +169,34 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
     finally:
         lock.release()
     return run_dir
+
+
+def build_training(cfg, model_cfg, device, steps_per_epoch: int, state: dict | None):
+    """The U-Net (channels_last unless --no-channels-last), its Adam optimiser and LR schedule, and the first epoch
+    and best validation Dice so far; a resumed run's weights, optimiser, schedule and random streams restored."""
+    model = UNet(model_cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    if state is None:
+        return model, opt, scheduler, 1, -math.inf
+    restore_training(state, model, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
+    set_rng_state(state["rng"])
+    return model, opt, scheduler, state["epoch"] + 1, state["best_val_dice"]
+
+
+def run_epoch(model, opt, scheduler, train_data, val_data, cfg, device, amp, budget, saved, epoch: int,
+              steps_per_epoch: int) -> dict:
+    """Train one epoch and validate; returns its metrics.csv row."""
+    t0 = time.perf_counter()
+    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True) as progress:
+        loss, seen = train_epoch(model, opt, scheduler, train_data, cfg, device, amp, budget, progress)
+    train_seconds = time.perf_counter() - t0
+    saved.check_finite(epoch, "train loss", loss, cfg)  # before anything of it is saved
+    return {"epoch": epoch, "train_loss": loss, **validate(model, val_data, cfg, device, amp),
+            "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
+            "train_img_per_s": seen / train_seconds}
 
 
 def checkpoint_state(model, opt, scheduler, best_dice, cfg, model_cfg, row) -> dict:

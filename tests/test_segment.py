@@ -136,7 +136,8 @@ def test_predict_judges_originals_and_reconstructions_with_the_segmenter(judged,
     result = run_main(predict.main, ["--checkpoint", vqvae, "--segmenter", segmenter, "--out", tmp_path], capsys)
     assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "per_image.csv")
-    assert len(rows) == 4 and {"ssim", "original_dice_mean", "reconstruction_dice_csf", "between_dice_wm"} <= set(rows[0])
+    assert len(rows) == 4
+    assert {"ssim", "original_dice_mean", "reconstruction_dice_csf", "between_dice_wm"} <= set(rows[0])
     assert [r["original_dice_mean"] for r in rows] == [r["dice_mean"] for r in scored]  # as segment.py score
     anatomy = json.loads((tmp_path / "summary.json").read_text())["anatomy"]
     assert anatomy["reconstruction_minus_original"] == pytest.approx(
