@@ -623,18 +623,19 @@ class PixelCNNPrior(nn.Module):
 # An independent judge of reconstructions, codec output and samples: it maps a slice to per-pixel logits over
 # background, CSF, grey matter and white matter, and shares nothing with the VQ-VAE under test.
 
+TISSUE_CLASSES = 4  # background, CSF, grey matter, white matter: the classes of a tissue mask
+
 @dataclass(frozen=True)
 class SegmenterConfig:
     base_channels: int = 16   # channels at full resolution; each level down doubles them
     levels: int = 4           # resolution levels: levels - 1 downsamplings by 2
-    num_classes: int = 4      # background, CSF, grey matter, white matter
 
     LIMITS = {"base_channels": 1024, "levels": 7}
 
     def __post_init__(self):
         first_failure(self, {
             "base_channels": 1 <= self.base_channels <= self.LIMITS["base_channels"],
-            "levels": 1 <= self.levels <= self.LIMITS["levels"], "num_classes": 2 <= self.num_classes <= 256,
+            "levels": 1 <= self.levels <= self.LIMITS["levels"],
         }, "segmenter config")
 
     def check_fits(self, height: int, width: int):
@@ -673,7 +674,7 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """(B, 1, H, W) slices in [-1, 1] -> (B, num_classes, H, W) tissue logits."""
+    """(B, 1, H, W) slices in [-1, 1] -> (B, TISSUE_CLASSES, H, W) tissue logits."""
 
     def __init__(self, config: SegmenterConfig):
         super().__init__()
@@ -682,7 +683,7 @@ class UNet(nn.Module):
         self.stem = ConvBlock(IMAGE_CHANNELS, widths[0])
         self.downs = nn.ModuleList(Down(a, b) for a, b in zip(widths, widths[1:]))
         self.ups = nn.ModuleList(Up(b, a) for a, b in reversed(list(zip(widths, widths[1:]))))
-        self.head = nn.Conv2d(widths[0], config.num_classes, 1)
+        self.head = nn.Conv2d(widths[0], TISSUE_CLASSES, 1)
 
     def skips(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's map at every level, full resolution first; the last is the bottleneck
@@ -697,8 +698,3 @@ class UNet(nn.Module):
         for up, skip in zip(self.ups, reversed(skips)):
             x = up(x, skip)
         return self.head(x)
-
-    @torch.no_grad()
-    def segment(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) slices -> (B, H, W) uint8 tissue classes."""
-        return self(x).argmax(1).to(torch.uint8)
