@@ -15,7 +15,8 @@ import torch
 
 from dataset import DATASETS, DEMO_MARKER, build_dataset, default_demo_root, generate_demo
 from images import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
-from modules import PRESETS, PixelCNNConfig, PixelCNNPrior, VQVAE, VQVAEConfig, config_from_dict, first_failure
+from modules import (PRESETS, PixelCNNConfig, PixelCNNPrior, SegmenterConfig, UNet, VQVAE, VQVAEConfig,
+                     config_from_dict, first_failure)
 from utils import DEVICES, MAX_BATCH_SIZE, PRECISIONS, DataError, UserError, one_line_reason, write_atomically
 
 CHECKPOINT_FORMAT = "vqvae-mri/1"
@@ -131,6 +132,46 @@ class PriorTrainConfig:
         return config_from_dict(cls, values, legacy={"weight_decay": 0.0})
 
 
+@dataclass(frozen=True)
+class SegmenterTrainConfig:
+    """Everything segment.py train needs besides the U-Net's config; one flag per field."""
+    dataset: str = "OASIS"            # OASIS or demo: the datasets with tissue masks
+    data_root: str | None = None      # the dataset's folder or zip; default for demo: data/demo beside the code
+    skip_bad: bool = False            # skip slices whose image or tissue mask is missing, unreadable or odd
+    epochs: int = 20                  # epochs to train (with --max-minutes: at most)
+    epoch_slices: int = 0             # train slices drawn (without replacement) per epoch (0: the whole split)
+    val_slices: int = 0               # validate on this many slices spread evenly over the split (0: all)
+    batch_size: int = 8               # slices per step
+    lr: float = 2e-3                  # Adam learning rate
+    lr_schedule: str = "cosine"       # constant or cosine (after warmup)
+    warmup_steps: int = 50            # linear learning-rate warmup
+    grad_clip: float = 1.0            # clip the gradient norm to this (0: no clipping)
+    precision: str = "auto"           # auto (bf16 where the hardware has it), bf16 or fp32
+    channels_last: bool = True        # channels_last memory format (faster convolutions on CPU and GPU)
+    max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
+    seed: int = 0                     # initial weights and the slices drawn each epoch
+    device: str = "auto"              # auto, cpu or cuda
+    out: str | None = None            # run folder; default runs/segmenter-<dataset>-NNN
+    resume: str | None = None         # a run folder or checkpoint to continue from
+
+    CHOICES = {"dataset": ("OASIS", "demo"), "lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES}
+
+    def __post_init__(self):
+        first_failure(self, {
+            "dataset": self.dataset in self.CHOICES["dataset"], "epochs": 1 <= self.epochs <= 100000,
+            "epoch_slices": 0 <= self.epoch_slices, "val_slices": 0 <= self.val_slices,
+            "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE, "lr": 0 < self.lr < math.inf,
+            "lr_schedule": self.lr_schedule in SCHEDULES, "warmup_steps": self.warmup_steps >= 0,
+            "grad_clip": 0 <= self.grad_clip < math.inf, "precision": self.precision in PRECISIONS,
+            "max_minutes": 0 <= self.max_minutes < math.inf, "seed": 0 <= self.seed < 2**63,
+            "device": self.device in DEVICES,
+        }, "segmenter training config")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SegmenterTrainConfig":
+        return config_from_dict(cls, values)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Schema
 # ---------------------------------------------------------------------------------------------------------
@@ -143,14 +184,16 @@ SCHEMA = {
     "prior": {"model": dict, "model_config": dict, "train_config": dict, "epoch": int, "best_val_bits": NUMBER,
               "metrics": dict, "vqvae_checkpoint": str, "vqvae_epoch": int, "vqvae_model_config": dict,
               "vqvae_codebook": torch.Tensor, "class_names": list},
+    "segmenter": {"model": dict, "model_config": dict, "train_config": dict, "epoch": int, "best_val_dice": NUMBER,
+                  "metrics": dict, "demo_settings": (dict, type(None))},
 }
 # kind -> key -> type of what a checkpoint of that kind may hold (newer keys; older files lack them), and its fields
-OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {}}
+OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {}, "segmenter": {"time_budget": dict}}
 TIME_BUDGET_SCHEMA = {"seconds_left": (int, float, type(None)), "done": bool}
 # What a resume reads on top: the optimiser, its schedule and the random streams.
 RESUME_SCHEMA = {"optimizer": dict, "scheduler": dict, "rng": dict}
 RNG_SCHEMA = {"torch": torch.Tensor, "python": tuple, "numpy": dict}
-SCRIPT = {"vqvae": "train.py", "prior": "train_prior.py"}
+SCRIPT = {"vqvae": "train.py", "prior": "train_prior.py", "segmenter": "segment.py train"}
 
 
 def save_checkpoint(state: dict, path: Path, *also: Path):
@@ -182,9 +225,9 @@ def default_prior(vqvae_checkpoint) -> Path:
 
 
 def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
-    """A checkpoint of `kind` ("vqvae" or "prior") loaded with weights_only=True and its keys' types checked
-    (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise. `path` as
-    checkpoint_file reads it."""
+    """A checkpoint of `kind` ("vqvae", "prior" or "segmenter") loaded with weights_only=True and its keys' types
+    checked (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise. `path`
+    as checkpoint_file reads it."""
     path = checkpoint_file(path, resume)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; pass a .pt file, or a run folder holding best.pt")
@@ -296,6 +339,27 @@ def load_prior(path, device: torch.device) -> tuple[PixelCNNPrior, PriorTrainCon
     return prior.to(device).eval(), cfg, state
 
 
+def rebuild_segmenter(state: dict, path) -> tuple[UNet, SegmenterTrainConfig]:
+    """The exact U-Net and training config a loaded segmenter checkpoint describes (on the CPU, train mode)."""
+    try:
+        model = UNet(config_from_dict(SegmenterConfig, state["model_config"]))
+        _fit_weights(model, state["model"])
+        cfg = SegmenterTrainConfig.from_dict(state["train_config"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not match the segmenter it describes ({one_line_reason(e)}); use a checkpoint "
+                        f"written by this project's segment.py train") from None
+    return model, cfg
+
+
+def load_segmenter(path, device: torch.device) -> tuple[UNet, SegmenterTrainConfig, dict]:
+    """(U-Net on `device` in eval mode, its training config, the whole checkpoint) from a segment.py checkpoint;
+    a run folder stands for its best.pt."""
+    path = Path(path)
+    state = load_checkpoint(path / "best.pt" if path.is_dir() else path, "segmenter")
+    model, cfg = rebuild_segmenter(state, path)
+    return model.to(device).eval(), cfg, state
+
+
 def check_prior_fits(prior_state: dict, vqvae: VQVAE, prior_path, vqvae_path):
     """A prior models the codes of one VQ-VAE: the very codebook it was trained on, or UserError."""
     if not torch.equal(vqvae.quantizer.codebook.detach().cpu(), prior_state["vqvae_codebook"]):
@@ -329,11 +393,11 @@ DATA_ROOT_HINTS = {
 
 
 def load_split(cfg: TrainConfig, split: str, data_root: str | None = None, skip_bad: bool | None = None,
-               demo: dict | None = None, dataset: str | None = None, verbose: bool = True):
+               demo: dict | None = None, dataset: str | None = None, verbose: bool = True, masks: bool = False):
     """One split of the dataset a VQ-VAE was trained on, as its training config records it: the same image size,
     ADNI validation carving and skipping rule. `data_root` if the data moved; `dataset` (with `data_root`) scores
     the model on another dataset's split instead, at the image size it was trained on. Demo data that is gone is
-    made again with `demo` (the checkpoint's "demo_settings")."""
+    made again with `demo` (the checkpoint's "demo_settings"). With `masks`, each slice's tissue mask too."""
     name = dataset or cfg.dataset
     root = data_root or (cfg.data_root if name == cfg.dataset else None)
     if name == "demo":
@@ -351,7 +415,7 @@ def load_split(cfg: TrainConfig, split: str, data_root: str | None = None, skip_
                  f"this checkpoint does not record where its {name} data is")
         raise UserError(f"{where}; pass --data-root pointing at {DATA_ROOT_HINTS[name]}")
     try:
-        return build_dataset(name, root, split, **{**cfg.data_options(), "verbose": verbose,
+        return build_dataset(name, root, split, **{**cfg.data_options(), "verbose": verbose, "masks": masks,
                                                    "skip_bad": cfg.skip_bad if skip_bad is None else skip_bad})
     except DataError as e:
         raise UserError(f"the {name} {split} data is not readable: {e}") from None

@@ -54,7 +54,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import check_prior_fits, default_prior, load_prior, load_split, load_vqvae, run_dir_of
+from anatomy import DICE_COLUMNS, dice_table, segment_images
+from checkpoints import check_prior_fits, default_prior, load_prior, load_segmenter, load_split, load_vqvae, run_dir_of
 from dataset import read_slice
 from images import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, natural_key, psnr, ssim, to_float, to_uint8
 from modules import gate
@@ -869,7 +870,9 @@ def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndar
 def cmd_rd(args, device):
     budgets, codecs, priors = rd_settings(args)
     out = args.out or run_dir_of(args.checkpoints[0]) / f"rd_{args.split}"
-    outputs = {name: out / name for name in ("rd.csv", "rd.json", "rd.png", "rd_slice.png")}
+    outputs = {name: out / name for name in ("rd.csv", "rd.json", "rd.png", "rd_slice.png")
+               + (ANATOMY_OUTPUTS if args.segmenter else ())}
+    segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     existing = [p for p in outputs.values() if p.exists()]
     if existing:
         raise UserError(f"{existing[0]} already exists; compress.py never overwrites files: choose a new --out")
@@ -917,9 +920,12 @@ def cmd_rd(args, device):
     write_json(outputs["rd.json"], summary)
     plot_rd(rows, outputs["rd.png"],
             f"{args.split}: {len(originals)} slices of {originals.shape[1]}x{originals.shape[2]}")
-    slice_figure(originals.numpy(), {label: m["figure"] for label, m in measured.items()}, codecs,
-                 outputs["rd_slice.png"], args.figure_slice, names)
-    print_rd(rows, speeds, out)
+    figures = {label: m["figure"] for label, m in measured.items()}
+    slice_figure(originals.numpy(), figures, codecs, outputs["rd_slice.png"], args.figure_slice, names)
+    if segmenter:
+        summary["anatomy"] = anatomy_rd(segmenter, args, device, (cfg, state), originals, names, rows, figures,
+                                        codecs, budgets, outputs)
+    print_rd(rows, speeds, out, tuple(outputs))
     return summary
 
 
@@ -1016,7 +1022,7 @@ def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.n
     return row
 
 
-def print_rd(rows: list[dict], speeds: dict, out: Path):
+def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
     for r in rows:
         if r["codec"].startswith("VQ-VAE"):
             print(f"{r['codec']} {r['setting']}: {r['mean_bytes']:.1f} bytes/slice ({r['mean_payload_bytes']:.1f} "
@@ -1026,7 +1032,65 @@ def print_rd(rows: list[dict], speeds: dict, out: Path):
             print(f"{r['codec']} {budget}: {r['images_fit']} fit, {r['images_over_budget']} over | "
                   f"{r['mean_bytes']:.1f} bytes | SSIM {r['mean_ssim']:.4f} | PSNR {r['mean_psnr']:.2f} dB")
     print(f"speed: {speeds}")
-    print(f"written to {out} (rd.csv, rd.json, rd.png, rd_slice.png)")
+    print(f"written to {out} ({', '.join(written)})")
+
+
+ANATOMY_OUTPUTS = ("rd_anatomy.csv", "rd_anatomy.json")
+
+
+def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure, codecs, budgets, outputs) -> dict:
+    """rd --segmenter: the segmenter's tissue Dice against the true masks (dice_mean: the mean of CSF, GM and WM)
+    for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its coders) and each
+    classical codec at each budget (each slice at the best quality that fits; slices that fit in no file are left
+    out and counted, as in rd.csv) -> rd_anatomy.csv and rd_anatomy.json, returned too."""
+    model, _, seg_state = segmenter
+    cfg, state = trained
+    amp = autocast(args.precision, device)
+    data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"], masks=True, verbose=False)
+    where = {f: i for i, f in enumerate(data.files)}
+    masks = data.masks[[where[f] for f in files]]  # the masks of the slices measured, in their order
+
+    def dice_row(codec, setting, budget, images, picked, mean_bytes):
+        dice = dice_table(segment_images(model, images, device, amp, args.batch_size), masks[picked]).mean(0)
+        return {"codec": codec, "setting": setting, "budget_bytes": budget, "images": len(masks),
+                "images_fit": len(picked), "mean_bytes": mean_bytes, **dict(zip(DICE_COLUMNS, dice.tolist()))}
+
+    everything = list(range(len(masks)))
+    table = [dice_row("original", "8-bit PNG", "", originals, everything, "")]
+    for r in rows:
+        if r["codec"].startswith("VQ-VAE"):
+            recon = figure[r["codec"].removeprefix("VQ-VAE ")]["recon"]
+            table.append(dice_row(r["codec"], r["setting"], "", recon, everything, r["mean_bytes"]))
+    for codec in codecs:
+        fits = {b: [] for b in budgets}  # budget -> (slice index, file) of the slices that fit
+        for i, image in enumerate(tqdm(originals.numpy(), desc=f"{codec}: Dice per budget", leave=False)):
+            search = BudgetSearch(image, codec)
+            for b in budgets:
+                if (data_bytes := search.fit(b)) is not None:
+                    fits[b].append((i, data_bytes))
+        for b, fit in fits.items():
+            if fit:
+                decoded = torch.from_numpy(np.stack([classical_decode(f) for _, f in fit]))
+                table.append(dice_row(codec, "quality searched per slice", b, decoded, [i for i, _ in fit],
+                                      float(np.mean([len(f) for _, f in fit]))))
+    result = {"segmenter": str(args.segmenter), "segmenter_epoch": seg_state["epoch"], "rows": table,
+              "dice_minus_jpeg2000_at_320_bytes": dice_against(table, "jpeg2000", 320)}
+    write_csv(outputs["rd_anatomy.csv"], table)
+    write_json(outputs["rd_anatomy.json"], result)
+    for r in table:
+        print(f"tissue Dice | {r['codec']} {r['setting']}" + (f" <= {r['budget_bytes']} B" if r["budget_bytes"] else "")
+              + f": {r['images_fit']}/{r['images']} slices, mean Dice {r['dice_mean']:.4f} (CSF {r['dice_csf']:.4f}"
+              f" GM {r['dice_gm']:.4f} WM {r['dice_wm']:.4f})")
+    return result
+
+
+def dice_against(table: list[dict], codec: str, budget: int) -> dict:
+    """Each VQ-VAE row whose mean file fits `budget`: its mean Dice minus that of `codec` at `budget` bytes."""
+    reference = [r for r in table if r["codec"] == codec and r["budget_bytes"] == budget]
+    if not reference:
+        return {}
+    return {f"{r['codec']} {r['setting']} ({r['mean_bytes']:.0f} B)": r["dice_mean"] - reference[0]["dice_mean"]
+            for r in table if r["codec"].startswith("VQ-VAE") and r["mean_bytes"] <= budget}
 
 
 def targets(rows: list[dict]) -> dict:
@@ -1185,6 +1249,8 @@ def parse_args(argv=None):
     r.add_argument("--figure-slice", type=int, help="index of the slice in rd_slice.png (default: the middle one)")
     r.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="decode every prior-coded file and check it gives the same codes and image (default: on)")
+    r.add_argument("--segmenter", type=Path, help="a tissue segmenter .pt written by segment.py train, or its run "
+                   "folder: also the tissue Dice at every budget (rd_anatomy.csv, rd_anatomy.json)")
     r.add_argument("--out", type=Path, help="output folder (default: rd_<split> in the first checkpoint's run)")
     add_runtime_flags(r, batch_size=64, batch_help="slices per pass of the models")
     return p.parse_args(argv)

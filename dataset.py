@@ -9,6 +9,10 @@ bit depth its maximum implies, so that 12-bit scanner data is not left nearly bl
 most 4095 holds 12-bit data and is scaled by 255/4095, any other by 255/65535 (1/257). Every slice of a 12-bit
 volume is at most 4095, so all its slices get the same scale.
 
+Tissue masks (OASIS and the demo): build_dataset(..., masks=True) pairs each slice <prefix>_<id>_slice_<n>.<ext> of
+keras_png_slices_<split>/ with keras_png_slices_seg_<split>/seg_<id>_slice_<n>.<ext>, an 8-bit mask of MASK_LEVELS
+(0 background, 85 CSF, 170 grey matter, 255 white matter), and keeps it as classes 0..3 in SliceDataset.masks.
+
 Limits: a file is at most MAX_FILE_BYTES and an image at most MAX_IMAGE_SIDE pixels per side, both checked before
 anything is decoded; unless --image-size resizes them, images are at least MIN_IMAGE_SIDE pixels per side (the side
 limits, like the split names and SliceDataset, are in images.py).
@@ -34,13 +38,17 @@ from utils import DataError
 
 DATASETS = ("OASIS", "ADNI", "demo", "nifti")
 OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
+SEG_DIRS = {split: f"keras_png_slices_seg_{split}" for split in SPLITS}  # the tissue masks of each split
+MASK_LEVELS = (0, 85, 170, 255)  # grey level of class 0 (background), 1 (CSF), 2 (grey matter), 3 (white matter)
+TISSUES = ("CSF", "GM", "WM")  # classes 1..3 of a mask
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
 ADNI_PREFIXES = ("", "AD_NC/")
 ADNI_CLASSES = ["NC", "AD"]  # label = index
-DEMO_VERSION = "demo-v2"
+DEMO_VERSION = "demo-v3"  # v3: with tissue masks
 DEMO_MARKER = "DEMO_OK"  # written last: the demo tree is complete
 DEMO_MANIFEST = "DEMO_FILES"  # written before the first image: every file generate_demo is writing
 DEMO_NAME = re.compile(r"demo_\d+_slice_\d+\.png")  # never an OASIS name (case_<id>_slice_<n>.nii.png)
+DEMO_MASK_NAME = re.compile(r"seg_\d+_slice_\d+\.png")  # nor an OASIS mask's (seg_<id>_slice_<n>.nii.png)
 # file name up to its first "." -> patient id, which keeps each patient's slices in one split
 NAME_PATTERNS = {"OASIS": re.compile(r"(?:case|demo)_(?P<patient>.+)_slice_\d+"),
                  "ADNI": re.compile(r"(?P<patient>.+)_\d+")}
@@ -378,12 +386,14 @@ def _images_of(tree, folder):
 # public entry point
 
 def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, skip_bad=False, verbose=True,
-                  test_fraction=0.1, slice_axis="axial", clip_percentile=0.5, min_brain_fraction=0.05):
+                  test_fraction=0.1, slice_axis="axial", clip_percentile=0.5, min_brain_fraction=0.05, masks=False):
     """
     Load one split of OASIS, ADNI, the synthetic demo set or a folder of NIfTI volumes. `root` may be a folder or
     (OASIS, ADNI) a zip archive. ADNI has no validation split of its own: `validate` is a seeded, patient-disjoint
     `val_fraction` of ADNI train. NIfTI volumes are split by subject (`val_fraction`, `test_fraction`, `seed`, or the
-    folder's splits.csv) and sliced as the last four arguments say (nifti.py).
+    folder's splits.csv) and sliced as the last four arguments say (nifti.py). With `masks` (OASIS and demo only)
+    each slice's tissue mask is loaded too (module docstring); with `skip_bad` a slice whose mask is missing or
+    bad is skipped with it.
     """
     name = _choice(name, DATASETS, "dataset")
     split = _choice(split, SPLITS, "split")
@@ -392,6 +402,9 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
                         f"downsampling) to {MAX_IMAGE_SIDE}, got {image_size!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    if masks and (name not in ("OASIS", "demo") or image_size is not None):
+        raise DataError(f"tissue masks come with OASIS and the demo data only, at the slices' own size; got "
+                        f"{name}{f' with --image-size {image_size}' if image_size is not None else ''}")
     if name == "nifti":
         if not 0 <= test_fraction < 1 - val_fraction:
             raise DataError(f"test fraction must be in [0, 1 - validation fraction), got {test_fraction}")
@@ -415,6 +428,9 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
         files = _adni_files(tree, split, val_fraction, seed) if name == "ADNI" else _oasis_files(tree, split)
         rels = [rel for rel, _, _ in files]
         images, kept = _decode_all(tree, rels, image_size, skip_bad, desc=f"{name} {split}" if verbose else None)
+        tissue = None
+        if masks:
+            images, tissue, kept = _paired_masks(tree, rels, images, kept, skip_bad, verbose)
         paths = [tree.display(rels[i]) for i in kept]
     finally:
         tree.close()
@@ -422,10 +438,68 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     labels = torch.tensor([files[i][1] for i in kept], dtype=torch.int64)
     class_names = ADNI_CLASSES if name == "ADNI" else ["none"]
     patients = [files[i][2] for i in kept]
-    ds = SliceDataset(images, labels, list(class_names), patients, paths, name, split)
+    ds = SliceDataset(images, labels, list(class_names), patients, paths, name, split, masks=tissue)
     if verbose:
         print(_summary(ds))
     return ds
+
+
+# -----------------------------------------------------------------------------
+# tissue masks
+
+def mask_path(rel: str) -> str:
+    """Where the mask of slice `rel` is: .../keras_png_slices_<split>/<prefix>_<id>_slice_<n>.<ext> ->
+    .../keras_png_slices_seg_<split>/seg_<id>_slice_<n>.<ext>."""
+    folder, _, name = rel.rpartition("/")
+    parent, _, split_dir = folder.rpartition("/")
+    split = split_dir.removeprefix("keras_png_slices_")
+    return "/".join(p for p in (parent, SEG_DIRS.get(split, split_dir), re.sub(r"^(case|demo)_", "seg_", name)) if p)
+
+
+def _paired_masks(tree, rels, images, kept, skip_bad, verbose):
+    """The tissue classes (uint8 (N, H, W), 0..3) of the decoded slices `images` (the files rels[kept]); with
+    skip_bad, slices whose mask is missing or bad are dropped. Returns (images, masks, kept)."""
+    folder = _parent(mask_path(rels[0]))
+    tree.need_folder(folder, "tissue mask folder", f"OASIS ships it beside {_parent(rels[0]).rpartition('/')[2]} "
+                     f"(../shared/data/get_real_data.sh extracts it); or train and score without masks")
+    masks, good, bad = torch.empty_like(images), [], []
+    for j, i in enumerate(tqdm(kept, desc="tissue masks", unit="img", disable=len(kept) <= 200 or not verbose)):
+        try:
+            masks[len(good)] = torch.from_numpy(_read_mask(tree, rels[i], tuple(images.shape[1:])))
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.append(i)
+            continue
+        images[len(good)] = images[j]  # in place: j >= len(good)
+        good.append(i)
+    if bad and verbose:
+        print(f"skipped {len(bad)} slices whose tissue mask is missing or bad (first: {tree.display(rels[bad[0]])})")
+    if not good:
+        raise DataError(f"none of the {len(kept)} slices in {tree.display(_parent(rels[0]))} has a readable tissue "
+                        f"mask in {tree.display(folder)}; check the extraction")
+    return images[:len(good)].clone(), masks[:len(good)].clone(), good
+
+
+def _read_mask(tree, rel, shape):
+    """The mask of slice `rel` as classes 0..3, or a DataError naming the file: missing, unreadable, not `shape`
+    (H, W), or grey levels outside MASK_LEVELS."""
+    mask_rel = mask_path(rel)
+    name = tree.display(mask_rel)
+    if not tree.is_file(mask_rel):
+        raise DataError(f"slice {tree.display(rel)} has no tissue mask: {name} is missing; restore it, or pass "
+                        f"--skip-bad to skip slices without a mask")
+    levels = read_slice(tree.read(mask_rel), name)
+    if levels.shape != shape:
+        (h, w), (sh, sw) = levels.shape, shape
+        raise DataError(f"tissue mask {name} is {w}x{h} pixels but its slice is {sw}x{sh}; replace the mask, or pass "
+                        f"--skip-bad to skip such slices")
+    odd = np.setdiff1d(np.unique(levels), MASK_LEVELS)
+    if odd.size:
+        raise DataError(f"tissue mask {name} holds grey levels {', '.join(map(str, odd[:5].tolist()))} outside "
+                        f"{'/'.join(map(str, MASK_LEVELS))} (background/CSF/GM/WM); replace the mask, or pass "
+                        f"--skip-bad to skip such slices")
+    return levels // MASK_LEVELS[1]
 
 
 def check_compatible(train_shape, other, against="train"):
@@ -475,7 +549,8 @@ def demo_settings(root=None) -> dict | None:
 def generate_demo(root, size=128, n_patients=30, slices_per_patient=10, seed=0, verbose=False):
     """
     Write brain-like phantom slices as 8-bit PNGs named demo_<patient>_slice_<n>.png (never an OASIS name) in the
-    OASIS folder layout, split 80/10/10 by patient. Same seed -> identical files. Returns `root`.
+    OASIS folder layout, split 80/10/10 by patient, each with its tissue mask (the tissues the phantom draws) as
+    keras_png_slices_seg_<split>/seg_<patient>_slice_<n>.png. Same seed -> identical files. Returns `root`.
 
     It writes only into a new or empty folder, or one that holds nothing but an earlier demo tree, and deletes only
     files it wrote: before the first image it writes the manifest DEMO_FILES, listing every file it is about to
@@ -506,14 +581,15 @@ def _write_demo(root, earlier, settings):
     (root / DEMO_MARKER).unlink(missing_ok=True)  # first: from here on the tree counts as interrupted
     for rel in earlier:
         (root / rel).unlink()
-    for folder in OASIS_DIRS.values():
+    for folder in [*OASIS_DIRS.values(), *SEG_DIRS.values()]:
         (root / folder).mkdir(parents=True, exist_ok=True)
     names = [[_demo_file(p, s, n_patients) for s in range(per_patient)] for p in range(n_patients)]
-    (root / DEMO_MANIFEST).write_text("".join(f"{rel}\n" for patient in names for rel in patient))
+    (root / DEMO_MANIFEST).write_text("".join(f"{rel}\n{mask_path(rel)}\n" for patient in names for rel in patient))
     for p, patient in enumerate(names):
-        slices = _phantom(np.random.default_rng([settings["seed"], p]), settings["size"], per_patient)
-        for rel, img in zip(patient, slices):
+        slices, tissues = _phantom(np.random.default_rng([settings["seed"], p]), settings["size"], per_patient)
+        for rel, img, tissue in zip(patient, slices, tissues):
             Image.fromarray(img).save(root / rel)
+            Image.fromarray(np.asarray(MASK_LEVELS, np.uint8)[tissue]).save(root / mask_path(rel))
     (root / DEMO_MARKER).write_text(f"{DEMO_VERSION} " + " ".join(f"{k}={v}" for k, v in settings.items()) + "\n")
 
 
@@ -541,12 +617,14 @@ def _earlier_demo_files(root):
         listed = set()
     earlier = []
     for entry in sorted(root.iterdir()):
+        is_mask_dir = entry.name in SEG_DIRS.values()
         if entry.is_symlink() or not (entry.name in (DEMO_MARKER, DEMO_MANIFEST) and entry.is_file()
-                                      or entry.name in OASIS_DIRS.values() and entry.is_dir()):
+                                      or (entry.name in OASIS_DIRS.values() or is_mask_dir) and entry.is_dir()):
             raise _not_demo(root, entry)
         for file in sorted(entry.iterdir()) if entry.is_dir() else []:
             rel = f"{entry.name}/{file.name}"
-            if file.is_symlink() or not file.is_file() or rel not in listed or not DEMO_NAME.fullmatch(file.name):
+            pattern = DEMO_MASK_NAME if is_mask_dir else DEMO_NAME
+            if file.is_symlink() or not file.is_file() or rel not in listed or not pattern.fullmatch(file.name):
                 raise _not_demo(root, file)
             earlier.append(rel)
     return earlier
@@ -559,7 +637,9 @@ def _not_demo(root, path):
 
 
 def _phantom(rng, size, n_slices):
-    """One patient's axial slices, uint8 (n_slices, size, size): skull ring, grey/white matter, two ventricles."""
+    """One patient's axial slices, uint8 (n_slices, size, size): skull ring, grey/white matter, two ventricles; and
+    their tissue classes, uint8 (n_slices, size, size): 0 outside the brain (the skull ring too), 1 CSF (the
+    ventricles), 2 grey matter, 3 white matter, each where its soft mask is over one half."""
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     z = np.linspace(-0.8, 0.8, n_slices)[:, None, None]  # position of the slice through the head
 
@@ -582,6 +662,8 @@ def _phantom(rng, size, n_slices):
     white = inside(0.72 + 0.08 * texture - r)
     img = rng.uniform(180, 220) * (head - brain) + brain * (rng.uniform(85, 100) + 70 * white + 8 * texture)
 
+    tissue = np.where(brain > 0.5, np.where(white > 0.5, 3, 2), 0).astype(np.uint8)
+
     # ventricles: two dark tilted ellipses that grow and then shrink through the slices
     grow = rng.uniform(0.8, 1.3) * np.exp(-((z - rng.uniform(-0.1, 0.2)) / 0.45) ** 2) + 1e-3
     offset = rng.uniform(0.10, 0.15)
@@ -592,6 +674,7 @@ def _phantom(rng, size, n_slices):
         b = (-du * np.sin(tilt) + dv * np.cos(tilt)) / 0.22
         ventricle = inside(grow - np.sqrt(a ** 2 + b ** 2)) * brain
         img = img * (1 - ventricle) + 25 * ventricle
+        tissue[ventricle > 0.5] = 1
 
     img = img + rng.normal(0, 3, img.shape) * head
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), tissue

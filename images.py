@@ -47,8 +47,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 class SliceDataset(torch.utils.data.Dataset):
     """Decoded 2D slices of one split; items are (float32 (1, H, W) image in [-1, 1], int label)."""
 
-    def __init__(self, images, labels, class_names, patients, files, name, split, volumes=None):
+    def __init__(self, images, labels, class_names, patients, files, name, split, volumes=None, masks=None):
         self.images = images  # uint8 (N, H, W)
+        self.masks = masks  # uint8 (N, H, W) tissue classes 0..3 (build_dataset(..., masks=True)), else None
         self.labels = labels  # int64 (N,)
         self.class_names = class_names
         self.patients = patients

@@ -117,3 +117,18 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.mean(0) - b.mean(0)).square().sum() + s_a.trace() + s_b.trace() - 2 * trace_root)
 
 
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, classes=(1, 2, 3)) -> torch.Tensor:
+    """Per-image Dice 2|P & T| / (|P| + |T|) of each class in `classes`, from integer label maps (B, H, W) ->
+    (B, len(classes)). A class absent from both the prediction and the truth of an image scores 1: nothing was
+    there and nothing was found, which is perfect agreement (0/0 would be undefined, and 0 would punish a
+    segmenter for a slice that simply has no such tissue). Present in one of them only, it scores 0."""
+    pred, target = pred.flatten(1), target.flatten(1)
+    scores = []
+    for c in classes:
+        p, t = pred == c, target == c
+        both = (p & t).sum(1).double()
+        total = (p.sum(1) + t.sum(1)).double()
+        scores.append(torch.where(total > 0, 2 * both / total.clamp(min=1), torch.ones_like(total)))
+    return torch.stack(scores, 1)

@@ -621,3 +621,86 @@ class PixelCNNPrior(nn.Module):
                 draw = torch.multinomial(probs, 1, generator=generator).squeeze(1)
                 codes[:, i, j] = torch.where(given_mask[:, i, j], codes[:, i, j], draw)
         return codes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tissue segmenter: a small U-Net (Ronneberger et al. 2015, arXiv:1505.04597)
+# ---------------------------------------------------------------------------------------------------------
+# An independent judge of reconstructions, codec output and samples: it maps a slice to per-pixel logits over
+# background, CSF, grey matter and white matter, and shares nothing with the VQ-VAE under test.
+
+TISSUE_CLASSES = 4  # background, CSF, grey matter, white matter: the classes of a tissue mask
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    base_channels: int = 16   # channels at full resolution; each level down doubles them
+    levels: int = 4           # resolution levels: levels - 1 downsamplings by 2
+
+    LIMITS = {"base_channels": 1024, "levels": 7}
+
+    def __post_init__(self):
+        first_failure(self, {
+            "base_channels": 1 <= self.base_channels <= self.LIMITS["base_channels"],
+            "levels": 1 <= self.levels <= self.LIMITS["levels"],
+        }, "segmenter config")
+
+    def check_fits(self, height: int, width: int):
+        """ValueError unless H and W halve cleanly at every level, so skips and upsampled maps line up."""
+        f = 2 ** (self.levels - 1)
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not divisible by 2^(levels - 1) = {f}; use slices "
+                             f"whose sides are multiples of {f}, or fewer --levels")
+
+
+class ConvBlock(nn.Sequential):
+    """(Conv 3x3 -> BatchNorm -> ReLU) twice, at one resolution."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+
+
+class Down(nn.Sequential):
+    """Max-pool by 2, then a ConvBlock: (B, C, H, W) -> (B, C_out, H/2, W/2)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(nn.MaxPool2d(2), ConvBlock(c_in, c_out))
+
+
+class Up(nn.Module):
+    """Transposed conv 2x2 stride 2, concatenated with the encoder's skip at that resolution, then a ConvBlock."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.block = ConvBlock(2 * c_out, c_out)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.up(x), skip], 1))  # (B, 2 C_out, 2h, 2w) -> (B, C_out, 2h, 2w)
+
+
+class UNet(nn.Module):
+    """(B, 1, H, W) slices in [-1, 1] -> (B, TISSUE_CLASSES, H, W) tissue logits."""
+
+    def __init__(self, config: SegmenterConfig):
+        super().__init__()
+        self.config = config
+        widths = [config.base_channels * 2 ** i for i in range(config.levels)]
+        self.stem = ConvBlock(IMAGE_CHANNELS, widths[0])
+        self.downs = nn.ModuleList(Down(a, b) for a, b in zip(widths, widths[1:]))
+        self.ups = nn.ModuleList(Up(b, a) for a, b in reversed(list(zip(widths, widths[1:]))))
+        self.head = nn.Conv2d(widths[0], TISSUE_CLASSES, 1)
+
+    def skips(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's map at every level, full resolution first; the last is the bottleneck
+        (B, base_channels * 2^(levels-1), H / 2^(levels-1), W / 2^(levels-1))."""
+        maps = [self.stem(x)]
+        for down in self.downs:
+            maps.append(down(maps[-1]))
+        return maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *skips, x = self.skips(x)
+        for up, skip in zip(self.ups, reversed(skips)):
+            x = up(x, skip)
+        return self.head(x)

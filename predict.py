@@ -14,6 +14,13 @@ reconstruction as volumes/<name>_recon.nii.gz, on the input's affine and header,
     python predict.py --checkpoint runs/nifti-default-000                     # the test split's volumes
     python predict.py --checkpoint runs/nifti-default-000 --volumes scan1.nii.gz scan2.nii
 
+With --segmenter (a tissue segmenter trained by segment.py) it also judges the anatomy of each reconstruction: the
+segmenter's Dice against the true tissue masks on the original and on the reconstruction, and between the two
+segmentations, in per_image.csv and summary.json, and worst_anatomy.png (the slices whose reconstruction
+segments worst: original, reconstruction, true mask, both segmentations):
+
+    python predict.py --checkpoint runs/OASIS-default-000 --segmenter runs/segmenter-OASIS-000/best.pt
+
 With --sample N it samples instead of reconstructing, from a prior trained by train_prior.py:
 
     python predict.py --sample 64                       # the newest run's prior/best.pt
@@ -21,7 +28,8 @@ With --sample N it samples instead of reconstructing, from a prior trained by tr
 
 and writes (default: <prior run>/predict_samples/) samples.png (the first 64 of N new slices), completions.png (slices
 of --split whose top half of codes is kept and bottom half sampled, beside the originals) and
-sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each beside a real-data reference).
+sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each beside a real-data reference; with
+--segmenter also the Frechet distance in the segmenter's features and the samples' tissue fractions).
 """
 import argparse
 import math
@@ -30,16 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_split, load_vqvae,
-                         newest_checkpoint, run_dir_of)
-from dataset import DATASETS
+from anatomy import (dice_columns, dice_summary, dice_table, segment_images, segmenter_features, tissue_fractions,
+                     wasserstein_1d, worst_first)
+from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_segmenter, load_split,
+                         load_vqvae, newest_checkpoint, run_dir_of)
+from dataset import DATASETS, TISSUES
 from images import SPLITS, to_float, to_uint8, to_unit
 from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
                      prior_bits, score_split)
 from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
-                   plot_histogram, plot_training_curves, plot_triplets, save_image_grid, save_side_by_side, use_bf16,
-                   write_csv, write_json)
+                   plot_histogram, plot_image_rows, plot_training_curves, plot_triplets, save_image_grid,
+                   save_side_by_side, use_bf16, write_csv, write_json)
 
 SSIM_BAR = 0.6  # the course's pass mark for mean SSIM
 
@@ -67,6 +77,9 @@ def parse_args(argv=None):
     add_runtime_flags(p, batch_size=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: faster once compiled, "
                    "worth it for large splits (ADNI's test set) and --sample's nearest-neighbour search")
+    p.add_argument("--segmenter", type=Path, help="a tissue segmenter .pt written by segment.py train, or its run "
+                   "folder: adds the Dice of the tissues on originals and reconstructions (with --sample: the "
+                   "Frechet distance in its features and the samples' tissue fractions)")
     sampling = p.add_argument_group("sampling (--sample N: sample from a prior instead of reconstructing)")
     sampling.add_argument("--sample", type=int, metavar="N", help="number of new slices to sample and score (>= 2)")
     sampling.add_argument("--prior", type=Path, help="a prior .pt written by train_prior.py, or its run folder (its "
@@ -83,6 +96,8 @@ def parse_args(argv=None):
     if args.volumes and (args.dataset or args.data_root or args.sample is not None):
         raise UserError("--volumes reconstructs the files given; it does not go with --dataset, --data-root or "
                         "--sample")
+    if args.segmenter and args.volumes:
+        raise UserError("--segmenter judges slices with true tissue masks; it does not go with --volumes")
     if args.volumes:
         args.split = "volumes"  # names the output folder (predict_volumes) and the summary's split
     if args.sample is not None and not 2 <= args.sample <= 100000:
@@ -102,8 +117,10 @@ def run(args):
     path = checkpoint_file(args.checkpoint or newest_checkpoint())
     device = apply_runtime_flags(args)
     model, cfg, state = load_vqvae(path, device)
+    segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     data = (load_volume_files(args, cfg) if args.volumes else
-            load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset))
+            load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset,
+                       masks=segmenter is not None))
     try:
         model.config.latent_grid(*data.image_shape)
     except ValueError as e:
@@ -115,12 +132,15 @@ def run(args):
 
     if data.volumes is None:
         scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
-                             compiled_ssim=args.compile, keep=64, progress="reconstructing")
+                             compiled_ssim=args.compile, keep=len(data) if segmenter else 64,
+                             progress="reconstructing")
     else:
         scores, per_volume = score_volumes(model, data, device, args, out)
     ssim, psnr = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
-    write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q)}
-                                      for name, s, q in zip(data.files, ssim, psnr)])
+    columns, anatomy = (judge_reconstructions(segmenter, data, scores, device, args, out) if segmenter
+                        else ([{}] * len(data), None))
+    write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q), **c}
+                                      for name, s, q, c in zip(data.files, ssim, psnr, columns)])
     summary = {"checkpoint": str(path), "epoch": state["epoch"], "dataset": data.name, "trained_on": cfg.dataset,
                "split": args.split, "images": len(data), "precision": "bf16" if use_bf16(args.precision, device)
                else "fp32", "ssim": summarise(ssim), "psnr": summarise(psnr),
@@ -128,9 +148,11 @@ def run(args):
                "bits_per_image": model.config.bits_per_image(*data.image_shape)}
     if data.volumes is not None:
         summary["volumes"] = per_volume
+    if segmenter:
+        summary["anatomy"] = anatomy
     write_json(out / "summary.json", summary)
 
-    save_side_by_side(scores.inputs, scores.outputs, out / "reconstructions.png")
+    save_side_by_side(scores.inputs[:64], scores.outputs[:64], out / "reconstructions.png")
     kept = ssim[:len(scores.inputs)]
     worst_first_best = [int(np.argmin(kept)), 0, int(np.argmax(kept))]
     plot_triplets(scores.inputs[worst_first_best], scores.indices[worst_first_best],
@@ -142,7 +164,38 @@ def run(args):
     print(f"{data.name} {args.split}: {len(data)} images | SSIM mean {s['mean']:.4f} std {s['std']:.4f} "
           f"min {s['min']:.4f} max {s['max']:.4f} | >= {SSIM_BAR}: {100 * summary[f'fraction_ssim_ge_{SSIM_BAR}']:.1f}% "
           f"| PSNR {summary['psnr']['mean']:.2f} dB | written to {out}")
+    if segmenter:
+        a = summary["anatomy"]
+        print(f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals "
+              f"{a['original']['dice_mean']['mean']:.4f}, reconstructions {a['reconstruction']['dice_mean']['mean']:.4f} (difference "
+              f"{a['reconstruction_minus_original']:+.4f}); between the two segmentations "
+              f"{a['between']['dice_mean']['mean']:.4f}")
     return summary
+
+
+def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> tuple[list[dict], dict]:
+    """The segmenter's tissues on each original and on its reconstruction (as the 8-bit image it would be saved
+    as), scored against the true masks and against each other; the per-image columns, the summary and
+    worst_anatomy.png (the 6 reconstructions that segment worst)."""
+    model, _, state = segmenter
+    amp = autocast(args.precision, device)
+    recon = (to_unit(scores.outputs[:, 0]) * 255).round().to(torch.uint8)  # (N, H, W)
+    seg_original = segment_images(model, data.images, device, amp, args.batch_size, desc="segmenting originals")
+    seg_recon = segment_images(model, recon, device, amp, args.batch_size, desc="segmenting reconstructions")
+    tables = {"original": dice_table(seg_original, data.masks), "reconstruction": dice_table(seg_recon, data.masks),
+              "between": dice_table(seg_recon, seg_original)}
+    columns = [{k: v for t in row for k, v in t.items()}
+               for row in zip(*(dice_columns(table, f"{name}_") for name, table in tables.items()))]
+    anatomy = {"segmenter": str(args.segmenter), "segmenter_epoch": state["epoch"],
+               **{name: dice_summary(table) for name, table in tables.items()},
+               "reconstruction_minus_original": float(tables["reconstruction"][:, -1].mean()
+                                                      - tables["original"][:, -1].mean())}
+    rows = [[(to_float(data.images[i]), Path(data.files[i]).name[:24]), (to_float(recon[i]), "reconstruction"),
+             (data.masks[i], "true mask"), (seg_original[i], f"of original ({tables['original'][i, -1]:.3f})"),
+             (seg_recon[i], f"of reconstruction ({tables['reconstruction'][i, -1]:.3f})")]
+            for i in worst_first(tables["reconstruction"], min(6, len(data)))]
+    plot_image_rows(rows, out / "worst_anatomy.png")
+    return columns, anatomy
 
 
 def load_volume_files(args, cfg):
@@ -222,7 +275,9 @@ def generate(args):
     device = apply_runtime_flags(args)
     (prior, prior_path, prior_state), (model, vqvae_path, cfg, state), class_index = sampling_models(args, device)
     amp = autocast(args.precision, device)
-    train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"])
+    segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
+    train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"],
+                                   masks=segmenter is not None and split == "validate")
                         for split in ("train", "validate", args.split))
     out = args.out or run_dir_of(prior_path) / "predict_samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +302,7 @@ def generate(args):
               "class": prior_state["class_names"][class_index] if class_index is not None else None,
               "temperature": args.temperature, "seed": args.seed, "latent_grid": list(shape),
               "validation_nll_bits_per_code": bits, "log2_codebook_size": math.log2(model.config.codebook_size),
-              **sample_scores(model, samples, train, val, args, device)}
+              **sample_scores(model, samples, train, val, args, device, segmenter)}
     write_json(out / "sample_scores.json", scores)
     s, fd = scores["nearest_train_ssim"], scores["frechet_distance"]
     print(f"validation NLL {bits:.3f} bits/code (log2 K = {scores['log2_codebook_size']:.0f}) | nearest-train SSIM "
@@ -255,6 +310,12 @@ def generate(args):
           f"{s['validate_real']['mean']:.3f} max {s['validate_real']['max']:.3f} | Frechet samples "
           f"{fd['samples_vs_train']:.3g}, real validate {fd['validate_real_vs_train']:.3g}, validate "
           f"reconstructions {fd['validate_reconstructions_vs_train']:.3g} | written to {out}")
+    if segmenter:
+        sd, tf = scores["segmenter_frechet_distance"], scores["tissue_fractions"]
+        print(f"segmenter's judge | Frechet samples {sd['samples_vs_train']:.3g}, real validate "
+              f"{sd['validate_real_vs_train']:.3g}, validate reconstructions "
+              f"{sd['validate_reconstructions_vs_train']:.3g} | tissue fractions (share of brain) W1 samples vs "
+              f"validate: " + ", ".join(f"{t} {tf[t]['wasserstein_samples_vs_validate']:.4f}" for t in TISSUES))
     return scores
 
 
@@ -276,9 +337,9 @@ def save_completions(prior, model, held, shape, args, generator, amp, path: Path
                                                             f"the bottom half given the top half's codes")
 
 
-def sample_scores(model, samples, train, val, args, device) -> dict:
+def sample_scores(model, samples, train, val, args, device, segmenter=None) -> dict:
     """Nearest-train SSIM and the Frechet distance to the train slices, of the samples and, as references, of real
-    validation slices and of their reconstructions."""
+    validation slices and of their reconstructions; with a segmenter also its judgement (judge_samples)."""
     train_images, val_images = (to_float(d.images.unsqueeze(1)) for d in (train, val))
     val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size)
     reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
@@ -295,9 +356,42 @@ def sample_scores(model, samples, train, val, args, device) -> dict:
                                **{name: {"mean": float(v.mean()), "max": float(v.max()), "images": len(v)}
                                   for name, v in nearest.items()}},
         "frechet_distance": {"about": "between the train slices and each set, on the VQ-VAE encoder's output "
-                                      "pooled to its mean and std over space",
+                                      "pooled to its mean and std over space: the features of the model under "
+                                      "test, so not an independent judge (see segmenter_frechet_distance)",
                              **{f"{name}_vs_train": frechet_distance(f, features["train"])
                                 for name, f in features.items() if name != "train"}},
+        **(judge_samples(segmenter[0], {"train": train_images, "samples": samples, "validate_real": val_images,
+                                        "validate_reconstructions": val_recon}, val.masks, args, device)
+           if segmenter else {}),
+    }
+
+
+def judge_samples(segmenter, images: dict, val_masks, args, device) -> dict:
+    """The segmenter's view of the samples: the Frechet distance to the train slices in its bottleneck features
+    (anatomy.segmenter_features), of the samples and of real and reconstructed validation slices; and each
+    tissue's share of the brain pixels per slice, as it segments the samples and the real validation slices, with
+    the true masks' shares as a reference, and the 1-D Wasserstein distance of the samples' shares to the real."""
+    features = {name: segmenter_features(segmenter, x, device, args.batch_size) for name, x in images.items()}
+    as_uint8 = {name: (to_unit(images[name][:, 0]) * 255).round().to(torch.uint8)
+                for name in ("samples", "validate_real")}
+    amp = autocast(args.precision, device)
+    fractions = {name: tissue_fractions(segment_images(segmenter, x, device, amp, args.batch_size)).numpy()
+                 for name, x in as_uint8.items()}
+    fractions["validate_true_masks"] = tissue_fractions(val_masks).numpy()
+    return {
+        "segmenter_frechet_distance": {
+            "about": "between the train slices and each set, on the tissue segmenter's bottleneck pooled to its "
+                     "mean and std over space: a judge trained apart from the VQ-VAE and its prior",
+            **{f"{name}_vs_train": frechet_distance(f, features["train"])
+               for name, f in features.items() if name != "train"}},
+        "tissue_fractions": {
+            "about": "each tissue's share of the brain pixels (CSF + GM + WM) per slice: samples and validate_real "
+                     "as the segmenter sees them, validate_true_masks from the masks",
+            **{t: {**{name: {"mean": float(f[:, k].mean()), "std": float(f[:, k].std())}
+                      for name, f in fractions.items()},
+                   "wasserstein_samples_vs_validate": wasserstein_1d(fractions["samples"][:, k],
+                                                                     fractions["validate_real"][:, k])}
+               for k, t in enumerate(TISSUES)}},
     }
 
 

@@ -513,3 +513,44 @@ def plot_bars(values, path: Path, title: str, xlabel: str, ylabel: str):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+TISSUE_COLOURS = ("black", "tab:blue", "tab:orange", "white")  # background, CSF, grey matter, white matter
+
+
+def plot_image_rows(rows: list[list[tuple]], path: Path):
+    """A grid with one row per list of (picture, title) panels: a float picture (H, W) in [-1, 1] is drawn grey, a
+    uint8 one as tissue classes 0..3 (TISSUE_COLOURS)."""
+    from matplotlib.colors import ListedColormap
+    plt = pyplot()
+    n, m = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n, m, figsize=(2.4 * m, 2.5 * n), squeeze=False)
+    for ax_row, row in zip(axes, rows):
+        for ax, (picture, title) in zip(ax_row, row):
+            if picture.dtype == torch.uint8:
+                ax.imshow(picture.numpy(), cmap=ListedColormap(TISSUE_COLOURS), vmin=0, vmax=3,
+                          interpolation="nearest")
+            else:
+                ax.imshow(to_unit(picture).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+        for ax in ax_row:
+            ax.axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (2.5 * n), wspace=0.05,
+                        hspace=0.3)  # fixed margins: tight_layout costs seconds on a grid of panels
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_histograms(series: dict, path: Path, title: str, xlabel: str):
+    """One histogram per {label: values}, overlaid on the same bins."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = {k: np.asarray(v, dtype=float) for k, v in series.items()}
+    everything = np.concatenate(list(values.values()))
+    bins = np.linspace(everything.min(), max(everything.max(), everything.min() + 1e-6), 41)
+    for label, v in values.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel="images")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -167,7 +167,7 @@ def test_demo_is_deterministic(tmp_path):
     a, b, c = (generate_demo(tmp_path / d, size=32, n_patients=10, slices_per_patient=2, seed=s)
                for d, s in (("a", 0), ("b", 0), ("c", 1)))
     files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
-    assert len(files) == 20
+    assert len(files) == 2 * 20  # slices and their masks
     assert files == sorted(p.relative_to(b) for p in b.rglob("*.png"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files)

@@ -66,16 +66,18 @@ def test_demo_with_other_settings_replaces_exactly_its_own_files(tmp_path):
     generate_demo(tmp_path, size=32, n_patients=20, slices_per_patient=3)
     generate_demo(tmp_path, **SMALL_DEMO)
     images = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")}
-    assert len(images) == 20 and images == set((tmp_path / DEMO_MANIFEST).read_text().split())
+    assert len(images) == 2 * 20 and images == set((tmp_path / DEMO_MANIFEST).read_text().split())  # slices, masks
     assert demo_settings(tmp_path) == dict(SMALL_DEMO, seed=0)
-    expected = [DEMO_MANIFEST, DEMO_MARKER, *dataset.OASIS_DIRS.values()]
+    expected = [DEMO_MANIFEST, DEMO_MARKER, *dataset.OASIS_DIRS.values(), *dataset.SEG_DIRS.values()]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
 
 
 def test_demo_files_have_names_of_their_own_and_read_as_oasis(tmp_path):
     root = generate_demo(tmp_path / "new", **SMALL_DEMO)
-    names = [p.name for p in root.rglob("*.png")]
+    names = [p.name for folder in dataset.OASIS_DIRS.values() for p in (root / folder).iterdir()]
+    masks = [p.name for folder in dataset.SEG_DIRS.values() for p in (root / folder).iterdir()]
     assert len(names) == 20 and all(dataset.DEMO_NAME.fullmatch(n) for n in names)
+    assert len(masks) == 20 and all(dataset.DEMO_MASK_NAME.fullmatch(n) for n in masks)
     assert not any(n.startswith("case_") for n in names)
     train = load("OASIS", root)  # bench.py and copied demo trees read it so
     assert train.patients[:3] == ["001", "001", "002"] and len(set(train.patients)) == 8
@@ -96,7 +98,7 @@ def test_demo_interrupted_run_is_resumed_into_the_same_tree(tmp_path, monkeypatc
         generate_demo(tmp_path / "cut", **SMALL_DEMO)
     monkeypatch.undo()
     cut = tmp_path / "cut"
-    assert not (cut / DEMO_MARKER).exists() and len(list(cut.rglob("*.png"))) == 6
+    assert not (cut / DEMO_MARKER).exists() and len(list(cut.rglob("demo_*.png"))) == 6
     generate_demo(cut, **SMALL_DEMO)
     assert snapshot(cut) == snapshot(fresh)
 
