@@ -159,7 +159,8 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
                             {f"val_dice_{t.lower()}": t for t in TISSUES} | {"val_dice_mean": "mean"},
                             run_dir / "dice.png", "Validation Dice", "Dice")
             tqdm.write(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} | val Dice CSF "
-                       f"{row['val_dice_csf']:.4f} GM {row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean {row['val_dice_mean']:.4f} | lr "
+                       f"{row['val_dice_csf']:.4f} GM {row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean "
+                       f"{row['val_dice_mean']:.4f} | lr "
                        f"{row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
                        + (" *" if best else ""))
             if stopping:
