@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from utils import UserError
 
@@ -97,3 +98,87 @@ def is_noise_spec(spec: str) -> bool:
         return True
     except UserError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classical denoisers
+# ---------------------------------------------------------------------------------------------------------
+# Each denoises one float64 (H, W) slice in [0, 1] at a strength s = factor x the noise level the slice's own
+# wavelet estimate gives (skimage.restoration.estimate_sigma). On MRI slices that estimate runs low (most of a slice
+# is background, where Rician noise is Rayleigh and shrunk), so the factor is chosen on validation slices carrying
+# the same noise (predict.py: choose_factor), from FACTORS.
+
+FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+SLOW_FACTORS = (1.0, 1.5, 2.0)  # BM3D: ~10 s per 256x256 slice on one core, so a shorter search
+
+
+def _nl_means(noisy: np.ndarray, s: float) -> np.ndarray:
+    from skimage.restoration import denoise_nl_means
+    # scikit-image's recommended settings when sigma is given: h ~ 0.8 sigma, 5x5 patches searched 6 pixels away.
+    return denoise_nl_means(noisy, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6, fast_mode=True)
+
+
+def _total_variation(noisy: np.ndarray, s: float) -> np.ndarray:
+    from skimage.restoration import denoise_tv_chambolle
+    return denoise_tv_chambolle(noisy, weight=s)
+
+
+def _wavelet(noisy: np.ndarray, s: float) -> np.ndarray:
+    from skimage.restoration import denoise_wavelet
+    return denoise_wavelet(noisy, sigma=s, method="BayesShrink", mode="soft", rescale_sigma=True)
+
+
+def _bm3d(noisy: np.ndarray, s: float) -> np.ndarray:
+    import bm3d
+    return bm3d.bm3d(noisy, sigma_psd=s)
+
+
+@dataclass(frozen=True)
+class Classical:
+    name: str
+    label: str
+    run: Callable[[np.ndarray, float], np.ndarray]  # (noisy slice, strength) -> denoised slice
+    slow: bool = False
+
+    @property
+    def factors(self) -> tuple:
+        return SLOW_FACTORS if self.slow else FACTORS
+
+    @property
+    def tuning_slices(self) -> int:
+        """How many validation slices choose the factor."""
+        return 2 if self.slow else 8
+
+    def __call__(self, noisy: np.ndarray, factor: float) -> np.ndarray:
+        """float32 (H, W) in [0, 1] -> the denoised float32 (H, W) in [0, 1]."""
+        from skimage.restoration import estimate_sigma
+        noisy = noisy.astype(np.float64)
+        strength = max(factor * float(estimate_sigma(noisy)), 1e-4)  # a flat slice estimates 0
+        return np.clip(self.run(noisy, strength), 0, 1).astype(np.float32)
+
+
+CLASSICAL = {c.name: c for c in (Classical("nlm", "non-local means", _nl_means),
+                                 Classical("tv", "total variation", _total_variation),
+                                 Classical("wavelet", "wavelet (BayesShrink)", _wavelet),
+                                 Classical("bm3d", "BM3D", _bm3d, slow=True))}
+
+
+def available_classical(names: Sequence[str]) -> list[Classical]:
+    """The classical denoisers of `names` that can run here; one line says so where bm3d is not installed."""
+    chosen = [CLASSICAL[n] for n in names]
+    if any(c.name == "bm3d" for c in chosen):
+        try:
+            import bm3d  # noqa: F401
+        except ImportError:
+            print("note: BM3D skipped: the optional bm3d package is not installed (pip install bm3d)")
+            chosen = [c for c in chosen if c.name != "bm3d"]
+    return chosen
+
+
+def run_classical(method: Classical, noisy: np.ndarray, factor: float, desc: str | None = None
+                  ) -> tuple[np.ndarray, float]:
+    """float32 (N, H, W) noisy slices in [0, 1] -> (denoised (N, H, W), mean seconds per slice)."""
+    out, start = np.empty_like(noisy), time.perf_counter()
+    for i in tqdm(range(len(noisy)), desc=desc, leave=False, disable=desc is None):
+        out[i] = method(noisy[i], factor)
+    return out, (time.perf_counter() - start) / max(len(noisy), 1)

@@ -273,6 +273,12 @@ def _csv_line(values) -> str:
     return text.getvalue()
 
 
+def write_csv(path: Path, rows: list[dict]):
+    """A whole table, atomically (write_atomically): a header of the first row's keys, then every row's values
+    (None as an empty field)."""
+    write_atomically(path, "".join(_csv_line(r) for r in [list(rows[0]), *(r.values() for r in rows)]))
+
+
 def append_csv(path: Path, row: dict):
     """Append one row. A new or empty file gets the header first; a file whose header is not this row's columns is
     refused (UserError: it is another run's, or was edited); a last line without its line end gets one, so the
