@@ -14,6 +14,12 @@ reconstruction as volumes/<name>_recon.nii.gz, on the input's affine and header,
     python predict.py --checkpoint runs/nifti-default-000                     # the test split's volumes
     python predict.py --checkpoint runs/nifti-default-000 --volumes scan1.nii.gz scan2.nii
 
+With --noise it denoises: the split's slices corrupted (rician:SIGMA or gaussian:SIGMA, seeded by --seed), the
+model's output and classical denoisers' (non-local means, total variation, wavelet, BM3D when installed) scored
+against the clean slices, beside the noisy input's own score; per_image.csv, summary.json and denoising.png:
+
+    python predict.py --checkpoint runs/OASIS-default-000 --noise rician:0.1 --slow-baseline-slices 16
+
 With --sample N it samples instead of reconstructing, from a prior trained by train_prior.py:
 
     python predict.py --sample 64                       # the newest run's prior/best.pt

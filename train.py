@@ -4,6 +4,7 @@
     python train.py --dataset demo --epochs 3
     python train.py --dataset OASIS --data-root ... --max-minutes 30   # the best model 30 minutes give: annealed
     python train.py --resume runs/OASIS-default-000                    # continue an interrupted run
+    python train.py --dataset OASIS --data-root ... --train-noise rician:0.03-0.25   # a denoiser (noisy in, clean out)
     torchrun --nproc_per_node=4 train.py --dataset OASIS ...           # several GPUs (DDP)
 
 A run folder holds config.json, metrics.csv, code_usage.csv, checkpoints/epoch_NNN.pt, best.pt (lowest
