@@ -125,6 +125,27 @@ def test_the_checkpoint_records_the_training_noise(denoising_run):
     assert json.loads((denoising_run / "config.json").read_text())["train"]["train_noise"] == "rician:0.05-0.2"
 
 
+def test_a_resumed_denoising_run_draws_the_same_noise_as_an_uninterrupted_one(denoising_run, demo_root, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(train, "FIGURES_EVERY_S", 3600.0)
+    real_epoch, calls = train.train_epoch, []
+
+    def interrupted_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(demo_root, tmp_path / "run", "--epochs", "2", "--train-noise", "rician:0.05-0.2"))
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    train.main(["--resume", str(tmp_path / "run" / "last.pt")])
+    a, b = (load_checkpoint(run / "last.pt") for run in (denoising_run, tmp_path / "run"))
+    assert b["epoch"] == 2 and b["train_config"]["train_noise"] == "rician:0.05-0.2"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_validation_in_training_is_the_denoising_of_fixed_noisy_slices_against_clean(denoising_run, tmp_path):
     summary = predict.main(["--checkpoint", str(denoising_run / "best.pt"), "--split", "validate", "--noise",
                             "rician:0.05-0.2", "--seed", "0", "--baselines", "--out", str(tmp_path)])
