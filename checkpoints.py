@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dataset import DATASETS, DEMO_MARKER, build_dataset, default_demo_root, generate_demo
+from denoise import is_noise_spec
 from images import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
 from modules import (PRESETS, PixelCNNConfig, PixelCNNPrior, SegmenterConfig, UNet, VQVAE, VQVAEConfig,
                      config_from_dict, first_failure)
@@ -53,10 +54,11 @@ class TrainConfig:
     sync_bn: bool = False             # SyncBatchNorm under DDP on CUDA (seed preset)
     max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
     tensorboard: bool = False         # also log to <run>/tensorboard/ (needs: pip install tensorboard)
-    seed: int = 0                     # initial weights, shuffling and the ADNI validation split
+    seed: int = 0                     # initial weights, shuffling, the ADNI validation split and the training noise
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default runs/<dataset>-<preset>-NNN
     resume: str | None = None         # a checkpoint to continue from, or its run folder (its last.pt)
+    train_noise: str | None = None    # denoise: noisy input, clean target (rician:0.1, or rician:0.03-0.25 per image)
 
     CHOICES = {"dataset": DATASETS, "preset": tuple(PRESETS), "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                "device": DEVICES, "slice_axis": SLICE_AXES}
@@ -76,6 +78,7 @@ class TrainConfig:
             "slice_axis": self.slice_axis in SLICE_AXES,
             "clip_percentile": 0 <= self.clip_percentile < 50, "min_brain_fraction": 0 <= self.min_brain_fraction < 1,
             "seed": 0 <= self.seed < 2**63, "device": self.device in DEVICES,
+            "train_noise": self.train_noise is None or is_noise_spec(self.train_noise),
         }, "training config")
 
     def data_options(self) -> dict:

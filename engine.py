@@ -423,14 +423,17 @@ def compile_model(model: torch.nn.Module, device: torch.device, distributed: boo
     return torch.compile(model, mode="reduce-overhead" if single_gpu else None)
 
 
-def train_step(model, opt, scheduler, x, cfg, autocast):
+def train_step(model, opt, scheduler, x, cfg, autocast, corrupt=None):
     """One optimisation step on a (B, 1, H, W) uint8 batch; returns the model output and the loss. Nothing in it
-    waits for the device. bench.py times exactly this."""
+    waits for the device. bench.py times exactly this. With `corrupt` (denoising), the model reads corrupt(x) and
+    its reconstruction loss is taken against the clean x."""
     x = to_float(x)
+    target = None if corrupt is None else x
+    inputs = x if corrupt is None else corrupt(x)
     if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     with autocast:
-        out = model(x)
+        out = model(inputs, target)
     loss = sum(out.losses.values())
     optimizer_step(loss, model, opt, scheduler, cfg.grad_clip)
     return out, loss

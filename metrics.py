@@ -17,33 +17,36 @@ class SplitScores(NamedTuple):
     ssim: torch.Tensor         # (N,) per image
     psnr: torch.Tensor         # (N,) per image, dB
     loss_sums: dict            # each loss term summed over the images (batch mean x batch size)
-    inputs: torch.Tensor       # (keep, 1, H, W) the first `keep` inputs in [-1, 1], for figures
+    inputs: torch.Tensor       # (keep, 1, H, W) the first `keep` inputs in [-1, 1], as the model read them
     outputs: torch.Tensor      # (keep, 1, H, W) their reconstructions
     indices: torch.Tensor      # (keep, h, w) their code maps
 
 
 @torch.no_grad()
 def score_split(model, images: torch.Tensor, device: torch.device, autocast, batch_size: int = 32,
-                channels_last: bool = True, compiled_ssim: bool = False, keep: int = 0, progress: str | None = None
-                ) -> SplitScores:
+                channels_last: bool = True, compiled_ssim: bool = False, keep: int = 0, progress: str | None = None,
+                corrupt=None) -> SplitScores:
     """Reconstruct uint8 (N, H, W) `images` with `model` (a VQVAE, in eval mode) and score every one. Validation
     during training, predict.py and ablate.py all score through this, in the same precision (`autocast`) and memory
-    format as training, so their figures agree."""
+    format as training, so their figures agree. Denoising: `corrupt(x, rows)` gives the noisy version of the batch
+    x of `images[rows]`; the model reads it, and its output is scored against the clean x (`inputs` keeps the
+    noisy ones)."""
     model.eval()
     ssims, psnrs, sums, kept = [], [], {}, {"inputs": [], "outputs": [], "indices": []}
     for start in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, disable=progress is None):
         x = to_float(images[start:start + batch_size].unsqueeze(1).to(device, non_blocking=True))  # (B, 1, H, W)
+        inputs = x if corrupt is None else corrupt(x, range(start, start + len(x)))
         if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast:
-            out = model(x)
+            out = model(inputs, None if corrupt is None else x)
         rec, ref = to_unit(out.reconstruction), to_unit(x)
         ssims.append(ssim(rec, ref, compiled=compiled_ssim))
         psnrs.append(psnr(rec, ref))
         for name, value in out.losses.items():
             sums[name] = sums.get(name, 0.0) + value.double() * len(x)
         if start < keep:
-            kept["inputs"].append(x.float().cpu())
+            kept["inputs"].append(inputs.float().cpu())
             kept["outputs"].append(out.reconstruction.float().cpu())
             kept["indices"].append(out.indices.cpu())
     empty = torch.zeros(0)

@@ -443,10 +443,13 @@ class VQVAE(nn.Module):
             loss = loss + self.config.ssim_weight * (1 - ssim(to_unit(x_hat), to_unit(x))).mean()
         return loss
 
-    def forward(self, x: torch.Tensor) -> VQVAEOutput:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> VQVAEOutput:
+        """The reconstruction loss is taken against `target` where given (denoising: the clean image of a noisy
+        x), else against x itself."""
         q = self.quantizer(self.encoder(x))
         x_hat = self.decoder(q.quantized)
-        losses = {"reconstruction": self.reconstruction_loss(x_hat, x), "codebook": q.codebook_loss,
+        losses = {"reconstruction": self.reconstruction_loss(x_hat, x if target is None else target),
+                  "codebook": q.codebook_loss,
                   "commitment": q.commitment_loss}
         return VQVAEOutput(x_hat, losses, q.indices, q.code_counts)
 

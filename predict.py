@@ -20,6 +20,11 @@ segmentations, in per_image.csv and summary.json, and worst_anatomy.png (the sli
 segments worst: original, reconstruction, true mask, both segmentations):
 
     python predict.py --checkpoint runs/OASIS-default-000 --segmenter runs/segmenter-OASIS-000/best.pt
+With --noise it denoises: the split's slices corrupted (rician:SIGMA or gaussian:SIGMA, seeded by --seed), the
+model's output and classical denoisers' (non-local means, total variation, wavelet, BM3D when installed) scored
+against the clean slices, beside the noisy input's own score; per_image.csv, summary.json and denoising.png:
+
+    python predict.py --checkpoint runs/OASIS-default-000 --noise rician:0.1 --slow-baseline-slices 16
 
 With --sample N it samples instead of reconstructing, from a prior trained by train_prior.py:
 
@@ -33,6 +38,7 @@ sample_scores.json (validation NLL, nearest-train SSIM, Frechet distance, each b
 """
 import argparse
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +49,8 @@ from anatomy import (dice_columns, dice_summary, dice_table, segment_images, seg
 from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_segmenter, load_split,
                          load_vqvae, newest_checkpoint, run_dir_of)
 from dataset import DATASETS, TISSUES
-from images import SPLITS, to_float, to_uint8, to_unit
+from denoise import CLASSICAL, add_noise, available_classical, parse_noise, run_classical
+from images import SPLITS, psnr, ssim, to_float, to_uint8, to_unit
 from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
                      prior_bits, score_split)
 from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
@@ -87,7 +94,17 @@ def parse_args(argv=None):
     sampling.add_argument("--class", dest="class_name", help="the class to sample from a conditional prior, e.g. AD "
                           "(default: every class in turn)")
     sampling.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
-    sampling.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the sampling, and of --noise (default: 0)")
+    denoising = p.add_argument_group("denoising (--noise: corrupt the split, reconstruct, score against the clean "
+                                     "slices beside classical denoisers)")
+    denoising.add_argument("--noise", help="noise added to every slice, seeded by --seed: rician:SIGMA or "
+                           "gaussian:SIGMA, SIGMA a fraction of the intensity range (e.g. rician:0.1)")
+    denoising.add_argument("--baselines", nargs="*", choices=tuple(CLASSICAL), default=list(CLASSICAL),
+                           help="classical denoisers run on the same noisy slices; none when given no names "
+                           f"(default: {' '.join(CLASSICAL)}; bm3d only where the bm3d package is installed)")
+    denoising.add_argument("--slow-baseline-slices", type=int, metavar="N", help="run the slow classical denoisers "
+                           "(BM3D: ~10 s a 256x256 slice on one core) on a fixed random subset of N slices, drawn "
+                           "with --seed (default: every slice)")
     args = p.parse_args(argv)
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
@@ -104,6 +121,12 @@ def parse_args(argv=None):
         raise UserError(f"--sample must be between 2 and 100000 (the Frechet distance needs two), got {args.sample}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.noise is not None:
+        if args.volumes or args.sample is not None:
+            raise UserError("--noise corrupts and scores a split; it does not go with --volumes or --sample")
+        args.noise = parse_noise(args.noise, "--noise")
+    if args.slow_baseline_slices is not None and args.slow_baseline_slices < 1:
+        raise UserError(f"--slow-baseline-slices must be at least 1, got {args.slow_baseline_slices}")
     return args
 
 
@@ -126,9 +149,12 @@ def run(args):
     except ValueError as e:
         raise UserError(f"{data.name} {args.split}: {e}") from None
     run_dir = run_dir_of(path)
-    out = args.out or run_dir / (f"predict_{args.split}" if data.name == cfg.dataset
-                                 else f"predict_{data.name}_{args.split}")
+    out = args.out or run_dir / ((f"predict_{args.split}" if data.name == cfg.dataset
+                                  else f"predict_{data.name}_{args.split}")
+                                 + (f"_{args.noise}".replace(":", "-") if args.noise else ""))
     out.mkdir(parents=True, exist_ok=True)
+    if args.noise is not None:
+        return score_denoising(args, model, (path, cfg, state), data, out, device)
 
     if data.volumes is None:
         scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
@@ -136,15 +162,15 @@ def run(args):
                              progress="reconstructing")
     else:
         scores, per_volume = score_volumes(model, data, device, args, out)
-    ssim, psnr = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
+    ssims, psnrs = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
     columns, anatomy = (judge_reconstructions(segmenter, data, scores, device, args, out) if segmenter
                         else ([{}] * len(data), None))
     write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q), **c}
-                                      for name, s, q, c in zip(data.files, ssim, psnr, columns)])
+                                      for name, s, q, c in zip(data.files, ssims, psnrs, columns)])
     summary = {"checkpoint": str(path), "epoch": state["epoch"], "dataset": data.name, "trained_on": cfg.dataset,
                "split": args.split, "images": len(data), "precision": "bf16" if use_bf16(args.precision, device)
-               else "fp32", "ssim": summarise(ssim), "psnr": summarise(psnr),
-               f"fraction_ssim_ge_{SSIM_BAR}": float((ssim >= SSIM_BAR).mean()),
+               else "fp32", "ssim": summarise(ssims), "psnr": summarise(psnrs),
+               f"fraction_ssim_ge_{SSIM_BAR}": float((ssims >= SSIM_BAR).mean()),
                "bits_per_image": model.config.bits_per_image(*data.image_shape)}
     if data.volumes is not None:
         summary["volumes"] = per_volume
@@ -153,11 +179,11 @@ def run(args):
     write_json(out / "summary.json", summary)
 
     save_side_by_side(scores.inputs[:64], scores.outputs[:64], out / "reconstructions.png")
-    kept = ssim[:len(scores.inputs)]
+    kept = ssims[:len(scores.inputs)]
     worst_first_best = [int(np.argmin(kept)), 0, int(np.argmax(kept))]
     plot_triplets(scores.inputs[worst_first_best], scores.indices[worst_first_best],
                   scores.outputs[worst_first_best], out / "triplets.png", scores=kept[worst_first_best])
-    plot_histogram(ssim, out / "ssim_hist.png", f"SSIM on {data.name} {args.split}", "SSIM", threshold=SSIM_BAR)
+    plot_histogram(ssims, out / "ssim_hist.png", f"SSIM on {data.name} {args.split}", "SSIM", threshold=SSIM_BAR)
     if (run_dir / "metrics.csv").exists():
         plot_training_curves(run_dir / "metrics.csv", out)
     s = summary["ssim"]
@@ -244,6 +270,150 @@ def output_names(volumes) -> list[str]:
         taken.add(name)
         names.append(name)
     return names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Denoising (--noise)
+# ---------------------------------------------------------------------------------------------------------
+
+def score_denoising(args, model, checkpoint, data, out: Path, device) -> dict:
+    """--noise: the split's slices corrupted (seeded by --seed), reconstructed by the model and by each classical
+    denoiser, every output scored against the clean slice, the noisy input's own score beside them; per_image.csv,
+    summary.json and denoising.png."""
+    path, cfg, state = checkpoint
+    amp = autocast(args.precision, device)
+    clean = to_unit(to_float(data.images.unsqueeze(1)))  # (N, 1, H, W) in [0, 1]
+    noisy = noisy_slices(data.images, args.noise, args.seed)  # (N, 1, H, W) in [-1, 1]
+
+    # The model, and the noisy input as it is
+    start = time.perf_counter()
+    ours = score_split(model, data.images, device, amp, args.batch_size, compiled_ssim=args.compile,
+                       progress="denoising", corrupt=lambda x, rows: noisy[rows.start:rows.stop].to(x.device))
+    results = {"noisy": image_scores(to_unit(noisy), clean), "ours": (ours.ssim.cpu(), ours.psnr.cpu())}
+    seconds = {"ours": (time.perf_counter() - start) / len(data)}
+
+    # Classical denoisers on the same noisy slices, each set on validation slices carrying the same noise
+    methods = available_classical(args.baselines)
+    common = slow_subset(len(data), args) if any(m.slow for m in methods) else torch.arange(len(data))
+    picks = common[torch.linspace(0, len(common) - 1, min(4, len(common))).long()]  # the figure's slices
+    val = load_split(cfg, "validate", args.data_root, args.skip_bad, state["demo_settings"], args.dataset)
+    tuning, shown = {}, {}
+    for method in methods:
+        rows = common if method.slow else torch.arange(len(data))
+        tuning[method.name] = choose_factor(method, val, args)
+        denoised, seconds[method.name] = run_classical(method, to_unit(noisy[rows, 0]).numpy(),
+                                                       tuning[method.name]["factor"],
+                                                       desc=f"{method.name} ({len(rows)} slices)")
+        denoised = torch.from_numpy(denoised).unsqueeze(1)  # (len(rows), 1, H, W) in [0, 1]
+        results[method.name] = scores_on_rows(denoised, clean, rows)
+        shown[method.name] = denoised[torch.searchsorted(rows, picks)]
+
+    # Tables and the figure
+    write_csv(out / "per_image.csv", per_image_rows(data.files, results))
+    bf16 = use_bf16(args.precision, device)
+    summary = denoising_summary(args, checkpoint, data, results, seconds, tuning, common, bf16)
+    write_json(out / "summary.json", summary)
+    best = summary["best_classical"]
+    save_denoising_grid(model, noisy[picks], clean[picks], shown.get(best), amp, out / "denoising.png",
+                        f"{args.noise}: noisy | ours | {CLASSICAL[best].label if best else 'no classical'} | clean")
+    print(denoising_line(summary, out))
+    return summary
+
+
+def noisy_slices(images: torch.Tensor, noise, seed: int, chunk: int = 64) -> torch.Tensor:
+    """uint8 (N, H, W) -> noisy (N, 1, H, W) in [-1, 1]; slice i's noise drawn from the seed (seed, i)."""
+    return torch.cat([add_noise(to_float(images[i:i + chunk].unsqueeze(1)), noise, (seed,), range(i, i + chunk))
+                      for i in range(0, len(images), chunk)])
+
+
+def image_scores(x: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image SSIM and PSNR of (N, 1, H, W) images in [0, 1] against the clean ones, as score_split scores."""
+    return ssim(x, clean), psnr(x, clean)
+
+
+def scores_on_rows(denoised: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor):
+    """SSIM and PSNR per slice of the split, NaN where the method did not run (outside `rows`)."""
+    ssims, psnrs = torch.full((len(clean),), math.nan), torch.full((len(clean),), math.nan)
+    ssims[rows], psnrs[rows] = image_scores(denoised, clean[rows])
+    return ssims, psnrs
+
+
+def slow_subset(n: int, args) -> torch.Tensor:
+    """The rows the slow denoisers run on: all, or --slow-baseline-slices of them drawn with --seed, in order."""
+    if args.slow_baseline_slices is None or args.slow_baseline_slices >= n:
+        return torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    return order[:args.slow_baseline_slices].sort().values
+
+
+def choose_factor(method, val, args) -> dict:
+    """The method's strength factor (of denoise.FACTORS) with the highest mean SSIM on a few validation slices
+    (drawn with --seed) carrying the same noise, and the mean SSIM of each factor tried."""
+    rows = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:method.tuning_slices]
+    clean = to_float(val.images[rows].unsqueeze(1))  # (n, 1, H, W) in [-1, 1]
+    noisy = to_unit(add_noise(clean, args.noise, (args.seed,), rows.tolist()))  # as predict --split validate adds it
+    clean = to_unit(clean)
+    tried = {}
+    for factor in method.factors:
+        denoised, _ = run_classical(method, noisy[:, 0].numpy(), factor)
+        tried[factor] = float(ssim(torch.from_numpy(denoised).unsqueeze(1), clean).mean())
+    return {"factor": max(tried, key=tried.get), "validation_slices": len(rows),
+            "validation_ssim_by_factor": tried}
+
+
+def per_image_rows(files, results: dict) -> list[dict]:
+    """One row per slice: SSIM and PSNR of the noisy input, the model and each classical denoiser (empty where it
+    did not run)."""
+    def cell(x: float, digits: int):
+        return None if math.isnan(x) else f"{x:.{digits}f}"
+    return [{"file": name, **{f"{key}_{metric}": cell(float(values[i]), digits) for key, pair in results.items()
+                              for (metric, digits), values in zip((("ssim", 6), ("psnr", 4)), pair)}}
+            for i, name in enumerate(files)]
+
+
+def denoising_summary(args, checkpoint, data, results: dict, seconds: dict, tuning: dict, common, bf16: bool
+                      ) -> dict:
+    """summary.json of --noise: each of noisy / ours / classical on the slices it ran on, beside ours on the same
+    slices; the best classical denoiser is the one with the highest mean SSIM on the slices every one ran on."""
+    path, cfg, state = checkpoint
+    ours_ssim = results["ours"][0]
+
+    def entry(key):
+        s, q = results[key]
+        ran = ~torch.isnan(s)
+        return {"slices": int(ran.sum()), "ssim": summarise(s[ran].numpy()), "psnr": summarise(q[ran].numpy()),
+                "ours_ssim_on_these_slices": float(ours_ssim[ran].mean()),
+                "ssim_on_common_slices": float(s[common].mean()), "seconds_per_slice": seconds.get(key)}
+    classical = {name: {"label": CLASSICAL[name].label, **entry(name), **tuning[name]} for name in tuning}
+    return {"checkpoint": str(path), "epoch": state["epoch"], "trained_with_noise": cfg.train_noise,
+            "dataset": data.name, "split": args.split, "images": len(data), "noise": str(args.noise),
+            "noise_seed": args.seed, "precision": "bf16" if bf16 else "fp32",
+            "noisy": entry("noisy"), "ours": entry("ours"), "classical": classical,
+            "best_classical": max(classical, key=lambda k: classical[k]["ssim_on_common_slices"], default=None),
+            "common_slices": {"slices": len(common), "of": len(data), "drawn_with_seed": args.seed,
+                              "about": "the slices every denoiser ran on: all, or --slow-baseline-slices of them "
+                                       "for the slow ones (BM3D)"},
+            "about": "SSIM and PSNR against the clean slice; classical strength = factor x skimage estimate_sigma "
+                     "of the noisy slice, the factor chosen on validation slices with the same noise; seconds per "
+                     "slice on this machine's threads (ours includes scoring)"}
+
+
+def save_denoising_grid(model, noisy, clean, classical, amp, path: Path, title: str):
+    """Rows of noisy / ours / best classical / clean for a few slices; (k, 1, H, W) noisy in [-1, 1], clean and
+    classical in [0, 1] (classical None: that column left out)."""
+    with torch.no_grad(), amp:
+        device = next(model.parameters()).device
+        ours = model(noisy.to(device)).reconstruction.float().cpu()
+    columns = [noisy, ours] + ([classical * 2 - 1] if classical is not None else []) + [clean * 2 - 1]
+    save_image_grid(torch.stack(columns, 1).flatten(0, 1), path, nrow=len(columns), title=title)
+
+
+def denoising_line(summary: dict, out: Path) -> str:
+    parts = [f"{key} {summary[key]['ssim']['mean']:.4f}" for key in ("noisy", "ours")]
+    parts += [f"{name} {c['ssim']['mean']:.4f} ({c['slices']} slices, ours there {c['ours_ssim_on_these_slices']:.4f},"
+              f" {c['seconds_per_slice']:.2f} s/slice)" for name, c in summary["classical"].items()]
+    return (f"{summary['dataset']} {summary['split']} + {summary['noise']}: {summary['images']} images | SSIM "
+            + " | ".join(parts) + f" | written to {out}")
 
 
 def sampling_models(args, device):

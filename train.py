@@ -4,6 +4,7 @@
     python train.py --dataset demo --epochs 3
     python train.py --dataset OASIS --data-root ... --max-minutes 30   # the best model 30 minutes give: annealed
     python train.py --resume runs/OASIS-default-000                    # continue an interrupted run
+    python train.py --dataset OASIS --data-root ... --train-noise rician:0.03-0.25   # a denoiser (noisy in, clean out)
     torchrun --nproc_per_node=4 train.py --dataset OASIS ...           # several GPUs (DDP)
 
 A run folder holds config.json, metrics.csv, code_usage.csv, checkpoints/epoch_NNN.pt, best.pt (lowest
@@ -14,6 +15,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from checkpoints import TrainConfig, rebuild_vqvae
 from dataset import build_dataset, check_compatible, demo_settings
+from denoise import Noise, add_noise, parse_noise
 from engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model, config_or_error,
                     parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
                     schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
@@ -161,13 +164,16 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, bud
     model.train()
     sums = torch.zeros(len(LOSS_NAMES) + 1, device=device)  # loss terms, images
     counts = torch.zeros(unwrap(model).config.codebook_size, device=device, dtype=torch.long)
-    wait = 0.0
+    wait, noise = 0.0, training_noise(cfg)
     it = batches(data, sampler, cfg.batch_size, device, drop_last=True)
+    rows = list(sampler)  # the dataset rows of the batches, in order: the keys of their training noise
     for step in range(len(sampler) // cfg.batch_size):
         t = time.perf_counter()
         x = next(it)
         wait += time.perf_counter() - t
-        out, loss = train_step(model, opt, scheduler, x, cfg, autocast)
+        keys = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        corrupt = None if noise is None else partial(add_noise, noise=noise, seed=(cfg.seed, sampler.epoch), keys=keys)
+        out, loss = train_step(model, opt, scheduler, x, cfg, autocast, corrupt)
         with torch.no_grad():
             sums += torch.stack([*(out.losses[k].detach().float() for k in LOSS_NAMES), sums.new_ones(())]) * x.shape[0]
             counts += out.code_counts
@@ -190,13 +196,25 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, bud
     return means, counts, int(sums[-1]), wait
 
 
+def training_noise(cfg: TrainConfig) -> Noise | None:
+    """--train-noise, parsed. Training draws image i's noise in epoch e from the seed (seed, e, i): the same for any
+    batch order or number of processes, and again on resume. Validation draws it from (seed, i), fixed, so that
+    every epoch is scored on the same noisy slices, and predict.py --split validate --noise NOISE --seed SEED
+    scores exactly those."""
+    return parse_noise(cfg.train_noise, "--train-noise") if cfg.train_noise else None
+
+
 @torch.no_grad()
 def evaluate(model, data, cfg, device, autocast, keep: int = 0):
     """Validation losses, SSIM and PSNR over every validation image exactly once (split across ranks), scored by
-    metrics.score_split as predict.py scores; also the first `keep` inputs and reconstructions of this rank."""
+    metrics.score_split as predict.py scores; also the first `keep` inputs and reconstructions of this rank. With
+    --train-noise: the denoising of fixed noisy validation slices, scored against the clean ones."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    noise = training_noise(cfg)
+    corrupt = None if noise is None else lambda x, rows: add_noise(x, noise, (cfg.seed,),  # noqa: E731
+                                                                    [rank + world * r for r in rows])
     scores = score_split(model, data.images[rank::world], device, autocast, channels_last=cfg.channels_last,
-                         compiled_ssim=cfg.compile, keep=keep)
+                         compiled_ssim=cfg.compile, keep=keep, corrupt=corrupt)
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums = torch.stack([*(scores.loss_sums.get(k, zero).to(device) for k in LOSS_NAMES),
                         scores.ssim.double().sum().to(device), scores.psnr.double().sum().to(device),
@@ -430,6 +448,8 @@ def configs_from_args(run_args: dict, model_args: dict) -> tuple[TrainConfig, VQ
         _, saved_cfg = rebuild_vqvae(state, path)
         return (resumed_config(saved_cfg, run_args, path, state), VQVAEConfig.from_dict(state["model_config"]),
                 state)
+    if run_args.get("train_noise") is not None:  # its own one-line error; saved in the config as parsed
+        run_args = {**run_args, "train_noise": str(parse_noise(run_args["train_noise"], "--train-noise"))}
     cfg = config_or_error(TrainConfig, **run_args).resolved()
     model_cfg = config_or_error(VQVAEConfig, **{**asdict(PRESETS[cfg.preset].model), **model_args})
     return cfg, model_cfg, None
