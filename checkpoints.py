@@ -356,9 +356,9 @@ def rebuild_segmenter(state: dict, path) -> tuple[UNet, SegmenterTrainConfig]:
 
 def load_segmenter(path, device: torch.device) -> tuple[UNet, SegmenterTrainConfig, dict]:
     """(U-Net on `device` in eval mode, its training config, the whole checkpoint) from a segment.py checkpoint;
-    a run folder stands for its best.pt."""
-    path = Path(path)
-    state = load_checkpoint(path / "best.pt" if path.is_dir() else path, "segmenter")
+    a run folder stands for its best.pt (checkpoint_file)."""
+    path = checkpoint_file(path)
+    state = load_checkpoint(path, "segmenter")
     model, cfg = rebuild_segmenter(state, path)
     return model.to(device).eval(), cfg, state
 

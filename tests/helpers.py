@@ -48,6 +48,18 @@ def make_adni(ad_nc, train_patients=10, test_patients=2, n_slices=2):
     return ad_nc
 
 
+def interrupted_in_second_call(real_epoch):
+    """A stand-in for a script's train_epoch that raises KeyboardInterrupt (Ctrl-C) as the second epoch begins."""
+    calls = []
+
+    def epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+    return epoch
+
+
 def nan_weights_on_second_call(real_epoch):
     """A stand-in for a script's train_epoch(model, ...) that fills a weight with NaN before the second epoch."""
     calls = []

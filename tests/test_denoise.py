@@ -15,7 +15,7 @@ import predict
 import train
 from checkpoints import load_checkpoint
 from denoise import Noise, add_noise, parse_noise
-from helpers import assert_one_line_error, run_main, tiny_args
+from helpers import assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
 from utils import read_csv
 
 
@@ -128,15 +128,8 @@ def test_the_checkpoint_records_the_training_noise(denoising_run):
 def test_a_resumed_denoising_run_draws_the_same_noise_as_an_uninterrupted_one(denoising_run, demo_root, tmp_path,
                                                                             monkeypatch):
     monkeypatch.setattr(train, "FIGURES_EVERY_S", 3600.0)
-    real_epoch, calls = train.train_epoch, []
-
-    def interrupted_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    real_epoch = train.train_epoch
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_second_call(real_epoch))
     with pytest.raises(SystemExit):
         train.main(tiny_args(demo_root, tmp_path / "run", "--epochs", "2", "--train-noise", "rician:0.05-0.2"))
     monkeypatch.setattr(train, "train_epoch", real_epoch)

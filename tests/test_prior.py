@@ -18,7 +18,8 @@ import train
 import train_prior
 from checkpoints import load_checkpoint, save_checkpoint
 from modules import PixelCNNConfig, PixelCNNPrior
-from helpers import ONE_THREAD, REPO, assert_one_line_error, make_adni, nan_weights_on_second_call, run_main, tiny_args
+from helpers import (ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
+                     nan_weights_on_second_call, run_main, tiny_args)
 from images import ssim
 from metrics import frechet_distance, nearest_ssim
 
@@ -186,15 +187,8 @@ def test_interrupted_and_resumed_prior_training_equals_an_uninterrupted_run(vqva
     args = ["--vqvae", str(vqvae), "--epochs", "3", *PRIOR_FLAGS, "--dropout", "0.2"]  # dropout: RNG state matters
     train_prior.main([*args, "--out", str(tmp_path / "straight")])
 
-    real_epoch, calls = train_prior.train_epoch, []
-
-    def interrupted_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train_prior, "train_epoch", interrupted_in_epoch_2)
+    real_epoch = train_prior.train_epoch
+    monkeypatch.setattr(train_prior, "train_epoch", interrupted_in_second_call(real_epoch))
     with pytest.raises(SystemExit) as stop:
         train_prior.main([*args, "--out", str(tmp_path / "resumed")])
     assert stop.value.code == 130 and load_checkpoint(tmp_path / "resumed" / "last.pt", kind="prior")["epoch"] == 1

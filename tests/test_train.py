@@ -7,7 +7,7 @@ import torch
 import predict
 import train
 from dataset import generate_demo
-from helpers import assert_one_line_error, run_main, tiny_args
+from helpers import assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
 from checkpoints import load_checkpoint, save_checkpoint
 
 
@@ -69,15 +69,8 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root,
     args = ["--epochs", "3", "--lr-schedule", "cosine"]
     train.main(tiny_args(demo_root, tmp_path / "straight", *args))
 
-    real_epoch, calls = train.train_epoch, []
-
-    def interrupted_in_epoch_2(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    real_epoch = train.train_epoch
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_second_call(real_epoch))
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(demo_root, tmp_path / "resumed", *args))
     assert stop.value.code == 130
