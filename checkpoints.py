@@ -155,7 +155,7 @@ class SegmenterTrainConfig:
     seed: int = 0                     # initial weights and the slices drawn each epoch
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default runs/segmenter-<dataset>-NNN
-    resume: str | None = None         # a run folder or checkpoint to continue from
+    resume: str | None = None         # a checkpoint to continue from, or its run folder (its last.pt)
 
     CHOICES = {"dataset": ("OASIS", "demo"), "lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES}
 
@@ -169,6 +169,10 @@ class SegmenterTrainConfig:
             "max_minutes": 0 <= self.max_minutes < math.inf, "seed": 0 <= self.seed < 2**63,
             "device": self.device in DEVICES,
         }, "segmenter training config")
+
+    def data_options(self) -> dict:
+        """The keyword arguments of dataset.build_dataset this config sets (as TrainConfig.data_options)."""
+        return dict(skip_bad=self.skip_bad)
 
     @classmethod
     def from_dict(cls, values: dict) -> "SegmenterTrainConfig":

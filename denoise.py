@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from images import to_unit
 from utils import UserError
 
 NOISE_MODELS = ("rician", "gaussian")
@@ -87,7 +88,7 @@ def parse_noise(spec: str, flag: str = "--noise") -> Noise:
 def add_noise(x: torch.Tensor, noise: Noise, seed: Sequence[int], keys: Sequence[int]) -> torch.Tensor:
     """(B, 1, H, W) images in [-1, 1] -> noisy ones on the same device; image b's noise is drawn from a Generator
     seeded with (*seed, keys[b]), so it is the same in any batch, order or device."""
-    clean = ((x.detach().float().cpu().numpy() + 1) / 2).clip(0, 1)  # (B, 1, H, W) in [0, 1]
+    clean = to_unit(x.detach()).cpu().numpy()  # (B, 1, H, W) in [0, 1]
     noisy = np.stack([noise.apply(c[0], np.random.default_rng([*seed, int(k)]))[None] for c, k in zip(clean, keys)])
     return torch.from_numpy(noisy * 2 - 1).to(x.device, x.dtype)
 

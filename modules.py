@@ -4,6 +4,7 @@
   and optimiser settings together); the quantiser's straight-through estimator, EMA codebook, k-means
   initialisation and dead-code restarts, with the DDP helpers they use (all_reduce_sum, broadcast_from_rank0);
 - prior: PixelCNNConfig, the causal convolutions and gated layers, PixelCNNPrior (training, sampling, completion);
+- tissue segmenter, the judge of anatomy: SegmenterConfig and a small U-Net (UNet);
 - config plumbing shared with checkpoints.py: ConfigError, config_from_dict, first_failure.
 
 Every hyper-parameter lives in a config dataclass saved inside every checkpoint, so the exact model can be rebuilt

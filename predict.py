@@ -55,7 +55,7 @@ from metrics import (SplitScores, batched, encode_images, encoder_features, frec
                      prior_bits, score_split)
 from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
-                   plot_histogram, plot_image_rows, plot_training_curves, plot_triplets, save_image_grid,
+                   plot_histograms, plot_image_rows, plot_training_curves, plot_triplets, save_image_grid,
                    save_side_by_side, use_bf16, write_csv, write_json)
 
 SSIM_BAR = 0.6  # the course's pass mark for mean SSIM
@@ -183,7 +183,8 @@ def run(args):
     worst_first_best = [int(np.argmin(kept)), 0, int(np.argmax(kept))]
     plot_triplets(scores.inputs[worst_first_best], scores.indices[worst_first_best],
                   scores.outputs[worst_first_best], out / "triplets.png", scores=kept[worst_first_best])
-    plot_histogram(ssims, out / "ssim_hist.png", f"SSIM on {data.name} {args.split}", "SSIM", threshold=SSIM_BAR)
+    plot_histograms({"SSIM": ssims}, out / "ssim_hist.png", f"SSIM on {data.name} {args.split}", "SSIM",
+                    threshold=SSIM_BAR)
     if (run_dir / "metrics.csv").exists():
         plot_training_curves(run_dir / "metrics.csv", out)
     s = summary["ssim"]
@@ -205,7 +206,7 @@ def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> t
     worst_anatomy.png (the 6 reconstructions that segment worst)."""
     model, _, state = segmenter
     amp = autocast(args.precision, device)
-    recon = (to_unit(scores.outputs[:, 0]) * 255).round().to(torch.uint8)  # (N, H, W)
+    recon = to_uint8(scores.outputs[:, 0])  # (N, H, W)
     seg_original = segment_images(model, data.images, device, amp, args.batch_size, desc="segmenting originals")
     seg_recon = segment_images(model, recon, device, amp, args.batch_size, desc="segmenting reconstructions")
     tables = {"original": dice_table(seg_original, data.masks), "reconstruction": dice_table(seg_recon, data.masks),
@@ -542,8 +543,7 @@ def judge_samples(segmenter, images: dict, val_masks, args, device) -> dict:
     tissue's share of the brain pixels per slice, as it segments the samples and the real validation slices, with
     the true masks' shares as a reference, and the 1-D Wasserstein distance of the samples' shares to the real."""
     features = {name: segmenter_features(segmenter, x, device, args.batch_size) for name, x in images.items()}
-    as_uint8 = {name: (to_unit(images[name][:, 0]) * 255).round().to(torch.uint8)
-                for name in ("samples", "validate_real")}
+    as_uint8 = {name: to_uint8(images[name][:, 0]) for name in ("samples", "validate_real")}
     amp = autocast(args.precision, device)
     fractions = {name: tissue_fractions(segment_images(segmenter, x, device, amp, args.batch_size)).numpy()
                  for name, x in as_uint8.items()}

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from anatomy import dice_columns, dice_summary, dice_table, segment_images, worst_first
-from checkpoints import SegmenterTrainConfig, load_segmenter, rebuild_segmenter, run_dir_of
-from dataset import DEMO_MARKER, TISSUES, build_dataset, default_demo_root, demo_settings, generate_demo
+from checkpoints import SegmenterTrainConfig, load_segmenter, load_split, rebuild_segmenter, run_dir_of
+from dataset import TISSUES, build_dataset, demo_settings
 from engine import (SavedEpochs, TimeBudget, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
                     reserve_run_folder, restore_training, resume_checkpoint, resumed_config, schedule_done,
                     speed_settings)
@@ -243,10 +243,7 @@ def parse_score_args(argv):
 def score(args) -> dict:
     device = apply_runtime_flags(args)
     model, cfg, state = load_segmenter(args.checkpoint, device)
-    root = args.data_root or cfg.data_root
-    if cfg.dataset == "demo" and not (Path(root or default_demo_root()) / DEMO_MARKER).is_file():
-        generate_demo(root or default_demo_root(), **(state["demo_settings"] or {}))  # gone: made again, as trained
-    data = build_dataset(cfg.dataset, root, args.split, skip_bad=args.skip_bad, masks=True)
+    data = load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], masks=True)
     try:
         model.config.check_fits(*data.image_shape)
     except ValueError as e:

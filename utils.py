@@ -492,19 +492,6 @@ def plot_triplets(inputs: torch.Tensor, indices: torch.Tensor, outputs: torch.Te
     plt.close(fig)
 
 
-def plot_histogram(values, path: Path, title: str, xlabel: str, threshold: float | None = None):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(np.asarray(values), bins=40, color="steelblue")
-    if threshold is not None:
-        ax.axvline(threshold, color="red", ls="--", label=f"{threshold}")
-        ax.legend()
-    ax.set(title=title, xlabel=xlabel, ylabel="images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot_bars(values, path: Path, title: str, xlabel: str, ylabel: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -541,15 +528,17 @@ def plot_image_rows(rows: list[list[tuple]], path: Path):
     plt.close(fig)
 
 
-def plot_histograms(series: dict, path: Path, title: str, xlabel: str):
-    """One histogram per {label: values}, overlaid on the same bins."""
+def plot_histograms(series: dict, path: Path, title: str, xlabel: str, threshold: float | None = None):
+    """One histogram per {label: values}, overlaid on the same bins; a dashed line at `threshold` if given."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     values = {k: np.asarray(v, dtype=float) for k, v in series.items()}
     everything = np.concatenate(list(values.values()))
     bins = np.linspace(everything.min(), max(everything.max(), everything.min() + 1e-6), 41)
     for label, v in values.items():
-        ax.hist(v, bins=bins, alpha=0.5, label=label)
+        ax.hist(v, bins=bins, alpha=0.5 if len(values) > 1 else 1.0, label=label)
+    if threshold is not None:
+        ax.axvline(threshold, color="red", ls="--", label=f"{threshold}")
     ax.set(title=title, xlabel=xlabel, ylabel="images")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
