@@ -16,7 +16,7 @@ import torch
 from dataset import DATASETS, DEMO_MARKER, build_dataset, default_demo_root, generate_demo
 from denoise import is_noise_spec
 from images import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
-from modules import (PRESETS, PixelCNNConfig, PixelCNNPrior, SegmenterConfig, UNet, VQVAE, VQVAEConfig,
+from modules import (PRESETS, Prior, PriorConfig, SegmenterConfig, build_prior, UNet, VQVAE, VQVAEConfig,
                      config_from_dict, first_failure)
 from utils import DEVICES, MAX_BATCH_SIZE, PRECISIONS, DataError, UserError, one_line_reason, write_atomically
 
@@ -106,6 +106,7 @@ class PriorTrainConfig:
     data_root: str | None = None      # where the VQ-VAE's dataset is now, if it moved after training
     conditional: bool = False         # condition on the class (needs a dataset with classes: ADNI's AD / NC)
     epochs: int = 30                  # epochs to train
+    max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
     batch_size: int = 32              # code maps per step
     lr: float = 1e-3                  # Adam learning rate
     lr_schedule: str = "cosine"       # constant or cosine (after warmup)
@@ -123,7 +124,8 @@ class PriorTrainConfig:
 
     def __post_init__(self):
         first_failure(self, {
-            "epochs": 1 <= self.epochs <= 100000, "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
+            "epochs": 1 <= self.epochs <= 100000, "max_minutes": 0 <= self.max_minutes < math.inf,
+            "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "lr": 0 < self.lr < math.inf, "lr_schedule": self.lr_schedule in SCHEDULES,
             "warmup_steps": self.warmup_steps >= 0, "grad_clip": 0 <= self.grad_clip < math.inf,
             "precision": self.precision in PRECISIONS, "epoch_samples": 0 <= self.epoch_samples <= 1024,
@@ -195,7 +197,7 @@ SCHEMA = {
                   "metrics": dict, "demo_settings": (dict, type(None))},
 }
 # kind -> key -> type of what a checkpoint of that kind may hold (newer keys; older files lack them), and its fields
-OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {}, "segmenter": {"time_budget": dict}}
+OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {"time_budget": dict}, "segmenter": {"time_budget": dict}}
 TIME_BUDGET_SCHEMA = {"seconds_left": (int, float, type(None)), "done": bool}
 # What a resume reads on top: the optimiser, its schedule and the random streams.
 RESUME_SCHEMA = {"optimizer": dict, "scheduler": dict, "rng": dict}
@@ -310,10 +312,10 @@ def rebuild_vqvae(state: dict, path) -> tuple[VQVAE, TrainConfig]:
     return model, cfg
 
 
-def rebuild_prior(state: dict, path) -> tuple[PixelCNNPrior, PriorTrainConfig]:
+def rebuild_prior(state: dict, path) -> tuple[Prior, PriorTrainConfig]:
     """The exact prior and training config a loaded prior checkpoint describes (on the CPU, train mode)."""
     try:
-        prior = PixelCNNPrior(config_from_dict(PixelCNNConfig, state["model_config"]))
+        prior = build_prior(config_from_dict(PriorConfig, state["model_config"]))
         _fit_weights(prior, state["model"])
         cfg = PriorTrainConfig.from_dict(state["train_config"])
         vqvae_config = VQVAEConfig.from_dict(state["vqvae_model_config"])
@@ -338,7 +340,7 @@ def load_vqvae(path, device: torch.device) -> tuple[VQVAE, TrainConfig, dict]:
     return model.to(device).eval(), cfg, state
 
 
-def load_prior(path, device: torch.device) -> tuple[PixelCNNPrior, PriorTrainConfig, dict]:
+def load_prior(path, device: torch.device) -> tuple[Prior, PriorTrainConfig, dict]:
     """(prior on `device` in eval mode, its training config, the whole checkpoint) from a train_prior.py checkpoint
     (a .pt file, or a prior run folder: its best.pt)."""
     state = load_checkpoint(path, "prior")

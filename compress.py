@@ -28,8 +28,8 @@ File format (.vqz, version 1; little-endian; a 38-byte header, then the payload)
     34     4     payload length in bytes (must be exactly the rest of the file)
     38     ...   payload: packed bits (coder 0) or constriction range-coder words, uint32 little-endian (1, 2)
 
-Exactness: the prior's logits are computed in float64 by one incremental procedure (PriorEngine, used by encoder
-and decoder alike), rounded to 1/64 nat, and turned into integer frequencies by integer arithmetic only
+Exactness: the prior's logits are computed in float64 by one incremental procedure (Prior.incremental, the one
+sampling uses too, run by encoder and decoder alike), rounded to 1/64 nat, and turned into integer frequencies by integer arithmetic only
 (`frequencies`), so encoder and decoder code with identical integers. The float64 logits are bit-identical with 1
 and 2 threads and differ by ~1e-15 between batch compositions or from the one-pass forward; a difference moves a
 frequency only if a logit lies within that distance of a rounding boundary (~1e-13 per logit). Should it happen,
@@ -58,7 +58,7 @@ from anatomy import DICE_COLUMNS, dice_table, segment_images
 from checkpoints import check_prior_fits, default_prior, load_prior, load_segmenter, load_split, load_vqvae, run_dir_of
 from dataset import read_slice
 from images import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, natural_key, psnr, ssim, to_float, to_uint8
-from modules import gate
+from modules import drive
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    pyplot, write_csv, write_json)
 
@@ -114,111 +114,6 @@ def frequencies(logits, bits: int) -> np.ndarray:
     f = e * (total - k) // e.sum(1, keepdims=True) + 1
     f[np.arange(len(f)), e.argmax(1)] += total - f.sum(1)
     return f
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The prior, position by position, in float64
-# ---------------------------------------------------------------------------------------------------------
-
-class PriorEngine:
-    """The PixelCNN prior's conditionals in raster order, computed incrementally in float64 on channels-last
-    buffers: each layer's vertical stack once per row (from the last k//2 + 1 rows of its input) and its
-    horizontal stack once per position (from the last k//2 + 1 columns), so a map costs one full forward pass
-    of arithmetic, not one per position. Encoder and decoder both run this procedure; it agrees with
-    PixelCNNPrior.forward in float64 to ~1e-15 (tests/test_compress.py)."""
-
-    def __init__(self, prior, device: torch.device):
-        c = prior.config
-        self.r, self.k, self.channels = c.kernel_size // 2, c.kernel_size, c.channels
-        self.codebook_size = c.codebook_size
-        self.num_classes, self.device = c.num_classes, device
-        as64 = lambda t: t.detach().to(device, torch.float64)  # noqa: E731
-        matrix = lambda conv: as64(conv.weight)[:, :, 0, 0].t()  # noqa: E731  a 1x1 conv as (in, out)
-        two_c = 2 * c.channels
-        self.embed = as64(prior.embed.weight)  # (K, C)
-        self.layers = []
-        for layer in prior.layers:
-            self.layers.append({
-                # (2C, C, r+1, k) -> rows ordered (kernel row, kernel column, input channel), the patch order below
-                "wv": as64(layer.vertical.weight * layer.vertical.mask).permute(2, 3, 1, 0).reshape(-1, two_c),
-                "bv": as64(layer.vertical.bias),
-                "wh": as64(layer.horizontal.weight * layer.horizontal.mask)[:, :, 0].permute(2, 1, 0)
-                      .reshape(-1, two_c),
-                "bh": as64(layer.horizontal.bias),
-                "wvh": matrix(layer.vertical_to_horizontal), "bvh": as64(layer.vertical_to_horizontal.bias),
-                "wo": matrix(layer.horizontal_out), "bo": as64(layer.horizontal_out.bias),
-                "cond": as64(layer.condition.weight) if layer.condition is not None else None,
-                "residual": layer.residual})
-        first, second = prior.head[1], prior.head[3]
-        self.head = (matrix(first), as64(first.bias), matrix(second), as64(second.bias))
-
-    def run(self, n: int, h: int, w: int, labels: torch.Tensor | None = None):
-        """A generator over the h*w positions of n maps in raster order: it yields the (n, K) float64 logits of a
-        position and must then be sent the (n,) codes at that position."""
-        if self.num_classes and labels is None:
-            raise UserError("this prior is class-conditional: pass --class (or encode a split, whose labels are known)")
-        r, k, c, layers = self.r, self.k, self.channels, self.layers
-        new = lambda *shape: torch.zeros(*shape, device=self.device, dtype=torch.float64)  # noqa: E731
-        vertical = [new(n, r + 1, w + 2 * r, c) for _ in layers]  # input rows i-r..i of each layer, padded
-        horizontal = [new(n, w + r, c) for _ in layers]           # input of each layer along row i, padded left
-        if self.num_classes:
-            labels = labels.to(self.device)
-            class_bias = [layer["cond"][labels] for layer in layers]  # (n, 2C) each
-        else:
-            class_bias = [None] * len(layers)
-        w1, b1, w2, b2 = self.head
-        for i in range(h):
-            for buf in vertical:  # the window moves down one row
-                buf[:, :r] = buf[:, 1:].clone()
-                buf[:, r] = 0
-            to_horizontal = []
-            for index, (layer, bias) in enumerate(zip(layers, class_bias)):
-                patches = vertical[index].unfold(2, k, 1).permute(0, 2, 1, 4, 3).reshape(n * w, -1)
-                features = torch.addmm(layer["bv"], patches, layer["wv"])  # (n*w, 2C)
-                to_horizontal.append(torch.addmm(layer["bvh"], features, layer["wvh"]).view(n, w, 2 * c))
-                if index + 1 < len(layers):
-                    features = features.view(n, w, 2 * c)
-                    pre = features if bias is None else features + bias[:, None]
-                    vertical[index + 1][:, r, r:r + w] = gate(pre, dim=-1)
-            for buf in horizontal:
-                buf.zero_()
-            for j in range(w):
-                out = None
-                for index, (layer, bias) in enumerate(zip(layers, class_bias)):
-                    window = horizontal[index][:, j:j + r + 1].reshape(n, -1)
-                    pre = torch.addmm(layer["bh"], window, layer["wh"]) + to_horizontal[index][:, j]
-                    if bias is not None:
-                        pre = pre + bias
-                    out = torch.addmm(layer["bo"], gate(pre, dim=-1), layer["wo"])
-                    if layer["residual"]:
-                        out = horizontal[index][:, r + j] + out
-                    if index + 1 < len(layers):
-                        horizontal[index + 1][:, r + j] = out
-                logits = torch.addmm(b2, torch.addmm(b1, out.relu(), w1).relu(), w2)
-                codes = yield logits
-                embedded = self.embed[codes.to(self.device)]
-                horizontal[0][:, r + j] = embedded
-                vertical[0][:, r, r + j] = embedded
-
-    def logits(self, codes: torch.Tensor, labels=None) -> torch.Tensor:
-        """Teacher forcing through the incremental procedure: (n, h, w) codes -> (n, K, h, w) float64 logits."""
-        n, h, w = codes.shape
-        out = torch.empty(n, self.codebook_size, h, w, dtype=torch.float64)
-        drive(self.run(n, h, w, labels), h * w, lambda pos, logits: (out.__setitem__(
-            (slice(None), slice(None), pos // w, pos % w), logits.cpu()), codes[:, pos // w, pos % w])[1])
-        return out
-
-
-def drive(steps, positions: int, choose):
-    """Run a PriorEngine.run generator: choose(position, logits) returns the (n,) codes to send for each one."""
-    logits = next(steps)
-    for pos in range(positions):
-        codes = choose(pos, logits)
-        try:
-            logits = steps.send(codes)
-        except StopIteration:
-            assert pos == positions - 1
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,8 +257,7 @@ class Codec:
         self.bits = probability_bits(self.k)
         usage = vqvae.quantizer.usage.detach().double().cpu().numpy()
         self.static_freqs = frequencies(np.log(np.maximum(usage, 1e-6))[None], self.bits)[0]
-        self.engine = PriorEngine(prior, device) if prior is not None else None
-
+        
     # -- the VQ-VAE ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:
@@ -473,7 +367,7 @@ class Codec:
                     progress.set_postfix_str(f"row {pos // w + 1}/{h} of slices {start + 1}-{start + n}")
                 return batch[:, pos // w, pos % w]
 
-            drive(self.engine.run(n, h, w, y), h * w, choose)
+            drive(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
             payloads += [words_to_bytes(e.get_compressed()) for e in encoders]
             if progress is not None:
                 progress.update(n)
@@ -577,7 +471,7 @@ class Codec:
                 progress.set_postfix_str(f"row {pos // w + 1}/{h} of {n} slices")
             return torch.from_numpy(out[:, pos])
 
-        drive(self.engine.run(n, h, w, y), h * w, choose)
+        drive(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
         if progress is not None:
             progress.update(n)
         return list(out)

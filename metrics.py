@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from images import psnr, ssim, to_float, to_unit
-from modules import VQVAE, PixelCNNPrior
+from modules import VQVAE, Prior
 
 
 class SplitScores(NamedTuple):
@@ -71,7 +71,7 @@ def encode_images(model: VQVAE, images: torch.Tensor, device, batch_size: int = 
 
 
 @torch.no_grad()
-def prior_bits(prior: PixelCNNPrior, codes: torch.Tensor, labels=None, batch_size: int = 64,
+def prior_bits(prior: Prior, codes: torch.Tensor, labels=None, batch_size: int = 64,
                amp=None) -> float:
     """Negative log-likelihood of (N, h, w) code maps under the prior, in bits per code."""
     prior.eval()

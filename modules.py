@@ -1,15 +1,18 @@
-"""The models: the VQ-VAE (van den Oord et al. 2017, arXiv:1711.00937) and the gated PixelCNN prior over its codes.
+"""The models: the VQ-VAE (van den Oord et al. 2017, arXiv:1711.00937) and the autoregressive prior over its codes.
 
 - VQ-VAE: `Encoder -> VectorQuantizer -> Decoder` (VQVAE), its config (VQVAEConfig) and the presets (PRESETS: model
   and optimiser settings together); the quantiser's straight-through estimator, EMA codebook, k-means
   initialisation and dead-code restarts, with the DDP helpers they use (all_reduce_sum, broadcast_from_rank0);
-- prior: PixelCNNConfig, the causal convolutions and gated layers, PixelCNNPrior (training, sampling, completion);
+- prior: PriorConfig and build_prior; Prior (sampling and completion, by driving a prior's incremental logits), a
+  gated PixelCNN (PixelCNNPrior: causal convolutions, gated layers) and a causal transformer (TransformerPrior:
+  GPT blocks, a KV cache);
 - tissue segmenter, the judge of anatomy: SegmenterConfig and a small U-Net (UNet);
 - config plumbing shared with checkpoints.py: ConfigError, config_from_dict, first_failure.
 
 Every hyper-parameter lives in a config dataclass saved inside every checkpoint, so the exact model can be rebuilt
 from the file alone.
 """
+import copy
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -456,28 +459,100 @@ class VQVAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prior: gated PixelCNN over code maps
+# Prior: an autoregressive model over code maps, a gated PixelCNN or a causal transformer
 # ---------------------------------------------------------------------------------------------------------
-# An autoregressive prior p(z) = prod_ij p(z_ij | z_<ij [, class]) over the (B, h, w) code-index maps of a
-# trained VQ-VAE, in raster order (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN
-# Decoders", arXiv:1606.05328). New slices are decoded from sampled maps.
+# p(z) = prod_t p(z_t | z_<t [, class]) over the (B, h, w) code-index maps of a trained VQ-VAE in raster order
+# t = i*w + j. New slices are decoded from sampled maps; the codec entropy-codes a map with the same conditionals.
+# Both architectures train on whole maps at once (forward) and run position by position (incremental), which
+# sampling, completion and the codec all drive.
+
+PRIOR_ARCHS = ("pixelcnn", "transformer")
+
 
 @dataclass(frozen=True)
-class PixelCNNConfig:
+class PriorConfig:
+    arch: str = "pixelcnn"    # pixelcnn: gated PixelCNN (arXiv:1606.05328); transformer: GPT over the raster sequence
     codebook_size: int = 32   # K, the VQ-VAE's; the prior reads and predicts code indices in [0, K)
-    channels: int = 64        # width of both stacks
-    layers: int = 12          # gated layers; the first one also hides the current position (mask 'A')
-    kernel_size: int = 5      # odd k: the vertical stack sees k//2 rows up and k//2 columns each side per layer
-    num_classes: int = 0      # 0: unconditional; otherwise every layer is conditioned on a label in [0, num_classes)
-    dropout: float = 0.0      # on the gated activations of the horizontal stack
+    channels: int = 64        # width: of both PixelCNN stacks, or the transformer's embedding
+    layers: int = 12          # gated layers (the first one also hides the current position), or transformer blocks
+    kernel_size: int = 5      # pixelcnn: odd k, the vertical stack sees k//2 rows up and k//2 columns each side
+    heads: int = 4            # transformer: attention heads (they split the channels)
+    max_grid: int = 64        # transformer: largest code grid side its learned row and column embeddings cover
+    num_classes: int = 0      # 0: unconditional; otherwise the prior is conditioned on a label in [0, num_classes)
+    dropout: float = 0.0      # pixelcnn: on the horizontal stack's gated activations; transformer: attention and MLP
+
+    CHOICES = {"arch": PRIOR_ARCHS}
 
     def __post_init__(self):
-        first_failure(self, {"codebook_size": 2 <= self.codebook_size <= VQVAEConfig.LIMITS["codebook_size"],
-                       "channels": 1 <= self.channels <= 4096, "layers": 1 <= self.layers <= 256,
-                       "kernel_size": 3 <= self.kernel_size <= 63 and self.kernel_size % 2 == 1,
-                       "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1},
+        first_failure(self, {"arch": self.arch in PRIOR_ARCHS,
+                             "codebook_size": 2 <= self.codebook_size <= VQVAEConfig.LIMITS["codebook_size"],
+                             "channels": 1 <= self.channels <= 4096, "layers": 1 <= self.layers <= 256,
+                             "kernel_size": 3 <= self.kernel_size <= 63 and self.kernel_size % 2 == 1,
+                             "heads": 1 <= self.heads <= 256 and self.channels % self.heads == 0,
+                             "max_grid": 1 <= self.max_grid <= 2048,
+                             "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1},
                       "prior config")
 
+
+class Prior(nn.Module):
+    """What both priors share: forward maps (B, h, w) indices [+ (B,) labels] to (B, K, h, w) logits, those at
+    (i, j) depending only on the codes before (i, j) in raster order; `incremental` computes the same logits one
+    position at a time, each map's whole cost once; `sample` and completion drive it."""
+    config: PriorConfig
+
+    def labels_for(self, n: int, class_index: int | None = None) -> torch.Tensor | None:
+        """(n,) labels to sample with: `class_index` for all, or every class in turn; None if unconditional."""
+        if not self.config.num_classes:
+            return None
+        return torch.full((n,), class_index) if class_index is not None else torch.arange(n) % self.config.num_classes
+
+    def check_labels(self, labels):
+        if self.config.num_classes and labels is None:
+            raise ValueError("this prior is class-conditional: pass labels")
+
+    def incremental(self, n: int, h: int, w: int, labels=None, dtype=torch.float32):
+        """A generator over the h*w positions of n maps in raster order: it yields the (n, K) logits (in `dtype`) of
+        a position and must then be sent the (n,) codes at that position (drive() runs one)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, shape: tuple[int, int], labels=None, temperature: float = 1.0, generator=None,
+               given: torch.Tensor | None = None, given_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw n code maps of `shape` (h, w) in raster order -> (n, h, w) int64. Positions where `given_mask`
+        ((n, h, w) or (h, w), bool) is True keep the codes of `given` (n, h, w): completion of partial maps."""
+        h, w = shape
+        device = next(self.parameters()).device
+        keep = (given_mask if given_mask is not None else torch.zeros(h, w, dtype=torch.bool)).to(device)
+        keep = keep.expand(n, h, w).reshape(n, -1)
+        given = given.to(device).reshape(n, -1) if given is not None else torch.zeros(n, h * w, dtype=torch.long,
+                                                                                       device=device)
+        codes = torch.zeros(n, h * w, dtype=torch.long, device=device)
+
+        def draw(pos, logits):
+            probs = F.softmax(logits.float() / temperature, dim=1)  # (n, K)
+            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            codes[:, pos] = torch.where(keep[:, pos], given[:, pos], drawn)
+            return codes[:, pos]
+        drive(self.incremental(n, h, w, labels.to(device) if labels is not None else None), h * w, draw)
+        return codes.view(n, h, w)
+
+
+def drive(steps, positions: int, choose):
+    """Run a Prior.incremental generator: choose(position, logits) returns the (n,) codes to send for each one."""
+    logits = next(steps)
+    for pos in range(positions):
+        codes = choose(pos, logits)
+        try:
+            logits = steps.send(codes)
+        except StopIteration:
+            assert pos == positions - 1
+
+
+def build_prior(config: PriorConfig) -> Prior:
+    return {"pixelcnn": PixelCNNPrior, "transformer": TransformerPrior}[config.arch](config)
+
+
+# -- gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders") ------------
 
 class CausalConv2d(nn.Conv2d):
     """A convolution whose output at (i, j) sees only a causal window of its input.
@@ -507,7 +582,7 @@ class CausalConv2d(nn.Conv2d):
 
 def gate(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """(B, 2C, ...) -> (B, C, ...): tanh(a) * sigmoid(b), the paper's gated activation, a and b the two halves of
-    `dim` (the channels: 1, or -1 for channels-last buffers such as the codec's)."""
+    `dim` (the channels: 1, or -1 for channels-last buffers such as the incremental procedure's)."""
     a, b = x.chunk(2, dim=dim)
     return torch.tanh(a) * torch.sigmoid(b)
 
@@ -534,8 +609,6 @@ class GatedMaskedConv(nn.Module):
         """(B,) labels -> (B, 2C, 1, 1) per-class bias added before both gates (the paper's V^T h), or 0."""
         if self.condition is None:
             return 0
-        if labels is None:
-            raise ValueError("this prior is class-conditional: pass labels")
         return self.condition(labels)[:, :, None, None]
 
     def vertical_step(self, v: torch.Tensor, labels=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,11 +622,10 @@ class GatedMaskedConv(nn.Module):
         return h + out if self.residual else out
 
 
-class PixelCNNPrior(nn.Module):
-    """Gated PixelCNN over code maps: (B, h, w) indices [+ (B,) labels] -> (B, K, h, w) logits, where the
-    logits at (i, j) depend only on the codes before (i, j) in raster order."""
+class PixelCNNPrior(Prior):
+    """Gated PixelCNN over code maps: (B, h, w) indices [+ (B,) labels] -> (B, K, h, w) logits."""
 
-    def __init__(self, config: PixelCNNConfig):
+    def __init__(self, config: PriorConfig):
         super().__init__()
         c = self.config = config
         self.embed = nn.Embedding(c.codebook_size, c.channels)
@@ -562,69 +634,201 @@ class PixelCNNPrior(nn.Module):
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c.channels, c.channels, 1), nn.ReLU(),
                                   nn.Conv2d(c.channels, c.codebook_size, 1))
 
-    def embedding(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) -> (B, C, h, w)."""
-        return self.embed(indices).permute(0, 3, 1, 2)
-
-    def vertical(self, x: torch.Tensor, labels=None) -> list[torch.Tensor]:
-        """Run the vertical stack on embedded codes (B, C, h, w); returns each layer's (B, 2C, h, w) input to
-        the horizontal stack. Row i of the result depends only on rows < i of x."""
-        v, to_horizontal = x, []
+    def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_labels(labels)
+        v = h = self.embed(indices).permute(0, 3, 1, 2)  # (B, h, w) -> (B, C, h, w)
         for layer in self.layers:
-            v, features = layer.vertical_step(v, labels)
-            to_horizontal.append(features)
-        return to_horizontal
-
-    def horizontal(self, x: torch.Tensor, to_horizontal: list[torch.Tensor], labels=None) -> torch.Tensor:
-        """Run the horizontal stack and the output head: (B, C, h, w) -> (B, K, h, w) logits."""
-        h = x
-        for layer, features in zip(self.layers, to_horizontal):
-            h = layer.horizontal_step(h, features, labels)
+            v, from_vertical = layer.vertical_step(v, labels)
+            h = layer.horizontal_step(h, from_vertical, labels)
         return self.head(h)
 
-    def labels_for(self, n: int, class_index: int | None = None) -> torch.Tensor | None:
-        """(n,) labels to sample with: `class_index` for all, or every class in turn; None if unconditional."""
-        if not self.config.num_classes:
-            return None
-        return torch.full((n,), class_index) if class_index is not None else torch.arange(n) % self.config.num_classes
+    def incremental(self, n: int, h: int, w: int, labels=None, dtype=torch.float32):
+        """Channels-last buffers: each layer's vertical stack runs once per row (from the last k//2 + 1 rows of its
+        input) and its horizontal stack once per position (from the last k//2 + 1 columns), so a map costs one
+        forward pass of arithmetic, not one per position. Agrees with forward to rounding (tests/test_prior.py)."""
+        self.check_labels(labels)
+        return pixelcnn_steps(pixelcnn_matrices(self, dtype), self.config, n, h, w, labels)
+
+
+def pixelcnn_matrices(prior: PixelCNNPrior, dtype) -> dict:
+    """The prior's weights in `dtype` as the matrices pixelcnn_steps multiplies by."""
+    as_dtype = lambda t: t.detach().to(dtype)  # noqa: E731
+    matrix = lambda conv: as_dtype(conv.weight)[:, :, 0, 0].t()  # noqa: E731  a 1x1 conv as (in, out)
+    two_c = 2 * prior.config.channels
+    layers = [{
+        # (2C, C, r+1, k) -> rows ordered (kernel row, kernel column, input channel), the patch order of the steps
+        "wv": as_dtype(layer.vertical.weight * layer.vertical.mask).permute(2, 3, 1, 0).reshape(-1, two_c),
+        "bv": as_dtype(layer.vertical.bias),
+        "wh": as_dtype(layer.horizontal.weight * layer.horizontal.mask)[:, :, 0].permute(2, 1, 0).reshape(-1, two_c),
+        "bh": as_dtype(layer.horizontal.bias),
+        "wvh": matrix(layer.vertical_to_horizontal), "bvh": as_dtype(layer.vertical_to_horizontal.bias),
+        "wo": matrix(layer.horizontal_out), "bo": as_dtype(layer.horizontal_out.bias),
+        "cond": as_dtype(layer.condition.weight) if layer.condition is not None else None,
+        "residual": layer.residual} for layer in prior.layers]
+    first, second = prior.head[1], prior.head[3]
+    return {"embed": as_dtype(prior.embed.weight), "layers": layers,
+            "head": (matrix(first), as_dtype(first.bias), matrix(second), as_dtype(second.bias))}
+
+
+def pixelcnn_steps(m: dict, c: PriorConfig, n: int, h: int, w: int, labels):
+    """The generator of PixelCNNPrior.incremental, over the matrices `m`."""
+    r, k, layers = c.kernel_size // 2, c.kernel_size, m["layers"]
+    new = lambda *shape: m["embed"].new_zeros(*shape)  # noqa: E731
+    vertical = [new(n, r + 1, w + 2 * r, c.channels) for _ in layers]  # input rows i-r..i of each layer, padded
+    horizontal = [new(n, w + r, c.channels) for _ in layers]           # input of each layer along row i, padded left
+    class_bias = [layer["cond"][labels] if labels is not None and layer["cond"] is not None else None
+                  for layer in layers]  # (n, 2C) each
+    w1, b1, w2, b2 = m["head"]
+    for i in range(h):
+        for buf in vertical:  # the window moves down one row
+            buf[:, :r] = buf[:, 1:].clone()
+            buf[:, r] = 0
+        to_horizontal = []
+        for index, (layer, bias) in enumerate(zip(layers, class_bias)):
+            patches = vertical[index].unfold(2, k, 1).permute(0, 2, 1, 4, 3).reshape(n * w, -1)
+            features = torch.addmm(layer["bv"], patches, layer["wv"])  # (n*w, 2C)
+            to_horizontal.append(torch.addmm(layer["bvh"], features, layer["wvh"]).view(n, w, 2 * c.channels))
+            if index + 1 < len(layers):
+                features = features.view(n, w, 2 * c.channels)
+                pre = features if bias is None else features + bias[:, None]
+                vertical[index + 1][:, r, r:r + w] = gate(pre, dim=-1)
+        for buf in horizontal:
+            buf.zero_()
+        for j in range(w):
+            out = None
+            for index, (layer, bias) in enumerate(zip(layers, class_bias)):
+                window = horizontal[index][:, j:j + r + 1].reshape(n, -1)
+                pre = torch.addmm(layer["bh"], window, layer["wh"]) + to_horizontal[index][:, j]
+                if bias is not None:
+                    pre = pre + bias
+                out = torch.addmm(layer["bo"], gate(pre, dim=-1), layer["wo"])
+                if layer["residual"]:
+                    out = horizontal[index][:, r + j] + out
+                if index + 1 < len(layers):
+                    horizontal[index + 1][:, r + j] = out
+            logits = torch.addmm(b2, torch.addmm(b1, out.relu(), w1).relu(), w2)
+            codes = yield logits
+            embedded = m["embed"][codes.to(m["embed"].device)]
+            horizontal[0][:, r + j] = embedded
+            vertical[0][:, r, r + j] = embedded
+
+
+# -- causal transformer over the raster sequence (GPT-2 blocks, as nanoGPT writes them) -------------------------
+
+class KVCache:
+    """One attention layer's keys and values of the positions so far, for incremental decoding: buffers for
+    `length` positions, allocated at the first call and filled in place (no copy of the past per position)."""
+
+    def __init__(self, length: int):
+        self.length, self.size, self.keys, self.values = length, 0, None, None
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, heads, t, d) keys and values; returns all of them so far."""
+        if self.keys is None:
+            self.keys = keys.new_empty(*keys.shape[:2], self.length, keys.shape[3])
+            self.values = torch.empty_like(self.keys)
+        end = self.size + keys.shape[2]
+        self.keys[:, :, self.size:end], self.values[:, :, self.size:end] = keys, values
+        self.size = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, channels: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With a cache, x holds the newest position(s), attending to all cached ones."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, C/H)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, channels: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.attention = CausalSelfAttention(channels, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerPrior(Prior):
+    """A GPT over the raster sequence of a code map: token t is a start token (the class's, or the one
+    unconditional start) for t = 0 and code t-1 otherwise, plus learned row and column embeddings of the position
+    t it predicts; causal self-attention lets position t see every code before it, not only a local window."""
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        c = self.config = config
+        self.start = nn.Embedding(max(1, c.num_classes), c.channels)
+        self.embed = nn.Embedding(c.codebook_size, c.channels)
+        self.rows, self.columns = nn.Embedding(c.max_grid, c.channels), nn.Embedding(c.max_grid, c.channels)
+        self.blocks = nn.ModuleList([TransformerBlock(c.channels, c.heads, c.dropout) for _ in range(c.layers)])
+        self.norm = nn.LayerNorm(c.channels)
+        self.head = nn.Linear(c.channels, c.codebook_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def positions(self, h: int, w: int) -> torch.Tensor:
+        """(h*w, C): the embedding of each raster position's row and column."""
+        if max(h, w) > self.config.max_grid:
+            raise ValueError(f"a {h}x{w} code grid is larger than this transformer prior's max_grid "
+                             f"{self.config.max_grid}")
+        device = self.rows.weight.device
+        i, j = torch.arange(h, device=device), torch.arange(w, device=device)
+        return (self.rows(i)[:, None] + self.columns(j)[None]).reshape(h * w, -1)
+
+    def start_tokens(self, n: int, labels) -> torch.Tensor:
+        """(n, 1, C)."""
+        return self.start(labels if labels is not None else torch.zeros(n, dtype=torch.long,
+                                                                         device=self.start.weight.device))[:, None]
 
     def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embedding(indices)
-        return self.horizontal(x, self.vertical(x, labels), labels)
+        self.check_labels(labels)
+        b, h, w = indices.shape
+        codes = indices.reshape(b, h * w)
+        x = torch.cat([self.start_tokens(b, labels), self.embed(codes[:, :-1])], 1) + self.positions(h, w)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)).transpose(1, 2).reshape(b, -1, h, w)  # (B, T, K) -> (B, K, h, w)
 
-    @torch.no_grad()
-    def sample(self, n: int, shape: tuple[int, int], labels=None, temperature: float = 1.0, generator=None,
-               given: torch.Tensor | None = None, given_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw n code maps of `shape` (h, w) in raster order -> (n, h, w) int64.
+    def incremental(self, n: int, h: int, w: int, labels=None, dtype=torch.float32):
+        """Keys and values cached per block: position t runs one token through the blocks."""
+        self.check_labels(labels)
+        model = self if dtype == self.head.weight.dtype else copy.deepcopy(self).to(dtype)
+        return transformer_steps(model, n, h, w, labels)
 
-        Positions where `given_mask` ((n, h, w) or (h, w), bool) is True keep the codes of `given` (n, h, w):
-        completion of partial maps. Since row i of the vertical stack depends only on the rows above, it runs
-        once per row; the horizontal stack then runs once per position on that single row, cropped to the
-        columns up to it. A map costs h vertical passes plus h*w one-row passes instead of h*w full passes."""
-        h, w = shape
-        device = self.embed.weight.device
-        codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
-        if given_mask is None:
-            given_mask = torch.zeros(n, h, w, dtype=torch.bool, device=device)
-        given_mask = given_mask.to(device).expand(n, h, w)
-        labels = labels.to(device) if labels is not None else None
-        if given is not None:
-            codes = torch.where(given_mask, given.to(device), codes)
-        to_draw = (~given_mask).any(0).tolist()  # (h, w): positions at least one map still needs
-        for i in range(h):
-            if not any(to_draw[i]):
-                continue
-            # rows <= i; row i's placeholder codes are hidden from the vertical stack by the first layer's mask
-            to_horizontal = [f[:, :, i:] for f in self.vertical(self.embedding(codes[:, :i + 1]), labels)]
-            for j in range(w):
-                if not to_draw[i][j]:
-                    continue
-                row = self.embedding(codes[:, i:i + 1, :j + 1])  # (n, C, 1, j + 1)
-                logits = self.horizontal(row, [f[..., :j + 1] for f in to_horizontal], labels)[:, :, 0, j]
-                probs = F.softmax(logits.float() / temperature, dim=1)  # (n, K)
-                draw = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                codes[:, i, j] = torch.where(given_mask[:, i, j], codes[:, i, j], draw)
-        return codes
+
+def transformer_steps(model: TransformerPrior, n: int, h: int, w: int, labels):
+    """The generator of TransformerPrior.incremental."""
+    positions, caches = model.positions(h, w), [KVCache(h * w) for _ in model.blocks]
+    x = model.start_tokens(n, labels)  # (n, 1, C)
+    for t in range(h * w):
+        x = x + positions[t]
+        for block, cache in zip(model.blocks, caches):
+            x = block(x, cache)
+        codes = yield model.head(model.norm(x))[:, 0]  # (n, K)
+        x = model.embed(codes.to(positions.device))[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------

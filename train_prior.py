@@ -1,7 +1,9 @@
-"""Train a gated PixelCNN prior over the code maps of a trained VQ-VAE (the VQ-VAE paper's second stage): its
-samples decode to new slices.
+"""Train an autoregressive prior over the code maps of a trained VQ-VAE (the VQ-VAE paper's second stage): its
+samples decode to new slices, and compress.py codes maps with its conditionals. --arch pixelcnn (default) is a gated
+PixelCNN, --arch transformer a causal transformer over the raster sequence of codes.
 
     python train_prior.py --vqvae runs/demo-vqvae/best.pt
+    python train_prior.py --vqvae runs/X/best.pt --arch transformer --channels 128 --layers 4 --max-minutes 30
     python train_prior.py --vqvae runs/ADNI-default-000/best.pt --conditional       # p(codes | AD or NC)
     python train_prior.py --resume runs/demo-vqvae/prior/last.pt --epochs 60         # continue, or train longer
 
@@ -22,19 +24,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae, rebuild_prior
-from engine import (SavedEpochs, TensorBoardLog, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
-                    reserve_run_folder, restore_training, resume_checkpoint, resumed_config, tensorboard_writer_class)
+from engine import (SavedEpochs, TensorBoardLog, TimeBudget, config_or_error, lr_scheduler, optimizer_step,
+                    parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
+                    schedule_done, tensorboard_writer_class)
 from metrics import batched, encode_images, prior_bits
-from modules import PixelCNNConfig, PixelCNNPrior
+from modules import PriorConfig, build_prior
 from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
                    read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_interrupts, use_bf16, write_json)
 
 
-def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, progress) -> float:
-    """One shuffled pass over the (N, h, w) train code maps; returns their mean NLL in bits per code."""
+def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, progress) -> tuple[float, int]:
+    """One shuffled pass over the (N, h, w) train code maps (cut short where --max-minutes' plan ends); returns
+    their mean NLL in bits per code and the maps trained on."""
     prior.train()
     order = torch.randperm(len(codes)).to(codes.device)
-    nats = torch.zeros((), device=codes.device)
+    nats, seen = torch.zeros((), device=codes.device), 0
+    steps_per_epoch = math.ceil(len(codes) / cfg.batch_size)
     for start in range(0, len(codes), cfg.batch_size):
         batch = order[start:start + cfg.batch_size]
         x = codes[batch]
@@ -43,8 +48,12 @@ def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, progress) -> flo
         loss = F.cross_entropy(logits.float(), x)
         optimizer_step(loss, prior, opt, scheduler, cfg.grad_clip)
         nats += loss.detach() * x.numel()
+        seen += len(x)
         progress.update(1)
-    return float(nats) / codes.numel() / math.log(2)
+        budget.observe(scheduler, steps_per_epoch, codes.device)
+        if schedule_done(scheduler) or budget.up(codes.device):
+            break
+    return float(nats) / (seen * codes[0].numel()) / math.log(2), seen
 
 
 @torch.no_grad()
@@ -72,7 +81,7 @@ def encode_splits(cfg: PriorTrainConfig, device, amp):
     return vqvae, vqvae_state, splits[0].class_names, codes, labels
 
 
-def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: dict | None = None) -> Path:
+def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dict | None = None) -> Path:
     device = choose_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -85,7 +94,7 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
 
     # Prior, optimiser and schedule; a resumed run's state
     prior_cfg = replace(prior_cfg, codebook_size=k, num_classes=len(class_names) if cfg.conditional else 0)
-    prior = PixelCNNPrior(prior_cfg).to(device)
+    prior = build_prior(prior_cfg).to(device)
     opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(codes["train"]) / cfg.batch_size)
     scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
@@ -112,13 +121,18 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
     # Loop
     tensorboard = TensorBoardLog(writer_class, run_dir)
     saved = SavedEpochs("train_prior.py", run_dir, start_epoch, cfg.resume)
+    budget = TimeBudget(cfg.max_minutes, len(codes["validate"]), cfg.batch_size, verbose=True)
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            row = run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, steps_per_epoch)
+            row, timing = run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch,
+                                    steps_per_epoch)
             best, best_val = row["val_bits_per_code"] < best_val, min(best_val, row["val_bits_per_code"])
-            saved.save(checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row),
-                       epoch, best, {"metrics.csv": row})
+            stopping = schedule_done(scheduler) or budget.up(device)
+            if not stopping:  # before the save: a resumed run continues this plan
+                budget.replan(scheduler, steps_per_epoch, *timing, cfg.epochs * steps_per_epoch, device)
+            saved.save(checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row,
+                                        budget, stopping), epoch, best, {"metrics.csv": row})
             tensorboard.epoch(row)
             plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
                         {"train_bits_per_code": "train", "val_bits_per_code": "validation"}, run_dir / "loss.png",
@@ -130,6 +144,9 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
             tqdm.write(f"epoch {epoch:3d} | train {row['train_bits_per_code']:.4f} | val {row['val_bits_per_code']:.4f} "
                        f"bits/code | lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s "
                        f"{row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
+            if stopping:
+                print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes:g}")
+                break
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see __main__)
         ignore_further_interrupts()
         print(saved.interrupted(epoch), file=sys.stderr)
@@ -140,7 +157,8 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PixelCNNConfig, resume_state: 
     return run_dir
 
 
-def checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row) -> dict:
+def checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row, budget,
+                     stopping) -> dict:
     """What a prior checkpoint holds besides the epoch and the random streams (SavedEpochs.save adds those),
     the VQ-VAE's codebook among it: a prior models the codes of that one VQ-VAE only."""
     return {"kind": "prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
@@ -148,25 +166,29 @@ def checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, c
             "train_config": asdict(cfg), "vqvae_checkpoint": str(cfg.vqvae), "vqvae_epoch": vqvae_state["epoch"],
             "vqvae_model_config": vqvae_state["model_config"],
             "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(), "class_names": list(class_names),
-            "metrics": row}
+            "metrics": row, "time_budget": budget.state(done=stopping)}
 
 
-def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, saved, epoch, steps_per_epoch) -> dict:
-    """Train one epoch and validate; returns its metrics.csv row."""
-    t0 = time.perf_counter()
+def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch, steps_per_epoch):
+    """Train one epoch and validate; returns its metrics.csv row and (seconds per training step, seconds of
+    validation), which --max-minutes plans with."""
+    t0, first_step = time.perf_counter(), scheduler.last_epoch
     with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True) as progress:
-        train_bits = train_epoch(prior, opt, scheduler, codes["train"], labels["train"], cfg, amp, progress)
+        train_bits, seen = train_epoch(prior, opt, scheduler, codes["train"], labels["train"], cfg, amp, budget,
+                                       progress)
     train_seconds = time.perf_counter() - t0
     saved.check_finite(epoch, "train NLL", train_bits, cfg)  # before anything of this epoch is saved
+    t_val = time.perf_counter()
     val_bits = prior_bits(prior, codes["validate"], labels["validate"], amp=amp)
     saved.check_finite(epoch, "validation NLL", val_bits, cfg)
+    timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
     return {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
             "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
-            "train_codes_per_s": codes["train"].numel() / train_seconds}
+            "train_codes_per_s": seen * codes["train"][0].numel() / train_seconds}, timing
 
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "device", "data_root", "epoch_samples", "tensorboard", "resume")
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "device", "data_root", "epoch_samples", "tensorboard", "resume")
 DERIVED = ("codebook_size", "num_classes")  # prior config fields set from the VQ-VAE and --conditional
 
 
@@ -178,14 +200,14 @@ def configs_from_args(run_args: dict, prior_args: dict):
     cfg = config_or_error(PriorTrainConfig, **run_args)
     if cfg.vqvae is None:
         raise UserError("--vqvae is required: the VQ-VAE checkpoint (e.g. runs/X/best.pt) whose codes the prior models")
-    return cfg, config_or_error(PixelCNNConfig, **prior_args), None
+    return cfg, config_or_error(PriorConfig, **prior_args), None
 
 
 def main(argv=None):
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
         train_prior(*configs_from_args(*parse_config_flags(argv, "train_prior.py", __doc__, PriorTrainConfig,
-                                                           PixelCNNConfig, "prior (PixelCNNConfig)", exclude=DERIVED)))
+                                                           PriorConfig, "prior (PriorConfig)", exclude=DERIVED)))
 
 
 if __name__ == "__main__":

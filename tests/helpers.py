@@ -116,3 +116,17 @@ def run_main(main, argv, capsys):
         code = e.code
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+def incremental_logits(prior, codes, labels=None, dtype=torch.float64):
+    """Teacher forcing through prior.incremental: (n, h, w) codes -> (n, K, h, w) logits in `dtype`."""
+    from modules import drive
+    n, h, w = codes.shape
+    out = torch.empty(n, prior.config.codebook_size, h, w, dtype=dtype)
+
+    def record(pos, logits):
+        out[:, :, pos // w, pos % w] = logits
+        return codes[:, pos // w, pos % w]
+    with torch.no_grad():
+        drive(prior.incremental(n, h, w, labels, dtype), h * w, record)
+    return out

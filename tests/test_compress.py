@@ -11,10 +11,10 @@ from PIL import Image
 
 import compress
 from checkpoints import load_split
-from helpers import write_image
+from helpers import incremental_logits, write_image
 from images import to_uint8
 from metrics import prior_bits, score_split
-from modules import PixelCNNConfig, PixelCNNPrior
+from modules import PriorConfig, build_prior
 from utils import autocast
 
 CPU = torch.device("cpu")
@@ -41,13 +41,16 @@ def fails_with(capsys, argv, *fragments):
     return err
 
 
-def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, scale=3.0):
+def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, arch="pixelcnn"):
     """A random prior whose logits are large enough to be confident (so frequencies are far from uniform)."""
     torch.manual_seed(seed)
-    prior = PixelCNNPrior(PixelCNNConfig(codebook_size=k, channels=8, layers=layers, kernel_size=kernel_size,
-                                         num_classes=num_classes)).eval()
+    prior = build_prior(PriorConfig(arch=arch, codebook_size=k, channels=8, layers=layers, kernel_size=kernel_size,
+                                    heads=2, max_grid=8, num_classes=num_classes)).eval()
     with torch.no_grad():
-        prior.head[3].weight.mul_(scale)
+        if arch == "pixelcnn":
+            prior.head[3].weight.mul_(3.0)
+        else:
+            prior.head.weight.mul_(100.0)  # its weights start at std 0.02
     return prior
 
 
@@ -55,12 +58,14 @@ def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, scale=3.0
 # Probabilities
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel_size, layers, num_classes", [(3, 4, 0), (5, 3, 2)])
-def test_the_incremental_float64_conditionals_equal_the_forward_pass(kernel_size, layers, num_classes):
-    prior = random_prior(layers=layers, kernel_size=kernel_size, num_classes=num_classes)
+@pytest.mark.parametrize("arch, kernel_size, layers, num_classes",
+                         [("pixelcnn", 3, 4, 0), ("pixelcnn", 5, 3, 2), ("transformer", 3, 2, 0),
+                          ("transformer", 3, 2, 2)])
+def test_the_incremental_float64_conditionals_equal_the_forward_pass(arch, kernel_size, layers, num_classes):
+    prior = random_prior(layers=layers, kernel_size=kernel_size, num_classes=num_classes, arch=arch)
     codes = torch.randint(0, 16, (3, 5, 7))
     labels = torch.tensor([0, 1, 1]) if num_classes else None
-    incremental = compress.PriorEngine(prior, CPU).logits(codes, labels)
+    incremental = incremental_logits(prior, codes, labels)
     with torch.no_grad():
         full = prior.double()(codes, labels)
     assert incremental.dtype == torch.float64
@@ -88,18 +93,18 @@ def test_frequencies_are_integers_that_sum_to_a_power_of_two_and_follow_the_logi
         compress.frequencies(np.full((1, 4), np.nan), 16)
 
 
-def test_the_frequencies_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("arch", ["pixelcnn", "transformer"])
+def test_the_frequencies_do_not_depend_on_the_thread_count(arch):
     """The integers the coder sees are identical with 1 and 2 threads (the float64 logits may differ in the last
     bits; rounding to 1/64 nat absorbs that, and the code-map CRC would catch a case it did not)."""
-    prior = random_prior(k=32, layers=4, kernel_size=5)
+    prior = random_prior(k=32, layers=4, kernel_size=5, arch=arch)
     codes = torch.randint(0, 32, (16, 8, 8))
-    engine = compress.PriorEngine(prior, CPU)
     before = torch.get_num_threads()
     try:
         out = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            logits = engine.logits(codes).permute(0, 2, 3, 1).reshape(-1, 32).numpy()
+            logits = incremental_logits(prior, codes).permute(0, 2, 3, 1).reshape(-1, 32).numpy()
             out[threads] = compress.frequencies(logits, 16)
     finally:
         torch.set_num_threads(before)

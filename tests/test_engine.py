@@ -9,7 +9,7 @@ import torch
 import engine
 from checkpoints import PriorTrainConfig, TrainConfig
 from engine import reserve_run_folder
-from modules import PixelCNNConfig, VQVAEConfig
+from modules import PriorConfig, VQVAEConfig
 from utils import UserError
 
 
@@ -89,7 +89,7 @@ def test_a_resumed_run_gets_the_rest_of_its_budget_and_a_spent_one_is_refused(tm
     assert engine.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", spent).max_minutes == 5.0
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, VQVAEConfig, PriorTrainConfig, PixelCNNConfig])
+@pytest.mark.parametrize("cls", [TrainConfig, VQVAEConfig, PriorTrainConfig, PriorConfig])
 def test_every_config_field_has_a_one_line_help_string(cls):
     helps = engine.field_help(cls)
     assert set(helps) == {f.name for f in engine.fields(cls)}

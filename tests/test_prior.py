@@ -1,4 +1,5 @@
-"""The PixelCNN prior: causality of its masks, sampling and completion, learning, conditioning; the Frechet
+"""The priors (gated PixelCNN and transformer): causality, sampling and completion through the incremental
+procedure, learning, conditioning; the Frechet
 distance and nearest-neighbour SSIM; train_prior.py and predict.py --sample end to end on tiny generated data."""
 import json
 import os
@@ -17,27 +18,33 @@ import predict
 import train
 import train_prior
 from checkpoints import load_checkpoint, save_checkpoint
-from modules import PixelCNNConfig, PixelCNNPrior
+from modules import PriorConfig, build_prior
 from helpers import (ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
                      nan_weights_on_second_call, run_main, tiny_args)
 from images import ssim
 from metrics import frechet_distance, nearest_ssim
 
 
-def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0):
+ARCHS = ["pixelcnn", "transformer"]
+
+
+def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0, arch="pixelcnn"):
     torch.manual_seed(seed)
-    return PixelCNNPrior(PixelCNNConfig(codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
-                                        num_classes=num_classes)).eval()
+    return build_prior(PriorConfig(arch=arch, codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
+                                   heads=2, max_grid=8, num_classes=num_classes)).eval()
 
 
-@pytest.mark.parametrize("kernel_size, layers", [(3, 5), (5, 3)])
-def test_each_position_sees_exactly_the_positions_before_it(kernel_size, layers):
+@pytest.mark.parametrize("arch, kernel_size, layers", [("pixelcnn", 3, 5), ("pixelcnn", 5, 3), ("transformer", 3, 2)])
+def test_each_position_sees_exactly_the_positions_before_it(arch, kernel_size, layers):
     """d logits(i, j) / d one-hot input is zero at (i, j) and after it in raster order, and nonzero at every
     position before it (the layers are deep enough to reach the whole 5x6 grid): no leak, no blind spot."""
-    prior, (h, w), k = tiny_prior(layers=layers, kernel_size=kernel_size), (5, 6), 8
+    prior, (h, w), k = tiny_prior(layers=layers, kernel_size=kernel_size, arch=arch), (5, 6), 8
     codes = torch.randint(0, k, (2, h, w))
     one_hot = F.one_hot(codes, k).float().requires_grad_()  # (B, h, w, K)
-    prior.embed.register_forward_hook(lambda module, args, out: one_hot @ module.weight)
+    # the embedding's input: the (B, h, w) map (PixelCNN), or the (B, h*w - 1) codes before the last (transformer)
+    prior.embed.register_forward_hook(
+        lambda module, args, out: one_hot.reshape(*args[0].shape[:1], -1, k)[:, :args[0].shape[1]] @ module.weight
+        if args[0].dim() == 2 else one_hot @ module.weight)
     logits = prior(codes)
     raster = torch.arange(h * w).view(h, w)
     for i in range(h):
@@ -50,25 +57,28 @@ def test_each_position_sees_exactly_the_positions_before_it(kernel_size, layers)
                 assert seen[i - 1, j + 1], "blind spot: the position up-right does not influence (i, j)"
 
 
-def test_sampler_uses_the_same_conditionals_as_the_forward_pass():
-    """The sampler runs the stacks row by row on cropped inputs; at a temperature near 0 it picks the argmax, so
-    every sampled code must be the argmax of the full forward pass's logits on the finished map."""
-    prior = tiny_prior(k=16, num_classes=2)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampler_uses_the_same_conditionals_as_the_forward_pass(arch):
+    """The sampler runs the incremental procedure; at a temperature near 0 it picks the argmax, so every sampled
+    code must be the argmax of the full forward pass's logits on the finished map."""
+    prior = tiny_prior(k=16, num_classes=2, arch=arch)
     labels = torch.tensor([0, 1, 1])
     codes = prior.sample(3, (5, 7), labels, temperature=1e-4)
     assert torch.equal(prior(codes, labels).argmax(1), codes)
 
 
-def test_sampling_shape_range_and_determinism_under_a_seed():
-    prior = tiny_prior()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampling_shape_range_and_determinism_under_a_seed(arch):
+    prior = tiny_prior(arch=arch)
     draw = lambda seed: prior.sample(4, (3, 5), generator=torch.Generator().manual_seed(seed))  # noqa: E731
     a, b, c = draw(0), draw(0), draw(1)
     assert a.shape == (4, 3, 5) and a.dtype == torch.long and 0 <= a.min() and a.max() < 8
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_completion_keeps_the_given_codes():
-    prior = tiny_prior(num_classes=2)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_completion_keeps_the_given_codes(arch):
+    prior = tiny_prior(num_classes=2, arch=arch)
     given = torch.randint(0, 8, (6, 4, 4))
     top_half = torch.zeros(4, 4, dtype=torch.bool)
     top_half[:2] = True
@@ -81,10 +91,11 @@ def test_completion_keeps_the_given_codes():
         assert not torch.equal(out[~kept], given[~kept])  # the rest was sampled (32 of 8 codes: all equal by chance ~0)
 
 
-def test_a_tiny_prior_overfits_a_tiny_code_set():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_tiny_prior_overfits_a_tiny_code_set(arch):
     torch.manual_seed(0)
     codes = torch.randint(0, 8, (4, 6, 6))  # log2 8 = 3 bits per code when nothing is learned
-    prior = tiny_prior(layers=4).train()
+    prior = tiny_prior(layers=4 if arch == "pixelcnn" else 2, arch=arch).train()
     opt = torch.optim.Adam(prior.parameters(), lr=1e-2)
     for _ in range(150):
         loss = F.cross_entropy(prior(codes), codes)
@@ -95,8 +106,9 @@ def test_a_tiny_prior_overfits_a_tiny_code_set():
     assert bits < 1.0
 
 
-def test_conditioning_changes_the_output():
-    prior = tiny_prior(num_classes=2)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_conditioning_changes_the_output(arch):
+    prior = tiny_prior(num_classes=2, arch=arch)
     codes = torch.randint(0, 8, (2, 4, 4))
     zero, one = prior(codes, torch.tensor([0, 0])), prior(codes, torch.tensor([1, 1]))
     assert not torch.allclose(zero, one)
@@ -163,6 +175,31 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     with pytest.raises(SystemExit):
         predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--class", "AD"])
     assert "--class needs a class-conditional prior" in capsys.readouterr().err
+
+
+def test_prior_training_stops_at_its_deadline_after_one_step_and_says_so_in_its_checkpoint(vqvae, tmp_path, capsys):
+    out = tmp_path / "prior"
+    r = run_main(train_prior.main, ["--vqvae", vqvae, "--epochs", "5", "--max-minutes", "0.0001", "--out", out,
+                                    *PRIOR_FLAGS], capsys)
+    assert r.returncode == 0 and "stopping after epoch 1: --max-minutes 0.0001" in r.stdout, r.stderr
+    state = load_checkpoint(out / "last.pt", kind="prior")
+    assert state["epoch"] == 1 and state["time_budget"] == {"seconds_left": 0.0, "done": True}
+    assert state["scheduler"]["last_epoch"] == 1  # the deadline had passed after the first step: the epoch ended
+    assert_one_line_error(run_main(train_prior.main, ["--resume", out], capsys),
+                          "stopped when its --max-minutes 0.0001 were spent; pass --max-minutes M with --resume")
+
+
+def test_a_transformer_prior_trains_resumes_and_samples_through_the_commands(vqvae, tmp_path, capsys):
+    out, flags = tmp_path / "prior", ["--arch", "transformer", "--channels", "8", "--heads", "2", "--layers", "1",
+                                      "--batch-size", "8", "--epoch-samples", "2"]
+    assert run_main(train_prior.main, ["--vqvae", vqvae, "--epochs", "1", "--out", out, *flags], capsys).returncode == 0
+    assert run_main(train_prior.main, ["--resume", out, "--epochs", "2"], capsys).returncode == 0
+    state = load_checkpoint(out / "last.pt", kind="prior")
+    assert state["epoch"] == 2 and state["model_config"]["arch"] == "transformer"
+    assert (out / "samples" / "epoch_002.png").is_file()
+    r = run_main(predict.main, ["--sample", "2", "--prior", out, "--out", tmp_path / "s"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s" / "sample_scores.json").read_text())["validation_nll_bits_per_code"] > 0
 
 
 def test_a_class_conditional_prior_trains_and_samples_the_asked_class(tmp_path, capsys):
