@@ -283,9 +283,13 @@ class Codec:
 
     def grid_of(self, image_shape) -> tuple:
         try:
-            return tuple(self.vqvae.config.latent_grid(*image_shape))
+            grid = tuple(self.vqvae.config.latent_grid(*image_shape))
         except ValueError as e:
             raise UserError(str(e)) from None
+        if self.prior is not None and not self.prior.fits(*grid):
+            raise UserError(f"a {image_shape[0]}x{image_shape[1]} image makes a {grid[0]}x{grid[1]} code grid, larger "
+                            f"than this prior's positions cover ({self.prior.config.max_grid} a side)")
+        return grid
 
     # -- encoding -----------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, labels=None, coder: str = "auto", progress=None) -> list[bytes]:

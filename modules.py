@@ -510,6 +510,10 @@ class Prior(nn.Module):
         if self.config.num_classes and labels is None:
             raise ValueError("this prior is class-conditional: pass labels")
 
+    def fits(self, h: int, w: int) -> bool:
+        """Whether the prior can model h x w code maps."""
+        return True
+
     def incremental(self, n: int, h: int, w: int, labels=None, dtype=torch.float32):
         """A generator over the h*w positions of n maps in raster order: it yields the (n, K) logits (in `dtype`) of
         a position and must then be sent the (n,) codes at that position (drive() runs one)."""
@@ -789,9 +793,12 @@ class TransformerPrior(Prior):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def fits(self, h: int, w: int) -> bool:
+        return max(h, w) <= self.config.max_grid
+
     def positions(self, h: int, w: int) -> torch.Tensor:
         """(h*w, C): the embedding of each raster position's row and column."""
-        if max(h, w) > self.config.max_grid:
+        if not self.fits(h, w):
             raise ValueError(f"a {h}x{w} code grid is larger than this transformer prior's max_grid "
                              f"{self.config.max_grid}")
         device = self.rows.weight.device

@@ -95,6 +95,9 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dic
     # Prior, optimiser and schedule; a resumed run's state
     prior_cfg = replace(prior_cfg, codebook_size=k, num_classes=len(class_names) if cfg.conditional else 0)
     prior = build_prior(prior_cfg).to(device)
+    if not prior.fits(*shape):
+        raise UserError(f"the code maps are {shape[0]}x{shape[1]}, but --max-grid {prior_cfg.max_grid} covers at most "
+                        f"{prior_cfg.max_grid} a side; pass --max-grid {max(shape)}")
     opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(codes["train"]) / cfg.batch_size)
     scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)

@@ -111,6 +111,13 @@ def test_the_frequencies_do_not_depend_on_the_thread_count(arch):
     assert np.array_equal(out[1], out[2])
 
 
+def test_a_transformer_prior_refuses_images_whose_code_grid_its_positions_do_not_cover(codec):
+    transformer = compress.Codec(codec.vqvae, random_prior(arch="transformer"))  # positions for 8x8 grids
+    assert len(transformer.encode(torch.zeros(1, 32, 32, dtype=torch.uint8))) == 1  # 8x8 codes
+    with pytest.raises(compress.UserError, match="makes a 16x16 code grid, larger than this prior's positions cover"):
+        transformer.encode(torch.zeros(1, 64, 64, dtype=torch.uint8))
+
+
 def test_fixed_length_codes_pack_and_unpack():
     rng = np.random.default_rng(0)
     for k in (2, 16, 37, 256, 1000):
