@@ -4,6 +4,7 @@
     python bench.py --steps 20 --threads 2   # longer, less noisy
     python bench.py --device cuda --steps 100
     python bench.py --quality                # validation SSIM after bf16 and after fp32 training (demo data)
+    python bench.py --sampling               # seconds for 64 samples from each prior, incremental vs recomputed
 
 The yardstick is ../shared/bench/reference_vqvae.py (the seed recipe as a first version is written: fp32, NCHW,
 eager, PIL decoding per item). It runs first, in the process as Python starts it; then come train.py's
@@ -23,6 +24,11 @@ process-wide settings (train.speed_settings) and the project's side:
 --quality trains a preset (default seed) twice, through train.train, in bf16 and in fp32, with the same seed and
 steps, on the demo slices (128x128) or on --data-root's OASIS-layout folder, and compares their validation SSIM
 after the last epoch.
+
+--sampling draws --samples code maps of --grid x --grid (K=32, OASIS' default) from each prior architecture at its
+default size, with random weights (the arithmetic is that of a trained one): by Prior.incremental, as predict.py
+--sample, completion and the codec run it, and by recomputing the whole network for every position, as a first
+version samples (that way is timed for NAIVE_POSITIONS positions and scaled to the map).
 """
 import argparse
 import importlib.util
@@ -44,7 +50,7 @@ from checkpoints import TrainConfig
 from dataset import build_dataset, generate_demo
 from engine import batches, build_training, command_flags, compile_model, speed_settings, stage_images, train_step
 from images import ssim, to_float, to_unit
-from modules import PRESETS
+from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    read_csv, seed_everything, unwrap, use_bf16, write_json)
 
@@ -52,7 +58,8 @@ REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "refer
 TRAIN = Path(__file__).resolve().parent / "train.py"
 # The speed and accuracy targets this project set itself; bench.py reports them, it does not enforce them.
 TARGETS = {"train_speedup": 5.0, "fraction_of_bf16_peak": 0.6, "ssim_speedup": 20.0, "ssim_max_abs_diff": 1e-4,
-           "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005}
+           "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005, "sampling_64_s": 60.0}
+NAIVE_POSITIONS = 8  # --sampling: positions the recomputing sampler is timed for
 
 
 def load_reference(path: Path):
@@ -310,6 +317,59 @@ def quality(args, device) -> dict:
             "targets": {"quality_ssim_gap": abs(gap) <= TARGETS["quality_ssim_gap"]}}
 
 
+@torch.no_grad()
+def naive_sampling_seconds(prior, n: int, h: int, w: int, device: torch.device) -> float:
+    """Seconds to sample n maps by running the whole prior on the map for each position, from NAIVE_POSITIONS
+    positions (one more untimed) scaled to h*w: every position costs the same full forward pass."""
+    codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
+    positions = min(NAIVE_POSITIONS, h * w - 1)
+
+    def position(pos):
+        logits = prior(codes)[:, :, pos // w, pos % w]
+        codes[:, pos // w, pos % w] = torch.multinomial(logits.float().softmax(1), 1).squeeze(1)
+    position(0)
+    sync(device)
+    t = time.perf_counter()
+    for pos in range(1, positions + 1):
+        position(pos)
+    sync(device)
+    return (time.perf_counter() - t) / positions * h * w
+
+
+def sampling(args, device) -> dict:
+    """Prior.sample (incremental) against the recomputing sampler, for each architecture."""
+    n, h, w, rows = args.samples, args.grid, args.grid, {}
+    for arch in PRIOR_ARCHS:
+        torch.manual_seed(0)
+        prior = build_prior(prior_config(arch=arch, max_grid=max(64, args.grid))).to(device).eval()
+        sync(device)
+        t = time.perf_counter()
+        prior.sample(n, (h, w))
+        sync(device)
+        incremental = time.perf_counter() - t
+        naive = naive_sampling_seconds(prior, n, h, w, device)
+        rows[arch] = {"config": {f: getattr(prior.config, f) for f in ("channels", "layers", "kernel_size", "heads")},
+                      "parameters": sum(p.numel() for p in prior.parameters()), "incremental_s": incremental,
+                      "recomputing_s": naive, "speedup": naive / incremental}
+    per_64 = {arch: r["incremental_s"] * 64 / n for arch, r in rows.items()}
+    return {"machine": machine(device), "settings": {"samples": n, "grid": [h, w], "codebook_size": 32},
+            "priors": rows,
+            "targets": {f"sampling_64_s_{arch}": s <= TARGETS["sampling_64_s"] for arch, s in per_64.items()}}
+
+
+def print_sampling(r: dict):
+    m, s = r["machine"], r["settings"]
+    print(f"\n{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}; {s['samples']} samples of "
+          f"{s['grid'][0]}x{s['grid'][1]} codes, K={s['codebook_size']}")
+    print(f"{'prior':40s}{'incremental':>12s}{'recomputing':>12s}{'ratio':>9s}   64 samples <= "
+          f"{TARGETS['sampling_64_s']:g} s")
+    for arch, p in r["priors"].items():
+        c = p["config"]
+        what = f"{arch} ({c['channels']} ch, {c['layers']} layers, {p['parameters'] / 1e6:.2f}M)"
+        print(f"{what:40s}{p['incremental_s']:11.1f}s{p['recomputing_s']:11.0f}s{p['speedup']:8.0f}x   "
+              f"{mark(r['targets'][f'sampling_64_s_{arch}'])}")
+
+
 def fmt(value, spec: str) -> str:
     return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
 
@@ -374,16 +434,25 @@ def main(argv=None):
                    "train split is 240 slices)")
     p.add_argument("--data-root", default=None, help="--quality: train on this OASIS-layout folder instead of the "
                    "demo slices")
+    p.add_argument("--sampling", action="store_true", help="time sampling from each prior, incremental against "
+                   "recomputing the whole prior per position")
+    p.add_argument("--samples", type=int, default=64, help="--sampling: code maps drawn at once (default: 64)")
+    p.add_argument("--grid", type=int, default=32, help="--sampling: code grid side (default: 32, the default "
+                   "preset's of a 256x256 slice)")
     p.add_argument("--json", default=None, help="where to write the results (default: bench.json, or "
-                   "bench_quality.json with --quality)")
+                   "bench_quality.json / bench_sampling.json with --quality / --sampling)")
     with exits_with_one_line():
         args = p.parse_args(argv)
         check_args(args)
-        path = Path(args.json or ("bench_quality.json" if args.quality else "bench.json"))
+        path = Path(args.json or ("bench_quality.json" if args.quality else
+                                  "bench_sampling.json" if args.sampling else "bench.json"))
         if not path.parent.is_dir():  # checked before the benchmark runs, not after
             raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it or choose another path")
         device = apply_runtime_flags(args)
-        if args.quality:
+        if args.sampling:
+            results = sampling(args, device)
+            print_sampling(results)
+        elif args.quality:
             results = quality(args, device)
             print(f"\nvalidation SSIM after {args.epochs} epochs of the {args.preset} preset on "
                   f"{results['settings']['data']}: "
@@ -399,8 +468,10 @@ def main(argv=None):
 
 
 def check_args(args):
-    if min(args.size, args.steps, args.epochs) < 1 or args.warmup < 0:
-        raise UserError("--size, --steps and --epochs must be at least 1, --warmup at least 0")
+    if min(args.size, args.steps, args.epochs, args.samples, args.grid) < 1 or args.warmup < 0:
+        raise UserError("--size, --steps, --epochs, --samples and --grid must be at least 1, --warmup at least 0")
+    if args.quality and args.sampling:
+        raise UserError("--quality and --sampling are two benchmarks: run one at a time")
     factor = PRESETS[args.preset].model.downsampling_factor
     if args.size % factor:
         raise UserError(f"--size must be a multiple of {factor} for the {args.preset} preset")

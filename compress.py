@@ -29,11 +29,11 @@ File format (.vqz, version 1; little-endian; a 38-byte header, then the payload)
     38     ...   payload: packed bits (coder 0) or constriction range-coder words, uint32 little-endian (1, 2)
 
 Exactness: the prior's logits are computed in float64 by one incremental procedure (Prior.incremental, the one
-sampling uses too, run by encoder and decoder alike), rounded to 1/64 nat, and turned into integer frequencies by integer arithmetic only
-(`frequencies`), so encoder and decoder code with identical integers. The float64 logits are bit-identical with 1
-and 2 threads and differ by ~1e-15 between batch compositions or from the one-pass forward; a difference moves a
-frequency only if a logit lies within that distance of a rounding boundary (~1e-13 per logit). Should it happen,
-the CRC of the code map turns it into an error instead of a wrong image.
+sampling uses too, run by encoder and decoder alike), rounded to 1/64 nat, and turned into integer frequencies by
+integer arithmetic only (`frequencies`), so encoder and decoder code with identical integers. The float64 logits
+are bit-identical with 1 and 2 threads and differ by ~1e-15 between batch compositions or from the one-pass
+forward; a difference moves a frequency only if a logit lies within that distance of a rounding boundary (~1e-13
+per logit). Should it happen, the CRC of the code map turns it into an error instead of a wrong image.
 
 Entropy coding: constriction's range coder (stream.queue.RangeEncoder/RangeDecoder with stream.model.Categorical
 (perfect=False)), a maintained library, rather than a hand-written arithmetic coder, whose carry and renormalisation

@@ -471,7 +471,7 @@ PRIOR_ARCHS = ("pixelcnn", "transformer")
 
 @dataclass(frozen=True)
 class PriorConfig:
-    arch: str = "pixelcnn"    # pixelcnn: gated PixelCNN (arXiv:1606.05328); transformer: GPT over the raster sequence
+    arch: str = "pixelcnn"    # pixelcnn (gated PixelCNN) or transformer (GPT; alone: 128 channels, 4 layers)
     codebook_size: int = 32   # K, the VQ-VAE's; the prior reads and predicts code indices in [0, K)
     channels: int = 64        # width: of both PixelCNN stacks, or the transformer's embedding
     layers: int = 12          # gated layers (the first one also hides the current position), or transformer blocks
@@ -492,6 +492,15 @@ class PriorConfig:
                              "max_grid": 1 <= self.max_grid <= 2048,
                              "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1},
                       "prior config")
+
+
+# What --arch alone gives besides PriorConfig's defaults: the size each architecture was measured at (RESULTS.md).
+PRIOR_ARCH_DEFAULTS = {"pixelcnn": {}, "transformer": {"channels": 128, "layers": 4, "heads": 4}}
+
+
+def prior_config(**values) -> PriorConfig:
+    """PriorConfig(**values), the fields not given taken from its architecture's defaults."""
+    return PriorConfig(**{**PRIOR_ARCH_DEFAULTS.get(values.get("arch", "pixelcnn"), {}), **values})
 
 
 class Prior(nn.Module):

@@ -3,7 +3,7 @@ samples decode to new slices, and compress.py codes maps with its conditionals. 
 PixelCNN, --arch transformer a causal transformer over the raster sequence of codes.
 
     python train_prior.py --vqvae runs/demo-vqvae/best.pt
-    python train_prior.py --vqvae runs/X/best.pt --arch transformer --channels 128 --layers 4 --max-minutes 30
+    python train_prior.py --vqvae runs/X/best.pt --arch transformer --max-minutes 30  # 128 channels, 4 blocks
     python train_prior.py --vqvae runs/ADNI-default-000/best.pt --conditional       # p(codes | AD or NC)
     python train_prior.py --resume runs/demo-vqvae/prior/last.pt --epochs 60         # continue, or train longer
 
@@ -28,7 +28,7 @@ from engine import (SavedEpochs, TensorBoardLog, TimeBudget, config_or_error, lr
                     parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
                     schedule_done, tensorboard_writer_class)
 from metrics import batched, encode_images, prior_bits
-from modules import PriorConfig, build_prior
+from modules import PriorConfig, build_prior, prior_config
 from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
                    read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_interrupts, use_bf16, write_json)
 
@@ -203,7 +203,7 @@ def configs_from_args(run_args: dict, prior_args: dict):
     cfg = config_or_error(PriorTrainConfig, **run_args)
     if cfg.vqvae is None:
         raise UserError("--vqvae is required: the VQ-VAE checkpoint (e.g. runs/X/best.pt) whose codes the prior models")
-    return cfg, config_or_error(PriorConfig, **prior_args), None
+    return cfg, config_or_error(prior_config, **prior_args), None
 
 
 def main(argv=None):

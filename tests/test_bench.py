@@ -60,6 +60,19 @@ def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path, capsy
     assert f"on {tmp_path / 'slices'}: bf16" in r.stdout
 
 
+def test_sampling_times_both_priors_both_ways(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    r = run_bench(capsys, "--sampling", "--samples", "2", "--grid", "3", "--json", out)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert set(results["priors"]) == {"pixelcnn", "transformer"} and results["settings"]["grid"] == [3, 3]
+    for p in results["priors"].values():
+        assert p["incremental_s"] > 0 and p["recomputing_s"] > 0
+        assert p["speedup"] == pytest.approx(p["recomputing_s"] / p["incremental_s"])
+    assert set(results["targets"]) == {"sampling_64_s_pixelcnn", "sampling_64_s_transformer"}
+    assert "incremental" in r.stdout and "transformer (128 ch, 4 layers" in r.stdout
+
+
 def test_a_missing_yardstick_is_named_with_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main([*TINY, "--reference", str(tmp_path / "nowhere.py"), "--json", str(tmp_path / "b.json")])
