@@ -19,7 +19,7 @@ class SplitScores(NamedTuple):
     loss_sums: dict            # each loss term summed over the images (batch mean x batch size)
     inputs: torch.Tensor       # (keep, 1, H, W) the first `keep` inputs in [-1, 1], as the model read them
     outputs: torch.Tensor      # (keep, 1, H, W) their reconstructions
-    indices: torch.Tensor      # (keep, h, w) their code maps
+    indices: torch.Tensor      # (N, h, w) every image's code map
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def score_split(model, images: torch.Tensor, device: torch.device, autocast, bat
     x of `images[rows]`; the model reads it, and its output is scored against the clean x (`inputs` keeps the
     noisy ones)."""
     model.eval()
-    ssims, psnrs, sums, kept = [], [], {}, {"inputs": [], "outputs": [], "indices": []}
+    ssims, psnrs, sums, indices, kept = [], [], {}, [], {"inputs": [], "outputs": []}
     for start in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, disable=progress is None):
         x = to_float(images[start:start + batch_size].unsqueeze(1).to(device, non_blocking=True))  # (B, 1, H, W)
         inputs = x if corrupt is None else corrupt(x, range(start, start + len(x)))
@@ -45,13 +45,14 @@ def score_split(model, images: torch.Tensor, device: torch.device, autocast, bat
         psnrs.append(psnr(rec, ref))
         for name, value in out.losses.items():
             sums[name] = sums.get(name, 0.0) + value.double() * len(x)
+        indices.append(out.indices.cpu())
         if start < keep:
             kept["inputs"].append(inputs.float().cpu())
             kept["outputs"].append(out.reconstruction.float().cpu())
-            kept["indices"].append(out.indices.cpu())
     empty = torch.zeros(0)
     return SplitScores(torch.cat(ssims) if ssims else empty, torch.cat(psnrs) if psnrs else empty, sums,
-                       *(torch.cat(v)[:keep] if v else empty for v in kept.values()))
+                       *(torch.cat(v)[:keep] if v else empty for v in kept.values()),
+                       torch.cat(indices) if indices else empty)
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@
     python predict.py --checkpoint runs/OASIS-default-000/best.pt --split test --out results/
     python predict.py --checkpoint runs/OASIS-default-000 --dataset ADNI --data-root ~/data/AD_NC --split validate
 
-Writes per_image.csv, summary.json, reconstructions.png (8x8 inputs beside reconstructions),
+Writes per_image.csv and summary.json (SSIM, PSNR, the nominal bits of the code map and the measured size of each
+slice's .vqz file under the static coder, what `compress.py encode` writes without a prior), reconstructions.png
+(8x8 inputs beside reconstructions),
 triplets.png (input / code-index map / reconstruction), ssim_hist.png and, when the run's metrics.csv
 is beside the checkpoint, the training curves.
 
@@ -20,6 +22,7 @@ segmentations, in per_image.csv and summary.json, and worst_anatomy.png (the sli
 segments worst: original, reconstruction, true mask, both segmentations):
 
     python predict.py --checkpoint runs/OASIS-default-000 --segmenter runs/segmenter-OASIS-000/best.pt
+
 With --noise it denoises: the split's slices corrupted (rician:SIGMA or gaussian:SIGMA, seeded by --seed), the
 model's output and classical denoisers' (non-local means, total variation, wavelet, BM3D when installed) scored
 against the clean slices, beside the noisy input's own score; per_image.csv, summary.json and denoising.png:
@@ -48,6 +51,7 @@ from anatomy import (dice_columns, dice_summary, dice_table, segment_images, seg
                      wasserstein_1d, worst_first)
 from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_segmenter, load_split,
                          load_vqvae, newest_checkpoint, run_dir_of)
+from codec import Codec
 from dataset import DATASETS, TISSUES
 from denoise import CLASSICAL, add_noise, available_classical, parse_noise, run_classical
 from images import SPLITS, psnr, ssim, to_float, to_uint8, to_unit
@@ -163,15 +167,17 @@ def run(args):
     else:
         scores, per_volume = score_volumes(model, data, device, args, out)
     ssims, psnrs = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
+    file_bytes = static_file_bytes(model, scores.indices, data.image_shape)
     columns, anatomy = (judge_reconstructions(segmenter, data, scores, device, args, out) if segmenter
                         else ([{}] * len(data), None))
-    write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q), **c}
-                                      for name, s, q, c in zip(data.files, ssims, psnrs, columns)])
+    write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q), "static_vqz_bytes": int(b),
+                                       **c} for name, s, q, b, c in zip(data.files, ssims, psnrs, file_bytes, columns)])
     summary = {"checkpoint": str(path), "epoch": state["epoch"], "dataset": data.name, "trained_on": cfg.dataset,
                "split": args.split, "images": len(data), "precision": "bf16" if use_bf16(args.precision, device)
                else "fp32", "ssim": summarise(ssims), "psnr": summarise(psnrs),
                f"fraction_ssim_ge_{SSIM_BAR}": float((ssims >= SSIM_BAR).mean()),
-               "bits_per_image": model.config.bits_per_image(*data.image_shape)}
+               "bits_per_image": model.config.bits_per_image(*data.image_shape),
+               "static_vqz_bytes": summarise(file_bytes)}
     if data.volumes is not None:
         summary["volumes"] = per_volume
     if segmenter:
@@ -190,7 +196,8 @@ def run(args):
     s = summary["ssim"]
     print(f"{data.name} {args.split}: {len(data)} images | SSIM mean {s['mean']:.4f} std {s['std']:.4f} "
           f"min {s['min']:.4f} max {s['max']:.4f} | >= {SSIM_BAR}: {100 * summary[f'fraction_ssim_ge_{SSIM_BAR}']:.1f}% "
-          f"| PSNR {summary['psnr']['mean']:.2f} dB | written to {out}")
+          f"| PSNR {summary['psnr']['mean']:.2f} dB | {summary['bits_per_image'] / 8:.0f} B of codes, "
+          f"{summary['static_vqz_bytes']['mean']:.0f} B per .vqz file (static coder) | written to {out}")
     if segmenter:
         a = summary["anatomy"]
         print(f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals "
@@ -198,6 +205,13 @@ def run(args):
               f"{a['reconstruction_minus_original']:+.4f}); between the two segmentations "
               f"{a['between']['dice_mean']['mean']:.4f}")
     return summary
+
+
+def static_file_bytes(model, codes: torch.Tensor, image_shape) -> np.ndarray:
+    """The size of each slice's .vqz file under the static coder (the codebook's training frequencies, no prior):
+    what `compress.py encode` without a prior writes, header included."""
+    files = Codec(model).encode_codes(codes, tuple(image_shape), coder="static")
+    return np.array([len(f) for f in files], dtype=np.float64)
 
 
 def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> tuple[list[dict], dict]:
@@ -241,7 +255,7 @@ def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, li
     paths = [out / "volumes" / f"{name}_recon.nii.gz" for name in output_names(data.volumes)]
     for path in paths:  # before the first is written
         check_replaceable(path)
-    ssims, psnrs, shown, rows = [], [], {"inputs": [], "outputs": [], "indices": []}, []
+    ssims, psnrs, codes, shown, rows = [], [], [], {"inputs": [], "outputs": []}, []
     for volume, path in zip(data.volumes, paths):
         scores = score_split(model, data.images[volume.rows], device, amp, args.batch_size,
                              compiled_ssim=args.compile, keep=len(volume.kept), progress=f"reconstructing {path.name}")
@@ -249,6 +263,7 @@ def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, li
         write_reconstruction(volume, images, path)
         ssims.append(scores.ssim.cpu())
         psnrs.append(scores.psnr.cpu())
+        codes.append(scores.indices)
         for key, kept in shown.items():
             kept.append(getattr(scores, key)[:64 - sum(len(k) for k in kept)])
         rows.append({"volume": volume.path, "subject": volume.subject, "slices": len(volume.kept),
@@ -256,7 +271,8 @@ def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, li
         print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} | PSNR "
               f"{rows[-1]['psnr']:.2f} dB | written to {path}")
     write_csv(out / "per_volume.csv", rows)
-    return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values())), rows
+    return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values()),
+                       torch.cat(codes)), rows
 
 
 def output_names(volumes) -> list[str]:

@@ -58,7 +58,7 @@ def test_psnr_equals_skimage():
 
 
 
-def test_score_split_scores_every_image_once_and_keeps_the_first_for_figures():
+def test_score_split_scores_every_image_once_keeps_every_code_map_and_the_first_images_for_figures():
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(hidden_channels=8, embedding_dim=8, codebook_size=8, downsamplings=2)).eval()
     images = torch.randint(0, 256, (5, 16, 16), dtype=torch.uint8)
@@ -70,6 +70,7 @@ def test_score_split_scores_every_image_once_and_keeps_the_first_for_figures():
     rec = out.reconstruction
     expected = ssim((rec + 1) / 2, (x + 1) / 2)
     assert torch.allclose(scores.ssim, expected, atol=1e-5) and scores.psnr.shape == (5,)
-    assert scores.inputs.shape == (3, 1, 16, 16) and scores.indices.shape == (3, 4, 4)
+    assert scores.inputs.shape == (3, 1, 16, 16) and scores.indices.shape == (5, 4, 4)
+    assert torch.equal(scores.indices, out.indices)
     total = sum(float(v) for v in scores.loss_sums.values())
     assert total == pytest.approx(float(sum(out.losses.values())) * 5, rel=1e-4)

@@ -1,0 +1,224 @@
+"""The rate-distortion study's measurements, written once for every study that compares codecs on slices: the
+classical codecs searched per slice at every byte budget (in worker processes), the rows of rd.csv, mean SSIM /
+PSNR, the targets as measured, and the figures (rd.png: every curve; rd_slice.png: one slice under every codec at
+equal bytes). compress.py rd runs it.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from anatomy import DICE_COLUMNS, dice_table
+from codec import BudgetSearch, classical_decode
+from images import psnr, ssim
+from utils import pyplot
+
+
+def scores(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
+    x = torch.from_numpy(np.array(decoded)).float()[None, None] / 255
+    y = torch.from_numpy(np.array(original)).float()[None, None] / 255
+    return float(ssim(x, y)[0]), float(psnr(x, y)[0])
+
+
+def classical_one_image(job):
+    """One image through every codec at every budget: (image, codecs, budgets, matched) -> {codec: {budget or
+    ("matched", name): (bytes, ssim, psnr) or None, "smallest": bytes}}. `matched` maps a name to this image's own
+    budget (the size of its .vqz file under one VQ-VAE and coder). A worker's unit of work."""
+    image, codecs, budgets, matched = job
+    result = {}
+    for codec in codecs:
+        search = BudgetSearch(image, codec)
+        result[codec] = {"smallest": search.smallest()}
+        wanted = [(b, b) for b in budgets] + [(("matched", name), b) for name, b in matched.items()]
+        for key, budget in wanted:
+            data = search.fit(budget)
+            result[codec][key] = None if data is None else (len(data), *scores(classical_decode(data), image))
+    return result
+
+
+def worker_init():
+    torch.set_num_threads(1)
+
+
+def classical_study(images: np.ndarray, codecs, budgets, matched: dict, workers: int) -> list:
+    """classical_one_image over all images; matched: name -> (N,) per-image budgets."""
+    jobs = [(image, codecs, budgets, {name: int(b[i]) for name, b in matched.items()})
+            for i, image in enumerate(images)]
+    desc = f"{', '.join(codecs)}: quality searched per slice"
+    if workers <= 1:
+        return [classical_one_image(j) for j in tqdm(jobs, desc=desc, unit="slice", leave=False)]
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=worker_init) as pool:
+        return list(tqdm(pool.imap(classical_one_image, jobs, chunksize=4), total=len(jobs), desc=desc,
+                         unit="slice", leave=False))
+
+
+def classical_row(results: list, codec: str, key, setting: str, budget) -> dict:
+    """One row of rd.csv from classical_one_image results: means over the images that fit, the others counted."""
+    fit = [r[codec][key] for r in results if r[codec][key] is not None]
+    over = [r[codec]["smallest"] for r in results if r[codec][key] is None]
+    mean = lambda i: float(np.mean([f[i] for f in fit])) if fit else float("nan")  # noqa: E731
+    return {"codec": codec, "setting": setting, "budget_bytes": budget, "images": len(results),
+            "images_fit": len(fit), "images_over_budget": len(over),
+            "smallest_file_of_an_image_over_budget": min(over) if over else "",
+            "mean_bytes": mean(0), "mean_payload_bytes": "", "bits_per_slice": mean(0) * 8,
+            "payload_bits_per_code": "", "mean_ssim": mean(1),
+            "std_ssim": float(np.std([f[1] for f in fit])) if fit else float("nan"), "mean_psnr": mean(2),
+            "latent_grid": "", "K": ""}
+
+
+def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    s, p = [], []
+    for a, b in zip(decoded.split(64), originals.split(64)):
+        x, y = a.float()[:, None] / 255, b.float()[:, None] / 255
+        s.append(ssim(x, y))
+        p.append(psnr(x, y))
+    return torch.cat(s).numpy(), torch.cat(p).numpy()
+
+
+def dice_rows(segment, masks: torch.Tensor, originals: torch.Tensor, rows: list[dict], figure: dict, codecs,
+              budgets) -> list[dict]:
+    """The rows of rd_anatomy.csv: `segment` (uint8 (N, H, W) slices -> (N, H, W) tissue labels) scored against
+    `masks` on the originals, on each VQ-VAE's reconstruction (one per VQ-VAE, listed at the mean file size of each
+    of its coders) and on each classical codec at each budget (the slices that fit in no file left out and counted)."""
+    def dice_row(codec, setting, budget, images, picked, mean_bytes):
+        dice = dice_table(segment(images), masks[picked]).mean(0)
+        return {"codec": codec, "setting": setting, "budget_bytes": budget, "images": len(masks),
+                "images_fit": len(picked), "mean_bytes": mean_bytes, **dict(zip(DICE_COLUMNS, dice.tolist()))}
+
+    everything = list(range(len(masks)))
+    table = [dice_row("original", "8-bit PNG", "", originals, everything, "")]
+    for r in rows:
+        if r["codec"].startswith("VQ-VAE"):
+            recon = figure[r["codec"].removeprefix("VQ-VAE ")]["recon"]
+            table.append(dice_row(r["codec"], r["setting"], "", recon, everything, r["mean_bytes"]))
+    for codec in codecs:
+        fits = {b: [] for b in budgets}  # budget -> (slice index, file) of the slices that fit
+        for i, image in enumerate(tqdm(originals.numpy(), desc=f"{codec}: Dice per budget", leave=False)):
+            search = BudgetSearch(image, codec)
+            for b in budgets:
+                if (data_bytes := search.fit(b)) is not None:
+                    fits[b].append((i, data_bytes))
+        for b, fit in fits.items():
+            if fit:
+                decoded = torch.from_numpy(np.stack([classical_decode(f) for _, f in fit]))
+                table.append(dice_row(codec, "quality searched per slice", b, decoded, [i for i, _ in fit],
+                                      float(np.mean([len(f) for _, f in fit]))))
+    return table
+
+
+def dice_against(table: list[dict], codec: str, budget: int) -> dict:
+    """Each VQ-VAE row whose mean file fits `budget`: its mean Dice minus that of `codec` at `budget` bytes."""
+    reference = [r for r in table if r["codec"] == codec and r["budget_bytes"] == budget]
+    if not reference:
+        return {}
+    return {f"{r['codec']} {r['setting']} ({r['mean_bytes']:.0f} B)": r["dice_mean"] - reference[0]["dice_mean"]
+            for r in table if r["codec"].startswith("VQ-VAE") and r["mean_bytes"] <= budget}
+
+
+def targets(rows: list[dict]) -> dict:
+    """The codec's targets as measured: SSIM against JPEG 2000 at 640 bytes and at equal bytes per slice, the
+    prior-coded size, and whether the VQ-VAE points lie above every classical codec's points below 1.5 KB."""
+    vq = [r for r in rows if r["codec"].startswith("VQ-VAE")]
+    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE")]
+    out = {}
+    j2k640 = [r for r in classical if r["codec"] == "jpeg2000" and r["budget_bytes"] == 640]
+    if j2k640:
+        j = j2k640[0]
+        out["jpeg2000_at_640_bytes"] = {k: j[k] for k in ("mean_ssim", "mean_bytes", "images_over_budget")}
+        out["ssim_minus_jpeg2000_at_640_bytes"] = {
+            f"{r['codec']} {r['setting']} ({r['mean_bytes']:.0f} B file, {r['mean_payload_bytes']:.0f} B payload)":
+                r["mean_ssim"] - j["mean_ssim"] for r in vq if r["mean_payload_bytes"] <= 640}
+    out["ssim_minus_classical_at_equal_bytes_per_slice"] = {
+        f"{r['codec']} {r['setting']}": {
+            c["codec"]: {"ssim_gain": r["mean_ssim"] - c["mean_ssim"], "images_over_budget": c["images_over_budget"]}
+            for c in classical if c["setting"] == f"at the size of each {r['codec']} {r['setting']} file"}
+        for r in vq}
+    out["prior_coded_mean_bytes"] = {r["codec"]: {"file": r["mean_bytes"], "payload": r["mean_payload_bytes"]}
+                                     for r in vq if r["setting"] == "prior"}
+    above = {}
+    for r in classical:
+        if not isinstance(r["budget_bytes"], int) or r["budget_bytes"] > 1536 or not math.isfinite(r["mean_ssim"]):
+            continue
+        within = [v["mean_ssim"] for v in vq if v["mean_bytes"] <= r["budget_bytes"]]
+        above[f"{r['codec']} <= {r['budget_bytes']} B"] = (max(within) > r["mean_ssim"]) if within else None
+    out["vqvae_above_classical_below_1536_bytes"] = {
+        "about": "per classical point: does a VQ-VAE point with at most its budget in mean file bytes have a higher "
+                 "mean SSIM (null: no VQ-VAE point that small)", **above}
+    out["vqvae_above_every_classical_point_below_1536_bytes"] = bool(above) and all(v is True for v in above.values())
+    return out
+
+
+def plot_rd(rows: list[dict], path: Path, title: str):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, metric, name in zip(axes, ("mean_ssim", "mean_psnr"), ("mean SSIM", "mean PSNR (dB)")):
+        for codec in dict.fromkeys(r["codec"] for r in rows if not r["codec"].startswith("VQ-VAE")):
+            pts = [r for r in rows if r["codec"] == codec and math.isfinite(r[metric])
+                   and isinstance(r["budget_bytes"], int)]
+            if not pts:
+                continue
+            line, = ax.plot([r["mean_bytes"] for r in pts], [r[metric] for r in pts], marker="o", ms=3, label=codec)
+            matched = [r for r in rows if r["codec"] == codec and math.isfinite(r[metric])
+                       and not isinstance(r["budget_bytes"], int)]
+            ax.plot([r["mean_bytes"] for r in matched], [r[metric] for r in matched], ls="none", marker="x", ms=6,
+                    color=line.get_color())
+            for r in pts:
+                if r["images_over_budget"]:
+                    ax.plot(r["mean_bytes"], r[metric], marker="o", ms=8, mfc="none", color=line.get_color())
+                    ax.annotate(f"{r['images_over_budget']} over", (r["mean_bytes"], r[metric]), fontsize=6,
+                                textcoords="offset points", xytext=(3, -8), color=line.get_color())
+        markers = {"fixed": "s", "static": "^", "prior": "*"}
+        for codec in dict.fromkeys(r["codec"] for r in rows if r["codec"].startswith("VQ-VAE")):
+            pts = sorted((r for r in rows if r["codec"] == codec), key=lambda r: r["mean_bytes"])
+            line, = ax.plot([r["mean_bytes"] for r in pts], [r[metric] for r in pts], ls=":", lw=1.5, label=codec)
+            for r in pts:
+                ax.plot(r["mean_bytes"], r[metric], marker=markers.get(r["setting"], "o"),
+                        ms=9 if r["setting"] == "prior" else 6, color=line.get_color())
+        ax.axvline(1536, color="grey", lw=0.5, ls="--")
+        ax.set(xscale="log", xlabel="bytes per slice (whole file)", ylabel=name, title=f"{name} vs size")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+               title="VQ-VAE: square fixed-length, triangle static, star prior coding (one reconstruction, so one "
+                     "SSIM); classical: o at each budget (ringed: some slices did not fit), x at each VQ-VAE file's "
+                     "size per slice", title_fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * math.ceil(len(labels) / 4), 1, 0.96))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def slice_figure(originals: np.ndarray, figure: dict, codecs, path: Path, index: int, files):
+    """Slice `index`: the original, then per VQ-VAE its decoded file beside every classical codec at the same
+    bytes."""
+    plt = pyplot()
+    original = originals[index]
+    rows = list(figure.items())
+    cols = 2 + len(codecs)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.5 * len(rows)), squeeze=False)
+    for r, (label, entry) in enumerate(rows):
+        budget = len(entry["files"][index])
+        vq = entry["recon"][index].numpy()
+        panels = [("original", original), (f"VQ-VAE {label}\n{entry['coder']}, {budget} B, SSIM "
+                                           f"{scores(vq, original)[0]:.3f}", vq)]
+        for codec in codecs:
+            search = BudgetSearch(original, codec)
+            data = search.fit(budget)
+            if data is None:
+                panels.append((f"{codec}: does not fit in {budget} B\n(its smallest file: {search.smallest()} B)",
+                               None))
+            else:
+                decoded = classical_decode(data)
+                panels.append((f"{codec}, {len(data)} B\nSSIM {scores(decoded, original)[0]:.3f}", decoded))
+        for ax, (title, image) in zip(axes[r], panels):
+            if image is not None:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.suptitle(f"{Path(str(files[index])).name}: every codec at (at most) the VQ-VAE file's bytes", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
