@@ -2,6 +2,7 @@
 resuming, the learning-rate schedule and --max-minutes, the optimiser step, and an epoch's save."""
 import argparse
 import fcntl
+import functools
 import inspect
 import math
 import os
@@ -40,6 +41,7 @@ def command_flags(values: dict) -> list[str]:
     return flags
 
 
+@functools.cache
 def field_help(cls) -> dict[str, str]:
     """{field: the comment after it} from the dataclass's source: the one place each setting is explained."""
     comments = re.findall(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", inspect.getsource(cls), re.MULTILINE)

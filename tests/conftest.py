@@ -16,6 +16,11 @@ from dataset import generate_demo  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # pytest-xdist's marker, known also when the suite runs without it (helpers.INDUCTOR)
+    config.addinivalue_line("markers", "xdist_group(name): tests one xdist worker runs together")
+
+
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     """A tiny demo tree: 10 patients x 4 slices of 32x32 (32 train, 4 validate, 4 test); one per test module."""

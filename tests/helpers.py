@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -13,6 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A VQ-VAE of a few thousand weights, for every test that trains or builds one (K is each test's choice).
 TINY_MODEL = dict(hidden_channels=16, residual_channels=8, embedding_dim=8)
+# The tests that compile (torch.compile on the CPU): run by one worker under `pytest -n 2 --dist loadgroup`, so that
+# the C++ toolchain's first, slowest compile is paid once.
+INDUCTOR = pytest.mark.xdist_group("inductor")
 # Children use one thread: light on a shared 2-core machine, and the same arithmetic in every child.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -22,6 +26,21 @@ def run_script(*args, cwd=REPO, env=ONE_THREAD, timeout=300, **kwargs):
     torchrun, resource limits, two writers, the import of a script); everything else runs in-process (run_main)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def held_at_second_epoch(script: str) -> list[str]:
+    """`python -c ...` arguments that run `script`.main(sys.argv[1:]) with its train_epoch held for two minutes as
+    the second epoch begins: a signal sent once epoch 1 is saved lands mid-training however fast the epochs are."""
+    return ["-c", f"""import sys, time, {script}
+real, calls = {script}.train_epoch, []
+def held(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        time.sleep(120)
+    return real(*args, **kwargs)
+{script}.train_epoch = held
+{script}.main(sys.argv[1:])
+"""]
 
 
 def tiny_args(data_root, out, *extra, dataset="demo"):

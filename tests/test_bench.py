@@ -11,7 +11,7 @@ import bench
 from dataset import generate_demo
 from checkpoints import TrainConfig
 from engine import build_training, train_step
-from helpers import TINY_MODEL, run_main
+from helpers import INDUCTOR, TINY_MODEL, run_main
 from modules import PRESETS, ConvTranspose2d, count_codes
 
 TINY = ["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
@@ -21,6 +21,7 @@ def run_bench(capsys, *args):
     return run_main(bench.main, [*TINY, *args], capsys)
 
 
+@INDUCTOR
 def test_bench_measures_everything_it_promises(tmp_path, capsys):
     out = tmp_path / "bench.json"
     have_reference = bench.REFERENCE.is_file()

@@ -4,6 +4,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import images
+from helpers import INDUCTOR
 from images import psnr, ssim
 from metrics import score_split
 from modules import VQVAE, VQVAEConfig
@@ -28,6 +29,7 @@ def test_window_sums_equal_direct_sums_along_either_axis(width):
         assert torch.allclose(images.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
 
 
+@INDUCTOR
 def test_compiled_ssim_equals_the_eager_one():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(6, 1, 24, 20, generator=g)  # a chunk of 4 compiled, the last 2 eager

@@ -7,10 +7,11 @@ import torch
 import predict
 import train
 from dataset import generate_demo
-from helpers import assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
+from helpers import INDUCTOR, assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
 from checkpoints import load_checkpoint, save_checkpoint
 
 
+@INDUCTOR
 def test_train_then_predict_write_every_promised_file(demo_root, tmp_path, capsys):
     out = tmp_path / "run"
     r = run_main(train.main, tiny_args(demo_root, out, "--epochs", "2"), capsys)
