@@ -60,13 +60,14 @@ def wasserstein_1d(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def segmenter_features(model, images: torch.Tensor, device: torch.device, batch_size: int = 32) -> torch.Tensor:
+def segmenter_features(model, images: torch.Tensor, device: torch.device, batch_size: int = 32,
+                       desc: str | None = None) -> torch.Tensor:
     """(N, 1, H, W) images in [-1, 1] -> (N, 2C): the mean and std over space of the U-Net's bottleneck, a feature
     space for the Frechet distance that owes nothing to the VQ-VAE being judged."""
     def pooled(x):
         z = model.skips(x)[-1].float().flatten(2)  # (B, C, h*w)
         return torch.cat([z.mean(2), z.std(2)], 1)
-    return batched(pooled, images, device, batch_size)
+    return batched(pooled, images, device, batch_size, desc)
 
 
 def worst_first(table: torch.Tensor, n: int) -> list[int]:

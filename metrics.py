@@ -86,13 +86,14 @@ def prior_bits(prior: Prior, codes: torch.Tensor, labels=None, batch_size: int =
     return float(nats) / codes.numel() / math.log(2)
 
 
-def encoder_features(model: VQVAE, images: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor:
+def encoder_features(model: VQVAE, images: torch.Tensor, device, batch_size: int = 64,
+                     desc: str | None = None) -> torch.Tensor:
     """(N, 1, H, W) images in [-1, 1] -> (N, 2D): mean and std over space of the encoder's output, the fixed
     feature space of the Frechet distance."""
     def pooled(x):
         z = model.encoder(x).float().flatten(2)  # (B, D, h*w)
         return torch.cat([z.mean(2), z.std(2)], 1)
-    return batched(pooled, images, device, batch_size)
+    return batched(pooled, images, device, batch_size, desc)
 
 
 def nearest_ssim(queries: torch.Tensor, gallery: torch.Tensor, candidates: int = 64,

@@ -528,15 +528,16 @@ def sample_scores(model, samples, train, val, args, device, segmenter=None) -> d
     """Nearest-train SSIM and the Frechet distance to the train slices, of the samples and, as references, of real
     validation slices and of their reconstructions; with a segmenter also its judgement (judge_samples)."""
     train_images, val_images = (to_float(d.images.unsqueeze(1)) for d in (train, val))
-    val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size)
+    val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size,
+                        desc="reconstructing validate")
     reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
     gallery = to_unit(train_images).to(device)
     nearest = {name: nearest_ssim(to_unit(x).to(device), gallery, compiled=args.compile).cpu().numpy()
                for name, x in (("samples", samples), ("validate_real", val_images[reference]),
                                ("validate_reconstructions", val_recon[reference]))}
-    features = {name: encoder_features(model, x, device, args.batch_size) for name, x in
-                (("train", train_images), ("samples", samples), ("validate_real", val_images),
-                 ("validate_reconstructions", val_recon))}
+    features = {name: encoder_features(model, x, device, args.batch_size, desc=f"encoder features: {name}")
+                for name, x in (("train", train_images), ("samples", samples), ("validate_real", val_images),
+                                ("validate_reconstructions", val_recon))}
     return {
         "nearest_train_ssim": {"about": "per image, the highest SSIM to any train slice (1.0: a copy); validate_* "
                                         f"use {len(reference)} random validate slices",
@@ -558,7 +559,8 @@ def judge_samples(segmenter, images: dict, val_masks, args, device) -> dict:
     (anatomy.segmenter_features), of the samples and of real and reconstructed validation slices; and each
     tissue's share of the brain pixels per slice, as it segments the samples and the real validation slices, with
     the true masks' shares as a reference, and the 1-D Wasserstein distance of the samples' shares to the real."""
-    features = {name: segmenter_features(segmenter, x, device, args.batch_size) for name, x in images.items()}
+    features = {name: segmenter_features(segmenter, x, device, args.batch_size, desc=f"segmenter features: {name}")
+                for name, x in images.items()}
     as_uint8 = {name: to_uint8(images[name][:, 0]) for name in ("samples", "validate_real")}
     amp = autocast(args.precision, device)
     fractions = {name: tissue_fractions(segment_images(segmenter, x, device, amp, args.batch_size)).numpy()
