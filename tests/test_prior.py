@@ -179,14 +179,14 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
 
 def test_prior_training_stops_at_its_deadline_after_one_step_and_says_so_in_its_checkpoint(vqvae, tmp_path, capsys):
     out = tmp_path / "prior"
-    r = run_main(train_prior.main, ["--vqvae", vqvae, "--epochs", "5", "--max-minutes", "0.0001", "--out", out,
+    r = run_main(train_prior.main, ["--vqvae", vqvae, "--epochs", "5", "--max-minutes", "1e-06", "--out", out,
                                     *PRIOR_FLAGS], capsys)
-    assert r.returncode == 0 and "stopping after epoch 1: --max-minutes 0.0001" in r.stdout, r.stderr
+    assert r.returncode == 0 and "stopping after epoch 1: --max-minutes 1e-06" in r.stdout, r.stderr
     state = load_checkpoint(out / "last.pt", kind="prior")
     assert state["epoch"] == 1 and state["time_budget"] == {"seconds_left": 0.0, "done": True}
-    assert state["scheduler"]["last_epoch"] == 1  # the deadline had passed after the first step: the epoch ended
+    assert state["scheduler"]["last_epoch"] == 1  # 60 us had passed after the first step: the epoch ended there
     assert_one_line_error(run_main(train_prior.main, ["--resume", out], capsys),
-                          "stopped when its --max-minutes 0.0001 were spent; pass --max-minutes M with --resume")
+                          "stopped when its --max-minutes 1e-06 were spent; pass --max-minutes M with --resume")
 
 
 def test_a_transformer_prior_trains_resumes_and_samples_through_the_commands(vqvae, tmp_path, capsys):

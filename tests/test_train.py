@@ -51,12 +51,12 @@ def test_figures_of_quick_epochs_are_drawn_at_most_every_interval_and_for_the_la
 
 def test_a_run_stopped_by_its_deadline_says_so_in_its_checkpoint_and_is_not_resumed_without_more_minutes(
         demo_root, tmp_path, capsys):
-    r = run_main(train.main, tiny_args(demo_root, tmp_path / "run", "--epochs", "5", "--max-minutes", "0.0001"), capsys)
-    assert r.returncode == 0 and "stopping after epoch 1: --max-minutes 0.0001 reached" in r.stdout
+    r = run_main(train.main, tiny_args(demo_root, tmp_path / "run", "--epochs", "5", "--max-minutes", "1e-06"), capsys)
+    assert r.returncode == 0 and "stopping after epoch 1: --max-minutes 1e-06 reached" in r.stdout
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 1 and state["time_budget"] == {"seconds_left": 0.0, "done": True}
     assert_one_line_error(run_main(train.main, ["--resume", tmp_path / "run"], capsys),
-                          "stopped when its --max-minutes 0.0001 were spent; pass --max-minutes M with --resume")
+                          "stopped when its --max-minutes 1e-06 were spent; pass --max-minutes M with --resume")
 
 
 def test_checkpoint_rebuilds_the_model_from_its_own_config(demo_root, tmp_path):
