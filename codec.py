@@ -242,7 +242,7 @@ class Codec:
         self.bits = probability_bits(self.k)
         usage = vqvae.quantizer.usage.detach().double().cpu().numpy()
         self.static_freqs = frequencies(np.log(np.maximum(usage, 1e-6))[None], self.bits)[0]
-        
+
     # -- the VQ-VAE ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def codes(self, images: torch.Tensor) -> torch.Tensor:
@@ -553,5 +553,3 @@ class BudgetSearch:
 
     def smallest(self) -> int:
         return len(self.encoded(0))
-
-
