@@ -1,6 +1,7 @@
 """The .vqz codec as a library: a slice's code map under a trained VQ-VAE, written to a small file and read back,
 entropy-coded with the prior's conditionals or without a prior; and the classical codecs it is compared with (JPEG,
-WebP, JPEG 2000, AVIF through Pillow), each searched per image for the best quality that fits a byte budget.
+WebP, JPEG 2000, AVIF through Pillow; JPEG XL through imagecodecs, libjxl's maintained binding, where it is
+installed), each searched per image for the best quality that fits a byte budget.
 compress.py is its command line.
 
 File format (.vqz, version 1; little-endian; a 38-byte header, then the payload):
@@ -489,8 +490,29 @@ def load_codec(checkpoint: Path, prior_path: Path | None, device, batch_size: in
 # Classical codecs, searched per image to fit a byte budget
 # ---------------------------------------------------------------------------------------------------------
 
-CLASSICAL = ("jpeg", "webp", "jpeg2000", "avif")
+CLASSICAL = ("jpeg", "webp", "jpeg2000", "avif", "jpegxl")
 J2K_RATES = tuple(float(r) for r in np.geomspace(4000, 2, 120))  # compression ratios, worst quality first
+JXL_DISTANCES = tuple(float(d) for d in np.geomspace(25, 0.05, 90))  # butteraugli distances (25: libjxl's worst)
+JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")  # a bare codestream, the ISO BMFF container
+
+
+def imagecodecs():
+    """The optional imagecodecs package (JPEG XL only), or a one-line error saying how to install it."""
+    try:
+        import imagecodecs as module
+    except ImportError:
+        raise UserError("JPEG XL needs the imagecodecs package, an optional dependency of the study: "
+                        "pip install imagecodecs") from None
+    return module
+
+
+def available_classical() -> list[str]:
+    """The classical codecs this installation can run: all but JPEG XL without imagecodecs."""
+    try:
+        imagecodecs()
+    except UserError:
+        return [c for c in CLASSICAL if c != "jpegxl"]
+    return list(CLASSICAL)
 
 
 def classical_settings(codec: str, pixels: int) -> list:
@@ -501,10 +523,15 @@ def classical_settings(codec: str, pixels: int) -> list:
         return list(range(0, 101))
     if codec == "jpeg2000":
         return [r for r in J2K_RATES if pixels / r >= 40]  # below ~40 bytes OpenJPEG writes only markers
+    if codec == "jpegxl":
+        imagecodecs()
+        return list(JXL_DISTANCES)
     raise UserError(f"unknown codec {codec!r}; choose from {', '.join(CLASSICAL)}")
 
 
 def classical_encode(image: np.ndarray, codec: str, setting) -> bytes:
+    if codec == "jpegxl":  # one thread: the same bytes on every machine, and workers share the cores
+        return bytes(imagecodecs().jpegxl_encode(image, distance=setting, effort=7, numthreads=1))
     from PIL import Image
     buffer = io.BytesIO()
     im = Image.fromarray(image, "L")
@@ -520,6 +547,8 @@ def classical_encode(image: np.ndarray, codec: str, setting) -> bytes:
 
 
 def classical_decode(data: bytes) -> np.ndarray:
+    if data.startswith(JXL_SIGNATURES):
+        return np.asarray(imagecodecs().jpegxl_decode(data, numthreads=1))
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("L"))

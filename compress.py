@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from anatomy import segment_images
 from checkpoints import default_prior, load_segmenter, load_split, run_dir_of
-from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, classical_settings, load_codec, parse_header,
-                   read_vqz)
+from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, available_classical, classical_settings,
+                   load_codec, parse_header, read_vqz)
 from dataset import read_slice
 from images import IMAGE_SUFFIXES, natural_key
 from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, mean_scores, plot_rd,
@@ -251,7 +251,12 @@ def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
     budgets = sorted(set(args.budgets))
     if not budgets or min(budgets) < 1:
         raise UserError("--budgets must be positive byte counts, e.g. 320,640,1280")
-    codecs = list(dict.fromkeys(args.codecs))
+    if args.codecs is None:
+        codecs = available_classical()
+        if "jpegxl" not in codecs:
+            print("JPEG XL left out: it needs the optional imagecodecs package (pip install imagecodecs)")
+    else:
+        codecs = list(dict.fromkeys(args.codecs))
     for c in codecs:
         classical_settings(c, 1 << 16)
     if args.max_images is not None and args.max_images < 1:
@@ -409,7 +414,7 @@ def parse_args(argv=None):
     d.add_argument("files", nargs="+", type=Path, help=".vqz files or folders of them")
     d.add_argument("--out", type=Path, required=True, help="folder for the PNGs (existing files are never overwritten)")
 
-    r = sub.add_parser("rd", help="rate-distortion study against JPEG, WebP, JPEG 2000 and AVIF",
+    r = sub.add_parser("rd", help="rate-distortion study against JPEG, WebP, JPEG 2000, AVIF and JPEG XL",
                        description="Bytes per slice against SSIM and PSNR for VQ-VAEs and classical codecs.")
     r.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", required=True,
                    help="a VQ-VAE .pt or run folder (its best.pt); repeat for several (e.g. default and hq)")
@@ -419,8 +424,9 @@ def parse_args(argv=None):
     r.add_argument("--data-root", help="where the dataset is now, if it moved")
     r.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",") if v], default=list(DEFAULT_BUDGETS),
                    help=f"byte budgets for the classical codecs (default: {','.join(map(str, DEFAULT_BUDGETS))})")
-    r.add_argument("--codecs", type=lambda s: [v for v in s.split(",") if v], default=list(CLASSICAL),
-                   help=f"classical codecs to compare (default: {','.join(CLASSICAL)})")
+    r.add_argument("--codecs", type=lambda s: [v for v in s.split(",") if v],
+                   help=f"classical codecs to compare, of {','.join(CLASSICAL)} (default: all; jpegxl where imagecodecs "
+                        f"is installed)")
     r.add_argument("--max-images", type=int, help="use this many slices spread over the split (default: all)")
     r.add_argument("--workers", type=int, default=1, help="processes for the classical codecs' searches (default: 1)")
     r.add_argument("--figure-slice", type=int, help="index of the slice in rd_slice.png (default: the middle one)")

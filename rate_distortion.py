@@ -148,7 +148,49 @@ def targets(rows: list[dict]) -> dict:
         "about": "per classical point: does a VQ-VAE point with at most its budget in mean file bytes have a higher "
                  "mean SSIM (null: no VQ-VAE point that small)", **above}
     out["vqvae_above_every_classical_point_below_1536_bytes"] = bool(above) and all(v is True for v in above.values())
+    out["bd_rate_percent"] = bd_rates(vq, classical)
     return out
+
+
+def bd_rates(vq: list[dict], classical: list[dict]) -> dict:
+    """BD-rate on SSIM and on PSNR of the VQ-VAE curve (each VQ-VAE's smallest file: its operating point) against
+    each classical codec's curve (its budgets where every slice fit, so each mean is over the same slices)."""
+    smallest = {}
+    for r in vq:
+        if r["codec"] not in smallest or r["mean_bytes"] < smallest[r["codec"]]["mean_bytes"]:
+            smallest[r["codec"]] = r
+    ours = list(smallest.values())
+    out = {"about": "mean change in bytes (%) of the VQ-VAE points against each codec at equal quality, over the "
+                    "quality range both cover (null: fewer than 2 points on a curve, or no shared range)",
+           "vqvae_points": [f"{r['codec']} {r['setting']}" for r in ours]}
+    for codec in dict.fromkeys(r["codec"] for r in classical):
+        theirs = [r for r in classical if r["codec"] == codec and isinstance(r["budget_bytes"], int)
+                  and r["images_over_budget"] == 0]
+        out[codec] = {metric: bd_rate([r["mean_bytes"] for r in ours], [r[f"mean_{metric}"] for r in ours],
+                                      [r["mean_bytes"] for r in theirs], [r[f"mean_{metric}"] for r in theirs])
+                      for metric in ("ssim", "psnr")}
+    return out
+
+
+def bd_rate(rates, qualities, reference_rates, reference_qualities) -> float | None:
+    """Bjontegaard delta rate (VCEG-M33): the mean change in bytes, in percent, of one codec's curve against a
+    reference at equal quality (SSIM or PSNR), over the quality range both curves cover. Each curve's log-rate is
+    fitted as a polynomial in quality (cubic from 4 points, lower with fewer) and the fits' difference integrated
+    over the shared range; -40 means 40 % fewer bytes for the same quality. None where the curves have fewer than
+    2 points each or do not overlap in quality."""
+    curves = []
+    for r, q in ((rates, qualities), (reference_rates, reference_qualities)):
+        pts = sorted((float(b), float(a)) for a, b in zip(r, q) if math.isfinite(a) and math.isfinite(b) and a > 0)
+        if len({b for b, _ in pts}) < 2:
+            return None
+        quality, rate = np.array(pts).T
+        curves.append((np.polyfit(quality, np.log(rate), min(3, len(pts) - 1)), quality.min(), quality.max()))
+    (fit, lo_a, hi_a), (reference_fit, lo_b, hi_b) = curves
+    lo, hi = max(lo_a, lo_b), min(hi_a, hi_b)
+    if hi <= lo:
+        return None
+    mean_log_ratio = np.diff(np.polyval(np.polyint(np.polysub(fit, reference_fit)), [lo, hi]))[0] / (hi - lo)
+    return float(100 * (np.exp(mean_log_ratio) - 1))
 
 
 def plot_rd(rows: list[dict], path: Path, title: str):

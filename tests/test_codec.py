@@ -1,6 +1,8 @@
 """codec.py: the .vqz codec as a library -- the prior's incremental float64 conditionals, integer frequencies that
 do not depend on the thread count, exact round trips under every coder, coded size against the prior's NLL, class
 labels in the header -- on the session's tiny models (conftest.trained_models)."""
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,32 @@ def test_a_class_conditional_prior_codes_with_the_label_in_the_header(trained_co
         conditional.decode(swapped, ["f"] * len(files))
     with pytest.raises(codec.UserError, match="class-conditional"):
         conditional.encode(images, coder="prior")
+
+
+def smooth_slice(size: int = 64) -> np.ndarray:
+    y, x = np.mgrid[:size, :size] / size
+    return (127 + 100 * np.sin(6 * x) * np.cos(4 * y)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", codec.CLASSICAL)
+def test_each_classical_codec_fits_a_budget_with_its_best_setting_and_decodes(name):
+    if name == "jpegxl":
+        pytest.importorskip("imagecodecs")
+    image = smooth_slice()
+    search = codec.BudgetSearch(image, name)
+    budget = search.smallest() + 300
+    data = search.fit(budget)
+    assert len(data) <= budget
+    better = [s for s in range(len(search.settings)) if len(search.encoded(s)) <= budget]
+    assert data == search.encoded(max(better))  # sizes grow with quality, so the best that fits is the last
+    decoded = codec.classical_decode(data)
+    assert decoded.shape == image.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - image).mean() < 20
+    assert search.fit(search.smallest() - 1) is None
+
+
+def test_jpeg_xl_without_imagecodecs_is_one_line_and_left_out_of_the_available_codecs(monkeypatch):
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # import imagecodecs now raises ImportError
+    with pytest.raises(codec.UserError, match="pip install imagecodecs"):
+        codec.classical_settings("jpegxl", 64 * 64)
+    assert codec.available_classical() == ["jpeg", "webp", "jpeg2000", "avif"]

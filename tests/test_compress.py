@@ -12,6 +12,7 @@ from PIL import Image
 
 import codec
 import compress
+import rate_distortion
 from helpers import write_image
 from images import to_uint8
 from metrics import score_split
@@ -177,8 +178,8 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_mo
     assert sorted(r["setting"] for r in vq) == ["fixed", "prior", "static"]
     assert len({r["mean_ssim"] for r in vq}) == 1  # one reconstruction, three sizes
     classical = [r for r in rows if not r["codec"].startswith("VQ-VAE")]
-    assert sorted({r["codec"] for r in classical}) == ["avif", "jpeg", "jpeg2000", "webp"]
-    assert len(classical) == 4 * (3 + 3)  # each trained_codec at 3 budgets, and at the sizes of the 3 VQ-VAE rows' files
+    assert sorted({r["codec"] for r in classical}) == sorted(codec.available_classical())
+    assert len(classical) == len(codec.available_classical()) * (3 + 3)  # each trained_codec at 3 budgets, and at the sizes of the 3 VQ-VAE rows' files
     for r in classical:
         assert int(r["images_fit"]) + int(r["images_over_budget"]) == int(r["images"]) == 4
         if int(r["images_fit"]) and r["budget_bytes"] != "per slice":
@@ -188,7 +189,9 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_mo
     summary = json.loads((out / "rd.json").read_text())
     assert summary["header_bytes"] == codec.HEADER.size and summary["images"] == 4
     assert {"prior_coded_mean_bytes", "vqvae_above_classical_below_1536_bytes",
-            "ssim_minus_classical_at_equal_bytes_per_slice"} <= set(summary["targets"])
+            "ssim_minus_classical_at_equal_bytes_per_slice", "bd_rate_percent"} <= set(summary["targets"])
+    bd = summary["targets"]["bd_rate_percent"]
+    assert set(codec.available_classical()) <= set(bd) and bd["jpeg"] == {"ssim": None, "psnr": None}  # one VQ point
     speed = next(iter(summary["speed"].values()))
     assert speed["prior_encode_slices_per_s"] > 0 and speed["prior_decode_slices_per_s"] > 0
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--out", str(out)], "already exists")
@@ -207,3 +210,13 @@ def test_rd_compares_several_checkpoints(trained_models, tmp_path, capsys):
                         "--out", str(tmp_path / "rd3")], "one --prior per --checkpoint")
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--codecs", "gif", "--out", str(tmp_path / "rd3")],
                "unknown codec 'gif'")
+
+
+def test_bd_rate_is_the_mean_byte_change_at_equal_quality_over_the_shared_range():
+    rates = np.array([200.0, 400, 800, 1600, 3200])
+    quality = np.log(rates) / 10  # any increasing curve
+    assert rate_distortion.bd_rate(rates / 2, quality, rates, quality) == pytest.approx(-50)
+    assert rate_distortion.bd_rate(rates[:3] * 1.25, quality[:3], rates, quality) == pytest.approx(25)  # 3 points
+    assert rate_distortion.bd_rate(rates, quality, rates, quality) == pytest.approx(0, abs=1e-9)
+    assert rate_distortion.bd_rate(rates[:2], quality[:2] + 5, rates, quality) is None  # no shared quality
+    assert rate_distortion.bd_rate(rates[:1], quality[:1], rates, quality) is None  # one point is no curve
