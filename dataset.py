@@ -44,6 +44,7 @@ TISSUES = ("CSF", "GM", "WM")  # classes 1..3 of a mask
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
 ADNI_PREFIXES = ("", "AD_NC/")
 ADNI_CLASSES = ["NC", "AD"]  # label = index
+MASKED = ("OASIS", "demo")  # the datasets that come with tissue masks
 DEMO_VERSION = "demo-v3"  # v3: with tissue masks
 DEMO_MARKER = "DEMO_OK"  # written last: the demo tree is complete
 DEMO_MANIFEST = "DEMO_FILES"  # written before the first image: every file generate_demo is writing
@@ -402,7 +403,7 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
                         f"downsampling) to {MAX_IMAGE_SIDE}, got {image_size!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    if masks and (name not in ("OASIS", "demo") or image_size is not None):
+    if masks and (name not in MASKED or image_size is not None):
         raise DataError(f"tissue masks come with OASIS and the demo data only, at the slices' own size; got "
                         f"{name}{f' with --image-size {image_size}' if image_size is not None else ''}")
     if name == "nifti":

@@ -52,7 +52,7 @@ from anatomy import (dice_columns, dice_summary, dice_table, segment_images, seg
 from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_segmenter, load_split,
                          load_vqvae, newest_checkpoint, run_dir_of)
 from codec import Codec
-from dataset import DATASETS, TISSUES
+from dataset import DATASETS, MASKED, TISSUES
 from denoise import CLASSICAL, add_noise, available_classical, parse_noise, run_classical
 from images import SPLITS, psnr, ssim, to_float, to_uint8, to_unit
 from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
@@ -464,7 +464,7 @@ def generate(args):
     amp = autocast(args.precision, device)
     segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"],
-                                   masks=segmenter is not None and split == "validate")
+                                   masks=segmenter is not None and split == "validate" and cfg.dataset in MASKED)
                         for split in ("train", "validate", args.split))
     out = args.out or run_dir_of(prior_path) / "predict_samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -473,7 +473,8 @@ def generate(args):
     decode = lambda codes: batched(model.decode_indices, codes, device, args.batch_size)  # noqa: E731
 
     # New slices.
-    codes = prior.sample(args.sample, shape, prior.labels_for(args.sample, class_index), args.temperature, generator)
+    sample_labels = prior.labels_for(args.sample, class_index)
+    codes = prior.sample(args.sample, shape, sample_labels, args.temperature, generator)
     samples = decode(codes)
     what = f"class {prior_state['class_names'][class_index]}, " if class_index is not None else ""
     save_image_grid(samples[:64], out / "samples.png", nrow=8,
@@ -489,7 +490,8 @@ def generate(args):
               "class": prior_state["class_names"][class_index] if class_index is not None else None,
               "temperature": args.temperature, "seed": args.seed, "latent_grid": list(shape),
               "validation_nll_bits_per_code": bits, "log2_codebook_size": math.log2(model.config.codebook_size),
-              **sample_scores(model, samples, train, val, args, device, segmenter)}
+              **sample_scores(model, samples, train, val, args, device, segmenter,
+                              classes=(sample_labels, prior_state["class_names"]) if conditional else None)}
     write_json(out / "sample_scores.json", scores)
     s, fd = scores["nearest_train_ssim"], scores["frechet_distance"]
     print(f"validation NLL {bits:.3f} bits/code (log2 K = {scores['log2_codebook_size']:.0f}) | nearest-train SSIM "
@@ -503,6 +505,10 @@ def generate(args):
               f"{sd['validate_real_vs_train']:.3g}, validate reconstructions "
               f"{sd['validate_reconstructions_vs_train']:.3g} | tissue fractions (share of brain) W1 samples vs "
               f"validate: " + ", ".join(f"{t} {tf[t]['wasserstein_samples_vs_validate']:.4f}" for t in TISSUES))
+        for key, difference in scores.get("tissue_fractions_by_class", {}).items():
+            if " - " in key:
+                print(f"CSF share {key}: samples {difference['samples']['CSF']:+.4f}, real validate "
+                      f"{difference['validate_real']['CSF']:+.4f}")
     return scores
 
 
@@ -524,9 +530,10 @@ def save_completions(prior, model, held, shape, args, generator, amp, path: Path
                                                             f"the bottom half given the top half's codes")
 
 
-def sample_scores(model, samples, train, val, args, device, segmenter=None) -> dict:
+def sample_scores(model, samples, train, val, args, device, segmenter=None, classes=None) -> dict:
     """Nearest-train SSIM and the Frechet distance to the train slices, of the samples and, as references, of real
-    validation slices and of their reconstructions; with a segmenter also its judgement (judge_samples)."""
+    validation slices and of their reconstructions; with a segmenter also its judgement (judge_samples), per class
+    where `classes` gives the samples' labels and the class names."""
     train_images, val_images = (to_float(d.images.unsqueeze(1)) for d in (train, val))
     val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size,
                         desc="reconstructing validate")
@@ -549,23 +556,30 @@ def sample_scores(model, samples, train, val, args, device, segmenter=None) -> d
                              **{f"{name}_vs_train": frechet_distance(f, features["train"])
                                 for name, f in features.items() if name != "train"}},
         **(judge_samples(segmenter[0], {"train": train_images, "samples": samples, "validate_real": val_images,
-                                        "validate_reconstructions": val_recon}, val.masks, args, device)
+                                        "validate_reconstructions": val_recon}, val.masks, args, device,
+                         None if classes is None else ({"samples": classes[0], "validate_real": val.labels},
+                                                       classes[1]))
            if segmenter else {}),
     }
 
 
-def judge_samples(segmenter, images: dict, val_masks, args, device) -> dict:
+def judge_samples(segmenter, images: dict, val_masks, args, device, classes=None) -> dict:
     """The segmenter's view of the samples: the Frechet distance to the train slices in its bottleneck features
     (anatomy.segmenter_features), of the samples and of real and reconstructed validation slices; and each
     tissue's share of the brain pixels per slice, as it segments the samples and the real validation slices, with
-    the true masks' shares as a reference, and the 1-D Wasserstein distance of the samples' shares to the real."""
+    the true masks' shares as a reference where the dataset has masks, and the 1-D Wasserstein distance of the
+    samples' shares to the real. `classes` ({"samples": labels, "validate_real": labels}, class names): also the
+    shares per class and each class's difference from the first (e.g. AD - NC), in the samples and in the real
+    slices."""
     features = {name: segmenter_features(segmenter, x, device, args.batch_size, desc=f"segmenter features: {name}")
                 for name, x in images.items()}
     as_uint8 = {name: to_uint8(images[name][:, 0]) for name in ("samples", "validate_real")}
     amp = autocast(args.precision, device)
     fractions = {name: tissue_fractions(segment_images(segmenter, x, device, amp, args.batch_size)).numpy()
                  for name, x in as_uint8.items()}
-    fractions["validate_true_masks"] = tissue_fractions(val_masks).numpy()
+    if val_masks is not None:
+        fractions["validate_true_masks"] = tissue_fractions(val_masks).numpy()
+    by_class = {} if classes is None else {"tissue_fractions_by_class": fractions_by_class(fractions, *classes)}
     return {
         "segmenter_frechet_distance": {
             "about": "between the train slices and each set, on the tissue segmenter's bottleneck pooled to its "
@@ -580,7 +594,28 @@ def judge_samples(segmenter, images: dict, val_masks, args, device) -> dict:
                    "wasserstein_samples_vs_validate": wasserstein_1d(fractions["samples"][:, k],
                                                                      fractions["validate_real"][:, k])}
                for k, t in enumerate(TISSUES)}},
+        **by_class,
     }
+
+
+def fractions_by_class(fractions: dict, labels: dict, class_names) -> dict:
+    """Each class's tissue shares (mean, std, slices) in the samples and the real validation slices, and each
+    class's mean minus the first class's in both: does the prior reproduce the real difference between classes?"""
+    sets = ("samples", "validate_real")
+    shares = {c: {name: {t: fractions[name][labels[name].numpy() == i, k] for k, t in enumerate(TISSUES)}
+                 for name in sets} for i, c in enumerate(class_names)}
+    out = {"about": "each tissue's share of the brain pixels as the segmenter sees them, per class; a difference is "
+                    "a class's mean minus the first class's mean"}
+    for c, per_set in shares.items():
+        out[c] = {name: {t: {"mean": float(v.mean()) if len(v) else None, "std": float(v.std()) if len(v) else None,
+                             "slices": len(v)} for t, v in per_tissue.items()}
+                  for name, per_tissue in per_set.items()}
+    first = class_names[0]
+    for c in class_names[1:]:
+        out[f"{c} - {first}"] = {name: {t: (out[c][name][t]["mean"] - out[first][name][t]["mean"])
+                                        if out[c][name][t]["slices"] and out[first][name][t]["slices"] else None
+                                        for t in TISSUES} for name in sets}
+    return out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import train
 import train_prior
 from anatomy import wasserstein_1d
 from dataset import MASK_LEVELS, SEG_DIRS, build_dataset, mask_path
-from helpers import assert_one_line_error, run_main, tiny_args, write_image
+from helpers import assert_one_line_error, make_adni, run_main, tiny_args, write_image
 from metrics import dice_per_class
 from utils import DataError, read_csv
 
@@ -176,6 +176,28 @@ def test_samples_are_judged_by_the_segmenter_beside_real_references(judged, tmp_
         shares = scores["tissue_fractions"][tissue]
         assert {"samples", "validate_real", "validate_true_masks"} <= set(shares)
         assert 0 <= shares["samples"]["mean"] <= 1 and shares["wasserstein_samples_vs_validate"] >= 0
+
+
+def test_class_conditional_samples_are_judged_per_class_beside_real_slices_of_each_class(judged, tmp_path, capsys):
+    """ADNI has no tissue masks: the segmenter's shares per class (AD, NC) are the reference, in samples and real."""
+    _, segmenter, _ = judged
+    ad_nc = make_adni(tmp_path / "AD_NC")
+    train.main(tiny_args(ad_nc, tmp_path / "vqvae", "--dataset", "ADNI", "--image-size", "32", "--epochs", "1",
+                         "--val-fraction", "0.5"))
+    train_prior.main(["--vqvae", str(tmp_path / "vqvae" / "best.pt"), "--conditional", "--epochs", "1",
+                      "--batch-size", "8", "--channels", "8", "--layers", "2", "--kernel-size", "3",
+                      "--epoch-samples", "0"])
+    result = run_main(predict.main, ["--sample", "4", "--checkpoint", tmp_path / "vqvae" / "best.pt", "--segmenter",
+                                     segmenter, "--out", tmp_path / "s"], capsys)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())
+    assert "validate_true_masks" not in scores["tissue_fractions"]["CSF"]
+    by_class = scores["tissue_fractions_by_class"]
+    for name in ("samples", "validate_real"):
+        nc, ad = by_class["NC"][name]["CSF"], by_class["AD"][name]["CSF"]
+        assert nc["slices"] > 0 and ad["slices"] > 0  # samples: every class in turn; validate: both classes
+        assert by_class["AD - NC"][name]["CSF"] == pytest.approx(ad["mean"] - nc["mean"])
+    assert "CSF share AD - NC: samples" in result.stdout
 
 
 def test_wasserstein_of_shifted_samples_is_the_shift():
