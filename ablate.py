@@ -7,7 +7,8 @@
 Each variant is a normal train.py run under <out>/<variant>/ (metrics.csv, checkpoints, plots); a variant whose run
 already finished its epochs or spent its --max-minutes is scored again without retraining, and an unfinished one
 (interrupted, or crashed) is resumed with the rest of its budget, so an interrupted ablation can be re-run.
---device, --precision and --batch-size go to train.py as they are, --threads as OMP_NUM_THREADS.
+--device and --precision go to train.py as they are, --threads as OMP_NUM_THREADS; each variant trains with its
+preset's batch size (a variant may override it), and --batch-size is the scoring's.
 """
 import argparse
 import os
@@ -33,6 +34,7 @@ VARIANTS = {
     "default-mse-only": ("default", {"ssim_weight": 0.0}),
     "default-wide": ("default", {"hidden_channels": 128, "residual_channels": 128}),
     "default-no-warmup-no-clip": ("default", {"warmup_steps": 0, "grad_clip": 0.0}),
+    "default-batch-16": ("default", {"batch_size": 16}),
 }
 
 
@@ -45,7 +47,7 @@ def train_variant(name: str, args, run_dir: Path, resume: bool):
     else:
         command = command_flags({"dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size,
                                  "preset": preset_name, "epochs": args.epochs, "max_minutes": args.max_minutes,
-                                 "batch_size": args.batch_size, "precision": args.precision, "seed": args.seed,
+                                 "precision": args.precision, "seed": args.seed,
                                  "device": args.device, "out": run_dir, **overrides})
     print(f"\n=== {name}: preset {preset_name} {overrides or ''}{' (resumed)' if resume else ''}", flush=True)
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
@@ -108,7 +110,7 @@ def main(argv=None):
     p.add_argument("--split", default="validate", choices=("validate", "test"),
                    help="the split every variant is scored on (default: validate; score test once, at the end)")
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (default: 0)")
-    add_runtime_flags(p, batch_size=16, batch_help="train.py's --batch-size, and slices per forward pass in scoring")
+    add_runtime_flags(p, batch_size=16, batch_help="slices per forward pass in scoring")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per variant in here, and "
                    "the tables (default: runs/ablation)")

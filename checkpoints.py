@@ -42,7 +42,7 @@ class TrainConfig:
     skip_bad: bool = False            # skip unreadable or odd-sized image files or bad volumes instead of stopping
     preset: str = "default"           # seed, default or hq: the model and its optimiser settings
     epochs: int = 40                  # epochs to train (with --max-minutes: at most)
-    batch_size: int = 16              # images per step and process
+    batch_size: int | None = None     # images per step and process; default: the preset's
     lr: float | None = None           # Adam learning rate; default: the preset's
     lr_schedule: str | None = None    # constant or cosine (after warmup); default: the preset's
     warmup_steps: int | None = None   # linear learning-rate warmup; default: the preset's
@@ -66,7 +66,8 @@ class TrainConfig:
     def __post_init__(self):
         first_failure(self, {
             "dataset": self.dataset in DATASETS, "preset": self.preset in PRESETS,
-            "epochs": 1 <= self.epochs <= 100000, "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
+            "epochs": 1 <= self.epochs <= 100000,
+            "batch_size": self.batch_size is None or 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "lr": self.lr is None or 0 < self.lr < math.inf,
             "lr_schedule": self.lr_schedule is None or self.lr_schedule in SCHEDULES,
             "warmup_steps": self.warmup_steps is None or self.warmup_steps >= 0,
@@ -91,8 +92,8 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """The optimiser settings left unset filled from the preset."""
         recipe = PRESETS[self.preset]
-        return replace(self, **{k: getattr(recipe, k) for k in ("lr", "lr_schedule", "warmup_steps", "grad_clip")
-                                if getattr(self, k) is None})
+        return replace(self, **{k: getattr(recipe, k) for k in ("lr", "lr_schedule", "warmup_steps", "grad_clip",
+                                                                "batch_size") if getattr(self, k) is None})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

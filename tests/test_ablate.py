@@ -48,6 +48,9 @@ def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tm
     command = " ".join(commands[0])
     assert "--preset default" in command and "--epochs 40" in command and "--max-minutes 10.0" in command
     assert "--warmup-steps 0" in command and "--grad-clip 0.0" in command
+    assert "--batch-size" not in command  # the preset's own
+    ablate.train_variant("default-batch-16", args, tmp_path / "run16", resume=False)
+    assert "--batch-size 16" in " ".join(commands[1])
 
 
 def test_a_variant_stopped_by_its_deadline_is_finished_and_an_interrupted_one_is_resumed():

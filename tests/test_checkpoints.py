@@ -110,11 +110,12 @@ def test_a_checkpoint_without_what_a_resume_reads_loads_for_scoring_but_not_for_
         load_checkpoint(tmp_path / "x.pt", resume=True)
 
 
-def test_optimiser_settings_left_unset_come_from_the_preset_and_flags_override_them():
+def test_training_settings_left_unset_come_from_the_preset_and_flags_override_them():
     for name, recipe in PRESETS.items():
         cfg = TrainConfig(preset=name).resolved()
-        assert (cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.grad_clip) == \
-            (recipe.lr, recipe.lr_schedule, recipe.warmup_steps, recipe.grad_clip)
+        assert (cfg.lr, cfg.lr_schedule, cfg.warmup_steps, cfg.grad_clip, cfg.batch_size) == \
+            (recipe.lr, recipe.lr_schedule, recipe.warmup_steps, recipe.grad_clip, recipe.batch_size)
     assert TrainConfig(preset="seed").resolved().grad_clip == 0  # the first report's recipe clips nothing
-    cfg = TrainConfig(preset="default", grad_clip=0.0, warmup_steps=7).resolved()
-    assert (cfg.grad_clip, cfg.warmup_steps) == (0.0, 7)
+    assert TrainConfig(preset="seed").resolved().batch_size == 16  # and trains on batches of 16
+    cfg = TrainConfig(preset="default", grad_clip=0.0, warmup_steps=7, batch_size=3).resolved()
+    assert (cfg.grad_clip, cfg.warmup_steps, cfg.batch_size) == (0.0, 7, 3)
