@@ -69,6 +69,14 @@ class SliceDataset(torch.utils.data.Dataset):
     def image_shape(self):
         return tuple(self.images.shape[1:])
 
+    def subset(self, rows: torch.Tensor) -> "SliceDataset":
+        """The slices at `rows` (int64 (n,)), with their masks, labels, patients and files; without the volumes,
+        whose slices a subset no longer holds whole."""
+        picked = rows.tolist()
+        return SliceDataset(self.images[rows], self.labels[rows], self.class_names,
+                            [self.patients[i] for i in picked], [self.files[i] for i in picked], self.name,
+                            self.split, masks=None if self.masks is None else self.masks[rows])
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Similarity: SSIM and PSNR (images in [0, 1] unless data_range says otherwise)

@@ -98,6 +98,9 @@ def parse_args(argv=None):
     sampling.add_argument("--class", dest="class_name", help="the class to sample from a conditional prior, e.g. AD "
                           "(default: every class in turn)")
     sampling.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    sampling.add_argument("--reference-slices", type=int, metavar="N", help="compare the samples with a fixed random "
+                          "subset of N train slices, drawn by --seed (nearest-train SSIM, Frechet distances): "
+                          "faster and smaller for large splits (default: every train slice)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the sampling, and of --noise (default: 0)")
     denoising = p.add_argument_group("denoising (--noise: corrupt the split, reconstruct, score against the clean "
                                      "slices beside classical denoisers)")
@@ -460,12 +463,17 @@ def sampling_models(args, device):
 def generate(args):
     """--sample: new slices from the prior, completions of real slices' bottom halves, and their scores."""
     device = apply_runtime_flags(args)
+    if args.reference_slices is not None and args.reference_slices < 2:
+        raise UserError(f"--reference-slices must be at least 2, got {args.reference_slices}")
     (prior, prior_path, prior_state), (model, vqvae_path, cfg, state), class_index = sampling_models(args, device)
     amp = autocast(args.precision, device)
     segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"],
                                    masks=segmenter is not None and split == "validate" and cfg.dataset in MASKED)
                         for split in ("train", "validate", args.split))
+    if args.reference_slices is not None:
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+                             [:args.reference_slices].sort().values)
     out = args.out or run_dir_of(prior_path) / "predict_samples"
     out.mkdir(parents=True, exist_ok=True)
     shape = model.config.latent_grid(*train.image_shape)
@@ -489,6 +497,7 @@ def generate(args):
               "dataset": cfg.dataset, "samples": args.sample,
               "class": prior_state["class_names"][class_index] if class_index is not None else None,
               "temperature": args.temperature, "seed": args.seed, "latent_grid": list(shape),
+              "train_reference_slices": len(train),
               "validation_nll_bits_per_code": bits, "log2_codebook_size": math.log2(model.config.codebook_size),
               **sample_scores(model, samples, train, val, args, device, segmenter,
                               classes=(sample_labels, prior_state["class_names"]) if conditional else None)}

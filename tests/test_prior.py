@@ -175,6 +175,10 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     with pytest.raises(SystemExit):
         predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--class", "AD"])
     assert "--class needs a class-conditional prior" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--reference-slices", "1"])
+    err = capsys.readouterr().err
+    assert "--reference-slices must be at least 2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_prior_training_stops_at_its_deadline_after_one_step_and_says_so_in_its_checkpoint(vqvae, tmp_path, capsys):

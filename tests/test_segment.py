@@ -188,9 +188,10 @@ def test_class_conditional_samples_are_judged_per_class_beside_real_slices_of_ea
                       "--batch-size", "8", "--channels", "8", "--layers", "2", "--kernel-size", "3",
                       "--epoch-samples", "0"])
     result = run_main(predict.main, ["--sample", "4", "--checkpoint", tmp_path / "vqvae" / "best.pt", "--segmenter",
-                                     segmenter, "--out", tmp_path / "s"], capsys)
+                                     segmenter, "--reference-slices", "5", "--out", tmp_path / "s"], capsys)
     assert result.returncode == 0, result.stderr
     scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())
+    assert scores["train_reference_slices"] == 5 and scores["nearest_train_ssim"]["samples"]["images"] == 4
     assert "validate_true_masks" not in scores["tissue_fractions"]["CSF"]
     by_class = scores["tissue_fractions_by_class"]
     for name in ("samples", "validate_real"):
