@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from checkpoints import check_prior_fits, load_prior, load_vqvae
-from images import MAX_IMAGE_SIDE, to_float, to_uint8
+from images import MAX_IMAGE_SIDE, ssim, to_float, to_uint8
 from modules import drive
 from utils import UserError, autocast
 
@@ -484,6 +484,54 @@ def load_codec(checkpoint: Path, prior_path: Path | None, device, batch_size: in
         class_names = prior_state.get("class_names", ())
     return Codec(vqvae, prior, class_names, device, batch_size, precision), cfg, state
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Several operating points
+# ---------------------------------------------------------------------------------------------------------
+
+class Ladder:
+    """Several codecs (VQ-VAEs at different rates, each with its prior or none) as the operating points of one
+    encoder: per slice, the file of the point whose reconstruction has the highest SSIM among those whose file fits
+    a byte budget. A decoder finds each file's codec by the weights hashes in its header, so any mix of points
+    decodes."""
+
+    def __init__(self, codecs: list[Codec]):
+        self.codecs = codecs
+
+    def encode_within(self, images: torch.Tensor, max_bytes: int, labels=None,
+                      progress=None) -> tuple[list[bytes], list[int]]:
+        """uint8 (N, H, W) slices of one size -> (N .vqz file contents, the index of each one's codec)."""
+        shape = tuple(images.shape[1:])
+        target = images.unsqueeze(1).float() / 255
+        best, picked, quality = [None] * len(images), [None] * len(images), torch.full((len(images),), -math.inf)
+        smallest = torch.full((len(images),), math.inf)
+        for index, codec in enumerate(self.codecs):
+            codec.grid_of(shape)
+            codes = codec.codes(images)
+            conditional = codec.prior is not None and codec.prior.config.num_classes
+            files = codec.encode_codes(codes, shape, labels if conditional else None, progress=progress)
+            scores = ssim(codec.reconstruct(codes).unsqueeze(1).float() / 255, target)
+            for i, data in enumerate(files):
+                smallest[i] = min(smallest[i], len(data))
+                if len(data) <= max_bytes and scores[i] > quality[i]:
+                    best[i], picked[i], quality[i] = data, index, scores[i]
+        if None in best:
+            i = best.index(None)
+            raise UserError(f"slice {i} fits no operating point in {max_bytes} bytes (its smallest file: "
+                            f"{int(smallest[i])} bytes); allow more bytes or add a smaller model")
+        return best, picked
+
+    def codec_for(self, header: Header, name: str) -> Codec:
+        """The codec with the VQ-VAE (and prior) that wrote a file with this header, or UserError; the only codec
+        of a ladder of one, whose Codec.check then says what does not match."""
+        for codec in self.codecs:
+            if codec.vqvae_hash == header.vqvae_hash and (header.coder != PRIOR or codec.prior is None
+                                                          or codec.prior_hash == header.prior_hash):
+                return codec
+        if len(self.codecs) == 1:
+            return self.codecs[0]
+        raise UserError(f"{name} was encoded with VQ-VAE weights (hash {header.vqvae_hash.hex()}) that none of the "
+                        f"{len(self.codecs)} given VQ-VAEs has; decode it with the VQ-VAE it was encoded with")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ the classical codecs.
 
     python compress.py encode --checkpoint runs/X/best.pt --prior runs/X/prior/best.pt slices/ --out coded/
     python compress.py encode --checkpoint runs/X/best.pt --split test --out coded/      # a split, no prior
+    python compress.py encode --checkpoint runs/A --prior runs/A/prior/best.pt --checkpoint runs/B --prior none \
+        --max-bytes 600 --split test --out coded/     # per slice the best of A's and B's files that fits
     python compress.py decode --checkpoint runs/X/best.pt --prior runs/X/prior/best.pt coded/ --out decoded/
     python compress.py rd --checkpoint runs/A/best.pt --checkpoint runs/B/best.pt --split test
 
@@ -25,11 +27,11 @@ from tqdm import tqdm
 
 from anatomy import segment_images
 from checkpoints import default_prior, load_segmenter, load_split, run_dir_of
-from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, available_classical, classical_settings,
-                   load_codec, parse_header, read_vqz)
+from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, Ladder, available_classical,
+                   classical_settings, load_codec, parse_header, read_vqz)
 from dataset import read_slice
 from images import IMAGE_SUFFIXES, natural_key
-from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, mean_scores, plot_rd,
+from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, measure_vqvae, plot_rd,
                              slice_figure, targets)
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    write_csv, write_json)
@@ -96,7 +98,14 @@ def cmd_encode(args, device):
         raise UserError("nothing to encode: pass image files or folders, or --split")
     if args.inputs and args.split is not None:
         raise UserError("pass either image files/folders or --split, not both")
-    codec, cfg, state = load_codec(args.checkpoint, args.prior, device, args.batch_size, args.precision)
+    if len(args.checkpoints) > 1 and args.max_bytes is None:
+        raise UserError("several --checkpoint are operating points of --max-bytes: pass --max-bytes N, or one "
+                        "--checkpoint")
+    if args.max_bytes is not None and (args.max_bytes < 1 or args.coder != "auto"):
+        raise UserError("--max-bytes must be a positive byte count, and picks each point's coder itself (no --coder)")
+    loaded = [load_codec(c, p, device, args.batch_size, args.precision)
+              for c, p in zip(args.checkpoints, paired_priors(args.checkpoints, args.priors, default=False))]
+    codec, cfg, state = loaded[0]
     if args.coder == "prior" and codec.prior is None:
         raise UserError("--coder prior needs a --prior")
     if args.split is not None:
@@ -127,44 +136,55 @@ def cmd_encode(args, device):
     targets = output_paths(args.out, names, SUFFIX)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tqdm(total=len(images), desc="encoding", unit="slice", leave=False) as bar:
-        codes = codec.codes(images)
-        if codec.prior is None or args.coder in ("fixed", "static"):
-            bar.update(len(images))
-        files = codec.encode_codes(codes, tuple(images.shape[1:]), labels, args.coder,
-                                   progress=bar if codec.prior is not None else None)
+    with tqdm(total=len(images) * len(loaded), desc="encoding", unit="slice", leave=False) as bar:
+        if args.max_bytes is not None:
+            files, picked = Ladder([c for c, _, _ in loaded]).encode_within(images, args.max_bytes, labels, bar)
+        else:
+            codes = codec.codes(images)
+            if codec.prior is None or args.coder in ("fixed", "static"):
+                bar.update(len(images))
+            files = codec.encode_codes(codes, tuple(images.shape[1:]), labels, args.coder,
+                                       progress=bar if codec.prior is not None else None)
     seconds = time.perf_counter() - t0
     for target, data in zip(targets, files):
         write_new(target, data)
     sizes = np.array([len(f) for f in files])
     coders = sorted({CODER_NAMES[f[4]] for f in files})
-    h, w = codes.shape[1:]
-    print(f"encoded {len(files)} slices of {images.shape[1]}x{images.shape[2]} ({h}x{w} codes, K={codec.k}) with "
-          f"the {'/'.join(coders)} coder: {sizes.mean():.1f} bytes per slice on average "
-          f"({(sizes.mean() - HEADER.size) * 8 / (h * w):.3f} bits per code in the payload), "
-          f"{len(files) / seconds:.2f} slices/s | written to {args.out}")
+    if args.max_bytes is not None:
+        counts = np.bincount(picked, minlength=len(loaded))
+        what = "operating points " + ", ".join(f"{c} ({n} slices)" for c, n in zip(args.checkpoints, counts))
+    else:
+        h, w = codes.shape[1:]
+        what = (f"{h}x{w} codes, K={codec.k}, the {'/'.join(coders)} coder, "
+                f"{(sizes.mean() - HEADER.size) * 8 / (h * w):.3f} bits per code in the payload")
+    print(f"encoded {len(files)} slices of {images.shape[1]}x{images.shape[2]} ({what}): {sizes.mean():.1f} bytes per "
+          f"slice on average, {len(files) / seconds:.2f} slices/s | written to {args.out}")
 
 
 def cmd_decode(args, device):
     files = expand_inputs(args.files, (SUFFIX,), ".vqz files")
-    codec, _, _ = load_codec(args.checkpoint, args.prior, device, args.batch_size, args.precision)
+    ladder = Ladder([load_codec(c, p, device, args.batch_size, args.precision)[0]
+                     for c, p in zip(args.checkpoints, paired_priors(args.checkpoints, args.priors, default=False))])
     blobs = [read_vqz(f) for f in files]
     headers = [parse_header(b, str(f)) for b, f in zip(blobs, files)]
+    codecs = []
     for header, f in zip(headers, files):
-        if header.coder == PRIOR and codec.prior is None:
+        codec = ladder.codec_for(header, str(f))
+        if header.coder == PRIOR and codec.prior is None and header.vqvae_hash == codec.vqvae_hash:
             raise UserError(f"{f} was coded with a prior (hash {header.prior_hash.hex()}); pass the --prior it was "
                             f"encoded with")
         codec.check(header, str(f))
+        codecs.append(codec)
     targets = output_paths(args.out, [f.name for f in files], ".png")
     args.out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
     groups = {}
     for index, header in enumerate(headers):
-        groups.setdefault((header.image_shape, header.grid), []).append(index)
+        groups.setdefault((id(codecs[index]), header.image_shape, header.grid), []).append(index)
     t0 = time.perf_counter()
     with tqdm(total=len(files), desc="decoding", unit="slice", leave=False) as bar:
         for indices in groups.values():
-            _, images = codec.decode([blobs[i] for i in indices], [str(files[i]) for i in indices], bar)
+            _, images = codecs[indices[0]].decode([blobs[i] for i in indices], [str(files[i]) for i in indices], bar)
             for i, image in zip(indices, images):
                 buffer = io.BytesIO()
                 Image.fromarray(image.numpy(), "L").save(buffer, "PNG")
@@ -261,14 +281,18 @@ def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
         classical_settings(c, 1 << 16)
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1, got {args.max_images}")
-    if args.priors and len(args.priors) != len(args.checkpoints):
-        raise UserError(f"give one --prior per --checkpoint ({len(args.checkpoints)}), 'none' for no prior, or no "
-                        f"--prior to use each run's prior/best.pt where there is one")
-    if args.priors:
-        priors = [None if str(p).lower() == "none" else Path(p) for p in args.priors]
-    else:
-        priors = [default_prior(c) if default_prior(c).is_file() else None for c in args.checkpoints]
-    return budgets, codecs, priors
+    return budgets, codecs, paired_priors(args.checkpoints, args.priors, default=True)
+
+
+def paired_priors(checkpoints: list[Path], priors: list[str] | None, default: bool) -> list[Path | None]:
+    """The prior of each --checkpoint: the --prior flags in order ("none" for none); without any, each run's
+    prior/best.pt where there is one (`default`), or none."""
+    if priors and len(priors) != len(checkpoints):
+        raise UserError(f"give one --prior per --checkpoint ({len(checkpoints)}), 'none' for no prior, or no "
+                        f"--prior" + (" to use each run's prior/best.pt where there is one" if default else ""))
+    if priors:
+        return [None if str(p).lower() == "none" else Path(p) for p in priors]
+    return [default_prior(c) if default and default_prior(c).is_file() else None for c in checkpoints]
 
 
 def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -277,70 +301,6 @@ def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor,
         return data.images, data.labels, list(data.files)
     pick = torch.linspace(0, len(data.images) - 1, max_images).round().long()
     return data.images[pick], data.labels[pick], [data.files[i] for i in pick.tolist()]
-
-
-def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, names: list[str], label: str,
-                  verify: bool) -> dict:
-    """One VQ-VAE as a codec: its reconstructions' scores, its files under every coder it has (the prior-coded ones
-    decoded again with `verify`), their speed; -> {"rows": rows of rd.csv, "speed", "figure", "model"}."""
-    n, (height, width) = len(images), images.shape[1:]
-    t0 = time.perf_counter()
-    codes = codec.codes(images)
-    t_codes = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    recon = codec.reconstruct(codes)
-    speed = {"vqvae_encode_slices_per_s": n / t_codes, "vqvae_decode_slices_per_s": n / (time.perf_counter() - t0),
-             "threads": torch.get_num_threads(), "device": str(codec.device)}
-    coded = {coder: codec.encode_codes(codes, (height, width), coder=coder) for coder in ("fixed", "static")}
-    ideal = None
-    if codec.prior is not None:
-        y = labels if codec.prior.config.num_classes else None
-        ideal = []
-        t0 = time.perf_counter()
-        with tqdm(total=n, desc=f"{label}: prior encoding", unit="slice", leave=False) as bar:
-            coded["prior"] = codec.encode_codes(codes, (height, width), y, "prior", bar, ideal)
-        speed["prior_encode_slices_per_s"] = n / (t_codes + time.perf_counter() - t0)
-        if verify:
-            speed["prior_decode_slices_per_s"] = verify_decoding(codec, coded["prior"], codes, recon, names, label)
-    s, p = mean_scores(recon, images)
-    h, w = codes.shape[1:]
-    rows = [vqvae_row(label, coder, blobs, s, p, (h, w), codec.k, ideal if coder == "prior" else None)
-            for coder, blobs in coded.items()]
-    best = min(coded, key=lambda c: np.mean([len(b) for b in coded[c]]))
-    model = {"latent_grid": [h, w], "K": codec.k, "vqvae_hash": codec.vqvae_hash.hex(),
-             "prior_hash": codec.prior_hash.hex()}
-    return {"rows": rows, "speed": speed, "figure": {"coder": best, "files": coded[best], "recon": recon},
-            "model": model}
-
-
-def verify_decoding(codec: Codec, files: list[bytes], codes: torch.Tensor, recon: torch.Tensor, names: list[str],
-                    label: str) -> float:
-    """Decode prior-coded files again: UserError unless they give back the same codes and images; -> slices/s."""
-    t0 = time.perf_counter()
-    with tqdm(total=len(files), desc=f"{label}: prior decoding", unit="slice", leave=False) as bar:
-        decoded_codes, decoded = codec.decode(files, [f"{f} ({label})" for f in names], bar)
-    if not torch.equal(decoded_codes, codes) or not torch.equal(decoded, recon):
-        raise UserError(f"{label}: decoding the prior-coded files did not give back the same codes and images; "
-                        f"please report this")
-    return len(files) / (time.perf_counter() - t0)
-
-
-def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.ndarray, grid: tuple[int, int],
-              k: int, ideal: list | None) -> dict:
-    """One row of rd.csv for a VQ-VAE's files under one coder (SSIM and PSNR are its reconstructions', whatever
-    the coder); "_sizes" holds each slice's file size, the classical codecs' budgets at equal bytes."""
-    sizes = np.array([len(b) for b in blobs], dtype=np.float64)
-    h, w = grid
-    row = {"codec": f"VQ-VAE {label}", "setting": coder, "budget_bytes": "", "images": len(blobs),
-           "images_fit": len(blobs), "images_over_budget": 0, "mean_bytes": sizes.mean(),
-           "mean_payload_bytes": sizes.mean() - HEADER.size, "bits_per_slice": sizes.mean() * 8,
-           "payload_bits_per_code": (sizes.mean() - HEADER.size) * 8 / (h * w),
-           "mean_ssim": float(s.mean()), "std_ssim": float(s.std()), "mean_psnr": float(p.mean()),
-           "latent_grid": f"{h}x{w}", "K": k}
-    if ideal is not None:
-        row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
-    row["_sizes"] = sizes
-    return row
 
 
 def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
@@ -391,15 +351,16 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="compress.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
-    def common(q, prior_help):
-        q.add_argument("--checkpoint", type=Path, required=True, help="the VQ-VAE .pt written by train.py, or its "
-                       "run folder (its best.pt)")
-        q.add_argument("--prior", type=Path, help=prior_help)
+    def common(q, checkpoint_help, prior_help):
+        q.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", required=True,
+                       help=checkpoint_help)
+        q.add_argument("--prior", dest="priors", action="append", help=prior_help)
         add_runtime_flags(q, batch_size=64, batch_help="slices per pass of the models")
 
     e = sub.add_parser("encode", help="images -> .vqz files", description="Encode slices into .vqz files.")
-    common(e, "a prior .pt written by train_prior.py: code with its probabilities (default: no prior, static or "
-              "fixed-length coding)")
+    common(e, "the VQ-VAE .pt written by train.py, or its run folder (its best.pt); repeat for several operating "
+              "points of --max-bytes", "a prior .pt written by train_prior.py: code with its probabilities; one per "
+              "--checkpoint, none for none (default: no prior, static or fixed-length coding)")
     e.add_argument("inputs", nargs="*", type=Path, help="PNG/JPEG files or folders of them")
     e.add_argument("--split", help="encode this split of the dataset the checkpoint records instead of files")
     e.add_argument("--data-root", help="with --split: where that dataset is now, if it moved")
@@ -408,9 +369,13 @@ def parse_args(argv=None):
     e.add_argument("--coder", default="auto", choices=("auto", "prior", "static", "fixed"),
                    help="auto: per slice the smallest of prior (with --prior) or static, and fixed-length")
     e.add_argument("--class", dest="class_name", help="the class of every slice, for a class-conditional prior")
+    e.add_argument("--max-bytes", type=int, help="per slice the file, of every --checkpoint's, whose reconstruction "
+                   "is best among those of at most this many bytes")
 
     d = sub.add_parser("decode", help=".vqz files -> PNGs", description="Decode .vqz files into 8-bit PNGs.")
-    common(d, "the prior .pt the files were encoded with (needed for prior-coded files)")
+    common(d, "the VQ-VAE .pt the files were encoded with, or its run folder; repeat for files of several",
+           "the prior .pt the files were encoded with (needed for prior-coded files); one per --checkpoint, none "
+           "for none")
     d.add_argument("files", nargs="+", type=Path, help=".vqz files or folders of them")
     d.add_argument("--out", type=Path, required=True, help="folder for the PNGs (existing files are never overwritten)")
 

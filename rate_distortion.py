@@ -1,9 +1,11 @@
 """The rate-distortion study's measurements, written once for every study that compares codecs on slices: the
-classical codecs searched per slice at every byte budget (in worker processes), the rows of rd.csv, mean SSIM /
-PSNR, the targets as measured, and the figures (rd.png: every curve; rd_slice.png: one slice under every codec at
+classical codecs searched per slice at every byte budget (in worker processes), each VQ-VAE measured as a
+codec (its files under every coder, decoded again, their speed), the rows of rd.csv, mean SSIM / PSNR, the targets
+and BD-rates as measured, and the figures (rd.png: every curve; rd_slice.png: one slice under every codec at
 equal bytes). compress.py rd runs it.
 """
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +13,79 @@ import torch
 from tqdm import tqdm
 
 from anatomy import DICE_COLUMNS, dice_table
-from codec import BudgetSearch, classical_decode
+from codec import HEADER, BudgetSearch, Codec, classical_decode
 from images import psnr, ssim
-from utils import pyplot
+from utils import UserError, pyplot
 
 
 def scores(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
     x = torch.from_numpy(np.array(decoded)).float()[None, None] / 255
     y = torch.from_numpy(np.array(original)).float()[None, None] / 255
     return float(ssim(x, y)[0]), float(psnr(x, y)[0])
+
+
+def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, names: list[str], label: str,
+                  verify: bool) -> dict:
+    """One VQ-VAE as a codec: its reconstructions' scores, its files under every coder it has (the prior-coded ones
+    decoded again with `verify`), their speed; -> {"rows": rows of rd.csv, "speed", "figure", "model"}."""
+    n, (height, width) = len(images), images.shape[1:]
+    t0 = time.perf_counter()
+    codes = codec.codes(images)
+    t_codes = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recon = codec.reconstruct(codes)
+    speed = {"vqvae_encode_slices_per_s": n / t_codes, "vqvae_decode_slices_per_s": n / (time.perf_counter() - t0),
+             "threads": torch.get_num_threads(), "device": str(codec.device)}
+    coded = {coder: codec.encode_codes(codes, (height, width), coder=coder) for coder in ("fixed", "static")}
+    ideal = None
+    if codec.prior is not None:
+        y = labels if codec.prior.config.num_classes else None
+        ideal = []
+        t0 = time.perf_counter()
+        with tqdm(total=n, desc=f"{label}: prior encoding", unit="slice", leave=False) as bar:
+            coded["prior"] = codec.encode_codes(codes, (height, width), y, "prior", bar, ideal)
+        speed["prior_encode_slices_per_s"] = n / (t_codes + time.perf_counter() - t0)
+        if verify:
+            speed["prior_decode_slices_per_s"] = verify_decoding(codec, coded["prior"], codes, recon, names, label)
+    s, p = mean_scores(recon, images)
+    h, w = codes.shape[1:]
+    rows = [vqvae_row(label, coder, blobs, s, p, (h, w), codec.k, ideal if coder == "prior" else None)
+            for coder, blobs in coded.items()]
+    best = min(coded, key=lambda c: np.mean([len(b) for b in coded[c]]))
+    model = {"latent_grid": [h, w], "K": codec.k, "vqvae_hash": codec.vqvae_hash.hex(),
+             "prior_hash": codec.prior_hash.hex()}
+    return {"rows": rows, "speed": speed, "figure": {"coder": best, "files": coded[best], "recon": recon},
+            "model": model}
+
+
+def verify_decoding(codec: Codec, files: list[bytes], codes: torch.Tensor, recon: torch.Tensor, names: list[str],
+                    label: str) -> float:
+    """Decode prior-coded files again: UserError unless they give back the same codes and images; -> slices/s."""
+    t0 = time.perf_counter()
+    with tqdm(total=len(files), desc=f"{label}: prior decoding", unit="slice", leave=False) as bar:
+        decoded_codes, decoded = codec.decode(files, [f"{f} ({label})" for f in names], bar)
+    if not torch.equal(decoded_codes, codes) or not torch.equal(decoded, recon):
+        raise UserError(f"{label}: decoding the prior-coded files did not give back the same codes and images; "
+                        f"please report this")
+    return len(files) / (time.perf_counter() - t0)
+
+
+def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.ndarray, grid: tuple[int, int],
+              k: int, ideal: list | None) -> dict:
+    """One row of rd.csv for a VQ-VAE's files under one coder (SSIM and PSNR are its reconstructions', whatever
+    the coder); "_sizes" holds each slice's file size, the classical codecs' budgets at equal bytes."""
+    sizes = np.array([len(b) for b in blobs], dtype=np.float64)
+    h, w = grid
+    row = {"codec": f"VQ-VAE {label}", "setting": coder, "budget_bytes": "", "images": len(blobs),
+           "images_fit": len(blobs), "images_over_budget": 0, "mean_bytes": sizes.mean(),
+           "mean_payload_bytes": sizes.mean() - HEADER.size, "bits_per_slice": sizes.mean() * 8,
+           "payload_bits_per_code": (sizes.mean() - HEADER.size) * 8 / (h * w),
+           "mean_ssim": float(s.mean()), "std_ssim": float(s.std()), "mean_psnr": float(p.mean()),
+           "latent_grid": f"{h}x{w}", "K": k}
+    if ideal is not None:
+        row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
+    row["_sizes"] = sizes
+    return row
 
 
 def classical_one_image(job):

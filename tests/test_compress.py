@@ -13,8 +13,9 @@ from PIL import Image
 import codec
 import compress
 import rate_distortion
-from helpers import write_image
-from images import to_uint8
+import train
+from helpers import tiny_args, write_image
+from images import natural_key, ssim, to_uint8
 from metrics import score_split
 from utils import autocast
 
@@ -137,6 +138,46 @@ def test_outputs_are_never_overwritten(trained_codec, trained_models, tmp_path, 
     write_image(tmp_path / "odd" / "y.png", np.zeros((30, 30), np.uint8))
     fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), str(tmp_path / "odd"), "--out",
                         str(tmp_path / "o3")], "not divisible")
+
+
+def test_max_bytes_picks_per_slice_the_best_file_that_fits_and_decode_reads_any_mix(trained_models, trained_codec,
+                                                                                      tmp_path, capsys):
+    """Two operating points (8x8 codes with a prior, 4x4 codes without): each slice gets the file of the point whose
+    reconstruction has the highest SSIM among the files of at most --max-bytes; decode, given both, reads them all."""
+    checkpoint, prior = trained_models
+    coarse = tmp_path / "coarse"
+    train.main(tiny_args(checkpoint.parent.parent / "demo", coarse, "--epochs", "1", "--codebook-size", "16",
+                         "--downsamplings", "3"))
+    images = trained_codec.test_images
+    points = [trained_codec, codec.load_codec(coarse / "best.pt", None, CPU, 64, "auto")[0]]
+    files = [p.encode(images) for p in points]
+    quality = [ssim(p.reconstruct(p.codes(images)).unsqueeze(1) / 255, images.unsqueeze(1) / 255) for p in points]
+    coarsest = max(len(f) for f in files[1])
+    for budget in (coarsest, max(len(f) for f in files[0] + files[1])):
+        out = tmp_path / f"within_{budget}"
+        compress.main(["encode", "--checkpoint", str(checkpoint), "--prior", str(prior), "--checkpoint", str(coarse),
+                       "--prior", "none", "--max-bytes", str(budget), "--split", "test", "--out", str(out)])
+        written = sorted(out.iterdir(), key=lambda f: natural_key(f.name))
+        for i, f in enumerate(written):
+            fits = [k for k in (0, 1) if len(files[k][i]) <= budget]
+            best = max(fits, key=lambda k: quality[k][i])
+            assert f.read_bytes() == files[best][i] and f.stat().st_size <= budget
+        compress.main(["decode", "--checkpoint", str(coarse), "--checkpoint", str(checkpoint), "--prior", "none",
+                       "--prior", str(prior), str(out), "--out", str(tmp_path / f"png_{budget}")])
+        for i, f in enumerate(written):
+            k = next(k for k in (0, 1) if files[k][i] == f.read_bytes())
+            png = np.asarray(Image.open(tmp_path / f"png_{budget}" / (f.stem + ".png")))
+            assert np.array_equal(png, points[k].decode([files[k][i]], [f.name])[1][0].numpy())
+    smallest = min(len(f) for f in files[0] + files[1])
+    fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), "--checkpoint", str(coarse), "--max-bytes",
+                        str(smallest - 1), "--split", "test", "--out", str(tmp_path / "none")], "fits no operating point")
+    fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), "--checkpoint", str(coarse), "--split", "test",
+                        "--out", str(tmp_path / "none")], "pass --max-bytes")
+    (tmp_path / "fine.vqz").write_bytes(files[0][0])
+    fails_with(capsys, ["decode", "--checkpoint", str(coarse), str(tmp_path / "fine.vqz"), "--out",
+                        str(tmp_path / "none")], "other VQ-VAE weights")
+    fails_with(capsys, ["decode", "--checkpoint", str(coarse), "--checkpoint", str(coarse), str(tmp_path / "fine.vqz"),
+                        "--out", str(tmp_path / "none")], "none of the 2 given VQ-VAEs")
 
 
 def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(trained_models, trained_codec, tmp_path, capsys):
