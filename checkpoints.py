@@ -196,14 +196,18 @@ SCHEMA = {
               "vqvae_codebook": torch.Tensor, "class_names": list},
     "segmenter": {"model": dict, "model_config": dict, "train_config": dict, "epoch": int, "best_val_dice": NUMBER,
                   "metrics": dict, "demo_settings": (dict, type(None))},
+    "hyperprior": {"model": dict, "config": dict, "step": int, "seconds": NUMBER, "metrics": dict,
+                   "optimizer": dict, "aux_optimizer": dict},
 }
 # kind -> key -> type of what a checkpoint of that kind may hold (newer keys; older files lack them), and its fields
-OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {"time_budget": dict}, "segmenter": {"time_budget": dict}}
+OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {"time_budget": dict}, "segmenter": {"time_budget": dict},
+                   "hyperprior": {}}
 TIME_BUDGET_SCHEMA = {"seconds_left": (int, float, type(None)), "done": bool}
 # What a resume reads on top: the optimiser, its schedule and the random streams.
 RESUME_SCHEMA = {"optimizer": dict, "scheduler": dict, "rng": dict}
 RNG_SCHEMA = {"torch": torch.Tensor, "python": tuple, "numpy": dict}
-SCRIPT = {"vqvae": "train.py", "prior": "train_prior.py", "segmenter": "segment.py train"}
+SCRIPT = {"vqvae": "train.py", "prior": "train_prior.py", "segmenter": "segment.py train",
+          "hyperprior": "hyperprior.py train"}
 
 
 def save_checkpoint(state: dict, path: Path, *also: Path):
@@ -235,7 +239,7 @@ def default_prior(vqvae_checkpoint) -> Path:
 
 
 def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
-    """A checkpoint of `kind` ("vqvae", "prior" or "segmenter") loaded with weights_only=True and its keys' types
+    """A checkpoint of `kind` ("vqvae", "prior", "segmenter" or "hyperprior") loaded with weights_only=True and its keys' types
     checked (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise. `path`
     as checkpoint_file reads it."""
     path = checkpoint_file(path, resume)

@@ -31,8 +31,8 @@ from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, Ladder,
                    classical_settings, load_codec, parse_header, read_vqz)
 from dataset import read_slice
 from images import IMAGE_SUFFIXES, natural_key
-from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, measure_vqvae, plot_rd,
-                             slice_figure, targets)
+from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, measure_vqvae, peer_rows,
+                             plot_rd, rd_slices, slice_figure, targets)
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    write_csv, write_json)
 
@@ -233,6 +233,7 @@ def cmd_rd(args, device):
         measured[label]["model"].update(checkpoint=str(ckpt), prior=str(prior_path) if prior_path else None,
                                         epoch=state.get("epoch"))
     rows = [row for m in measured.values() for row in m["rows"]]
+    peers = [row for path in args.peers or () for row in peer_rows(path, names)]
 
     # Classical codecs: at each fixed budget, and at each slice's own .vqz size under each VQ-VAE row
     matched = {f"{r['codec']} {r['setting']}": r.pop("_sizes") for r in rows}
@@ -241,6 +242,7 @@ def cmd_rd(args, device):
         rows += [classical_row(results, codec_name, b, "quality searched per slice", b) for b in budgets]
         rows += [classical_row(results, codec_name, ("matched", name), f"at the size of each {name} file",
                                "per slice") for name in matched]
+    rows += peers
 
     # Outputs
     out.mkdir(parents=True, exist_ok=True)
@@ -293,14 +295,6 @@ def paired_priors(checkpoints: list[Path], priors: list[str] | None, default: bo
     if priors:
         return [None if str(p).lower() == "none" else Path(p) for p in priors]
     return [default_prior(c) if default and default_prior(c).is_file() else None for c in checkpoints]
-
-
-def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(uint8 images, labels, file names) of a split, or `max_images` of them spread evenly over it."""
-    if not max_images or len(data.images) <= max_images:
-        return data.images, data.labels, list(data.files)
-    pick = torch.linspace(0, len(data.images) - 1, max_images).round().long()
-    return data.images[pick], data.labels[pick], [data.files[i] for i in pick.tolist()]
 
 
 def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
@@ -393,6 +387,8 @@ def parse_args(argv=None):
                    help=f"classical codecs to compare, of {','.join(CLASSICAL)} (default: all; jpegxl where imagecodecs "
                         f"is installed)")
     r.add_argument("--max-images", type=int, help="use this many slices spread over the split (default: all)")
+    r.add_argument("--peer", dest="peers", type=Path, action="append", help="a learned peer's rate points on the "
+                   "same slices (rd_hyperprior.json of hyperprior.py rd): added to the table, curves and BD-rates")
     r.add_argument("--workers", type=int, default=1, help="processes for the classical codecs' searches (default: 1)")
     r.add_argument("--figure-slice", type=int, help="index of the slice in rd_slice.png (default: the middle one)")
     r.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,

@@ -4,6 +4,7 @@ codec (its files under every coder, decoded again, their speed), the rows of rd.
 and BD-rates as measured, and the figures (rd.png: every curve; rd_slice.png: one slice under every codec at
 equal bytes). compress.py rd runs it.
 """
+import json
 import math
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from anatomy import DICE_COLUMNS, dice_table
 from codec import HEADER, BudgetSearch, Codec, classical_decode
 from images import psnr, ssim
-from utils import UserError, pyplot
+from utils import UserError, one_line_reason, pyplot
 
 
 def scores(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
@@ -86,6 +87,35 @@ def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.n
         row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
     row["_sizes"] = sizes
     return row
+
+
+RATE_POINT = "rate point"  # the budget_bytes of a learned peer's row: one trained model, not a byte budget
+
+
+def peer_rows(path: Path, files: list[str]) -> list[dict]:
+    """The rows of a learned peer's rd file (hyperprior.py rd's rd_hyperprior.json), which must have measured the
+    very slices `files`."""
+    try:
+        peer = json.loads(Path(path).read_text())
+        rows, measured = peer["rows"], peer["files"]
+        if not all(isinstance(r, dict) and {"codec", "mean_bytes", "mean_ssim", "mean_psnr"} <= set(r) for r in rows):
+            raise ValueError("a row lacks codec, mean_bytes, mean_ssim or mean_psnr")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"cannot read the peer's rate points {path} ({one_line_reason(e)}); pass the "
+                        f"rd_hyperprior.json that hyperprior.py rd wrote") from None
+    if [Path(str(f)).name for f in measured] != [Path(str(f)).name for f in files]:
+        raise UserError(f"{path} measured other slices ({len(measured)}) than this study ({len(files)}); run "
+                        f"hyperprior.py rd with the same --split and --max-images")
+    return [{**r, "budget_bytes": RATE_POINT} for r in rows]
+
+
+def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(uint8 images, labels, file names) of a split, or `max_images` of them spread evenly over it: every study
+    of the same split and --max-images measures the same slices."""
+    if not max_images or len(data.images) <= max_images:
+        return data.images, data.labels, list(data.files)
+    pick = torch.linspace(0, len(data.images) - 1, max_images).round().long()
+    return data.images[pick], data.labels[pick], [data.files[i] for i in pick.tolist()]
 
 
 def classical_one_image(job):
@@ -220,7 +250,8 @@ def targets(rows: list[dict]) -> dict:
 
 def bd_rates(vq: list[dict], classical: list[dict]) -> dict:
     """BD-rate on SSIM and on PSNR of the VQ-VAE curve (each VQ-VAE's smallest file: its operating point) against
-    each classical codec's curve (its budgets where every slice fit, so each mean is over the same slices)."""
+    each classical codec's curve (its budgets where every slice fit, so each mean is over the same slices) and each
+    learned peer's (its rate points)."""
     smallest = {}
     for r in vq:
         if r["codec"] not in smallest or r["mean_bytes"] < smallest[r["codec"]]["mean_bytes"]:
@@ -230,8 +261,8 @@ def bd_rates(vq: list[dict], classical: list[dict]) -> dict:
                     "quality range both cover (null: fewer than 2 points on a curve, or no shared range)",
            "vqvae_points": [f"{r['codec']} {r['setting']}" for r in ours]}
     for codec in dict.fromkeys(r["codec"] for r in classical):
-        theirs = [r for r in classical if r["codec"] == codec and isinstance(r["budget_bytes"], int)
-                  and r["images_over_budget"] == 0]
+        theirs = [r for r in classical if r["codec"] == codec and (r["budget_bytes"] == RATE_POINT or (
+                  isinstance(r["budget_bytes"], int) and r["images_over_budget"] == 0))]
         out[codec] = {metric: bd_rate([r["mean_bytes"] for r in ours], [r[f"mean_{metric}"] for r in ours],
                                       [r["mean_bytes"] for r in theirs], [r[f"mean_{metric}"] for r in theirs])
                       for metric in ("ssim", "psnr")}
@@ -264,8 +295,9 @@ def plot_rd(rows: list[dict], path: Path, title: str):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, metric, name in zip(axes, ("mean_ssim", "mean_psnr"), ("mean SSIM", "mean PSNR (dB)")):
         for codec in dict.fromkeys(r["codec"] for r in rows if not r["codec"].startswith("VQ-VAE")):
-            pts = [r for r in rows if r["codec"] == codec and math.isfinite(r[metric])
-                   and isinstance(r["budget_bytes"], int)]
+            pts = sorted((r for r in rows if r["codec"] == codec and math.isfinite(r[metric])
+                          and (isinstance(r["budget_bytes"], int) or r["budget_bytes"] == RATE_POINT)),
+                         key=lambda r: r["mean_bytes"])
             if not pts:
                 continue
             line, = ax.plot([r["mean_bytes"] for r in pts], [r[metric] for r in pts], marker="o", ms=3, label=codec)
