@@ -124,7 +124,8 @@ def train(args):
     print(f"hyperprior run {run}: {len(data)} train slices, lambda {cfg.lmbda:g}, N={cfg.n} M={cfg.m}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.max_minutes:g} minutes")
 
-    def save(metrics: dict):
+    def save(mean_losses: np.ndarray):
+        metrics = dict(zip(("loss", "mse", "bpp"), mean_losses.tolist()))
         save_checkpoint({"kind": "hyperprior", "config": asdict(cfg), "model": model.state_dict(),
                          "optimizer": opt.state_dict(), "aux_optimizer": aux_opt.state_dict(), "scheduler": {},
                          "rng": rng_state(), "step": step, "seconds": seconds, "metrics": metrics}, run / "last.pt")
@@ -150,22 +151,23 @@ def train(args):
                     aux.backward()
                     aux_opt.step()
                     step += 1
-                    sums += [float(out["loss"]), float(out["mse_loss"]), float(out["bpp_loss"])]
+                    values = [float(out["loss"]), float(out["mse_loss"]), float(out["bpp_loss"])]
+                    sums += values
                     count += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{out['loss'].item():.4f}", bpp=f"{out['bpp_loss'].item():.3f}")
+                    bar.set_postfix(loss=f"{values[0]:.4f}", bpp=f"{values[2]:.3f}")
                     now = time.monotonic()
                     if now - last_save > 60 * cfg.save_minutes or now >= deadline:
                         seconds += now - start
                         start, last_save = now, now
-                        save(dict(zip(("loss", "mse", "bpp"), (sums / count).tolist())))
+                        save(sums / count)
                         sums, count = np.zeros(3), 0
                     if now >= deadline:
                         break
         except KeyboardInterrupt:
             if count:
                 seconds += time.monotonic() - start
-                save(dict(zip(("loss", "mse", "bpp"), (sums / count).tolist())))
+                save(sums / count)
             print(f"interrupted: saved step {step} to {run / 'last.pt'}; continue with --resume {run}")
             raise SystemExit(130)
     lock.release()
