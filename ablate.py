@@ -11,18 +11,14 @@ already finished its epochs or spent its --max-minutes is scored again without r
 preset's batch size (a variant may override it), and --batch-size is the scoring's.
 """
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from checkpoints import load_checkpoint, load_split, load_vqvae
-from engine import command_flags
+from engine import run_script, training_finished
 from metrics import score_split
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    read_csv, write_atomically, write_csv, write_json)
 
-TRAIN = Path(__file__).resolve().parent / "train.py"
 # name -> (preset, overrides of its model or optimiser settings)
 VARIANTS = {
     "seed": ("seed", {}),
@@ -39,27 +35,18 @@ VARIANTS = {
 
 
 def train_variant(name: str, args, run_dir: Path, resume: bool):
-    """train.py for one variant, as a user would run it (a subprocess: one run, one process, one folder); an
-    unfinished run of it is resumed."""
+    """train.py for one variant; an unfinished run of it is resumed."""
     preset_name, overrides = VARIANTS[name]
     if resume:
-        command = command_flags({"resume": run_dir, "epochs": args.epochs, "device": args.device})
+        values = {"resume": run_dir, "epochs": args.epochs, "device": args.device}
     else:
-        command = command_flags({"dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size,
-                                 "preset": preset_name, "epochs": args.epochs, "max_minutes": args.max_minutes,
-                                 "precision": args.precision, "seed": args.seed,
-                                 "device": args.device, "out": run_dir, **overrides})
+        values = {"dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size,
+                  "preset": preset_name, "epochs": args.epochs, "max_minutes": args.max_minutes,
+                  "precision": args.precision, "seed": args.seed, "device": args.device, "out": run_dir, **overrides}
     print(f"\n=== {name}: preset {preset_name} {overrides or ''}{' (resumed)' if resume else ''}", flush=True)
-    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    if subprocess.run([sys.executable, str(TRAIN), *command], env={**os.environ, **threads}).returncode != 0:
-        raise UserError(f"training variant {name} failed (its error is above); fix it and run ablate.py again: "
-                        f"finished variants are not trained again, an unfinished one is resumed")
-
-
-def finished(state: dict, epochs: int) -> bool:
-    """Whether a variant's last checkpoint ends its training: all its epochs done, or its --max-minutes spent (the
-    checkpoint says so: TimeBudget.state). Anything else, a Ctrl-C or a crash, is resumed."""
-    return state["epoch"] >= epochs or bool(state.get("time_budget", {}).get("done"))
+    run_script("train.py", values, args.threads,
+               f"training variant {name} failed (its error is above); fix it and run ablate.py again: finished "
+               f"variants are not trained again, an unfinished one is resumed")
 
 
 def run_variant(name: str, args, device) -> dict:
@@ -67,7 +54,7 @@ def run_variant(name: str, args, device) -> dict:
     args.split."""
     run_dir = args.out / name
     last = run_dir / "last.pt"
-    if not (last.is_file() and finished(load_checkpoint(last), args.epochs)):
+    if not (last.is_file() and training_finished(load_checkpoint(last), args.epochs)):
         train_variant(name, args, run_dir, resume=last.is_file())
     model, cfg, state = load_vqvae(run_dir / "best.pt", device)
     scored = load_split(cfg, args.split, demo=state["demo_settings"])

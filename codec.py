@@ -34,6 +34,7 @@ frequencies is about one 32-bit word per slice (0.03 to 4.1 bytes, mean 2.1, ove
 """
 import hashlib
 import io
+import json
 import math
 import struct
 import zlib
@@ -488,6 +489,26 @@ def load_codec(checkpoint: Path, prior_path: Path | None, device, batch_size: in
 # ---------------------------------------------------------------------------------------------------------
 # Several operating points
 # ---------------------------------------------------------------------------------------------------------
+
+LADDER_FILE = "ladder.json"  # in a ladder.py folder: its points, smallest files first
+
+
+def read_ladder(folder: Path) -> list[tuple[Path, Path | None]]:
+    """The (VQ-VAE checkpoint, prior or None) of each point of a ladder folder (ladder.py's: <folder>/<point>/best.pt
+    and <folder>/<point>/prior/best.pt), smallest first; a point whose prior was not trained yet has none."""
+    path = Path(folder) / LADDER_FILE
+    try:
+        names = [p["name"] for p in json.loads(path.read_text())["points"]]
+        if not names or not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")
+                                for n in names):
+            raise ValueError("the points must be folder names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a ladder's list of points ({type(e).__name__}: {e}); pass a folder that "
+                        f"ladder.py trained") from None
+    runs = [Path(folder) / name for name in names]
+    return [(run / "best.pt", run / "prior" / "best.pt" if (run / "prior" / "best.pt").is_file() else None)
+            for run in runs]
+
 
 class Ladder:
     """Several codecs (VQ-VAEs at different rates, each with its prior or none) as the operating points of one

@@ -8,12 +8,14 @@ the classical codecs.
         --max-bytes 600 --split test --out coded/     # per slice the best of A's and B's files that fits
     python compress.py decode --checkpoint runs/X/best.pt --prior runs/X/prior/best.pt coded/ --out decoded/
     python compress.py rd --checkpoint runs/A/best.pt --checkpoint runs/B/best.pt --split test
+    python compress.py encode --ladder runs/ladder --max-bytes 1024 --split test --out coded/   # ladder.py's points
 
 encode: PNG/JPEG files, folders of them, or (--split) a split of the dataset the checkpoint records -> one
 <name>.vqz per slice. decode: .vqz files or folders of them -> 8-bit grey <name>.png, the VQ-VAE's reconstruction
 of the slice that was encoded. rd: bytes per slice against SSIM and PSNR for each VQ-VAE (fixed-length, static
-and prior coding) and for JPEG, WebP, JPEG 2000 and AVIF searched per image to fit byte budgets; writes rd.csv,
-rd.json, rd.png (the curves) and rd_slice.png (one slice at equal bytes under every codec).
+and prior coding) and for JPEG, WebP, JPEG 2000, AVIF and JPEG XL searched per image to fit byte budgets, and per
+budget the best VQ-VAE file of each slice that fits (the ladder); writes rd.csv, rd.json, rd.png (the curves) and
+rd_slice.png (one slice at equal bytes under every codec).
 
 """
 import argparse
@@ -28,11 +30,11 @@ from tqdm import tqdm
 from anatomy import segment_images
 from checkpoints import default_prior, load_segmenter, load_split, run_dir_of
 from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, Ladder, available_classical,
-                   classical_settings, load_codec, parse_header, read_vqz)
+                   classical_settings, load_codec, parse_header, read_ladder, read_vqz)
 from dataset import read_slice
 from images import IMAGE_SUFFIXES, natural_key
-from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, measure_vqvae, peer_rows,
-                             plot_rd, rd_slices, slice_figure, targets)
+from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, ladder_rows, measure_vqvae,
+                             peer_rows, plot_rd, rd_slices, slice_figure, targets)
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    write_csv, write_json)
 
@@ -235,6 +237,11 @@ def cmd_rd(args, device):
     rows = [row for m in measured.values() for row in m["rows"]]
     peers = [row for path in args.peers or () for row in peer_rows(path, names)]
 
+    # Per budget, the best VQ-VAE file of each slice that fits (encode --max-bytes over these checkpoints)
+    ladder = ladder_rows(rows, budgets)
+    for r in rows:
+        del r["_ssim"], r["_psnr"]
+
     # Classical codecs: at each fixed budget, and at each slice's own .vqz size under each VQ-VAE row
     matched = {f"{r['codec']} {r['setting']}": r.pop("_sizes") for r in rows}
     results = classical_study(originals.numpy(), codecs, budgets, matched, args.workers)
@@ -242,7 +249,7 @@ def cmd_rd(args, device):
         rows += [classical_row(results, codec_name, b, "quality searched per slice", b) for b in budgets]
         rows += [classical_row(results, codec_name, ("matched", name), f"at the size of each {name} file",
                                "per slice") for name in matched]
-    rows += peers
+    rows += ladder + peers
 
     # Outputs
     out.mkdir(parents=True, exist_ok=True)
@@ -345,10 +352,15 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="compress.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
+    def ladder_flag(q):
+        q.add_argument("--ladder", type=Path, help="a folder trained by ladder.py: each of its points (VQ-VAE and "
+                       "prior) as one more --checkpoint")
+
     def common(q, checkpoint_help, prior_help):
-        q.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", required=True,
+        q.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", default=[],
                        help=checkpoint_help)
         q.add_argument("--prior", dest="priors", action="append", help=prior_help)
+        ladder_flag(q)
         add_runtime_flags(q, batch_size=64, batch_help="slices per pass of the models")
 
     e = sub.add_parser("encode", help="images -> .vqz files", description="Encode slices into .vqz files.")
@@ -375,8 +387,9 @@ def parse_args(argv=None):
 
     r = sub.add_parser("rd", help="rate-distortion study against JPEG, WebP, JPEG 2000, AVIF and JPEG XL",
                        description="Bytes per slice against SSIM and PSNR for VQ-VAEs and classical codecs.")
-    r.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", required=True,
+    r.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", default=[],
                    help="a VQ-VAE .pt or run folder (its best.pt); repeat for several (e.g. default and hq)")
+    ladder_flag(r)
     r.add_argument("--prior", dest="priors", action="append",
                    help="the prior of each --checkpoint in order, or none (default: <run>/prior/best.pt if present)")
     r.add_argument("--split", default="test", help="the split to measure (default: test)")
@@ -397,7 +410,20 @@ def parse_args(argv=None):
                    "folder: also the tissue Dice at every budget (rd_anatomy.csv, rd_anatomy.json)")
     r.add_argument("--out", type=Path, help="output folder (default: rd_<split> in the first checkpoint's run)")
     add_runtime_flags(r, batch_size=64, batch_help="slices per pass of the models")
-    return p.parse_args(argv)
+    return with_ladder(p.parse_args(argv))
+
+
+def with_ladder(args):
+    """--ladder's points appended to --checkpoint, each with its prior (the --checkpoint ones keep their pairing)."""
+    if args.ladder is None:
+        if not args.checkpoints:
+            raise UserError("pass --checkpoint (a VQ-VAE run) or --ladder (a folder trained by ladder.py)")
+        return args
+    points = read_ladder(args.ladder)
+    given = paired_priors(args.checkpoints, args.priors, default=args.command == "rd")
+    args.checkpoints = args.checkpoints + [c for c, _ in points]
+    args.priors = [str(p) if p else "none" for p in given + [p for _, p in points]]
+    return args
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ import inspect
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -39,6 +41,21 @@ def command_flags(values: dict) -> list[str]:
         elif value is not None:
             flags += [flag(name), str(value)]
     return flags
+
+
+def run_script(script: str, values: dict, threads: int | None, failure: str):
+    """python <script next to this file> with the flags of `values`, as a user would run it (a subprocess: one run,
+    one process, one folder); `threads` as OMP_NUM_THREADS. UserError(failure) if it fails (its error is above)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    command = [sys.executable, str(Path(__file__).resolve().parent / script), *command_flags(values)]
+    if subprocess.run(command, env=env).returncode != 0:
+        raise UserError(failure)
+
+
+def training_finished(state: dict, epochs: int) -> bool:
+    """Whether a run's last checkpoint ends its training: all its epochs done, or its --max-minutes spent (the
+    checkpoint says so: TimeBudget.state). Anything else, a Ctrl-C or a crash, is to be resumed."""
+    return state["epoch"] >= epochs or bool(state.get("time_budget", {}).get("done"))
 
 
 @functools.cache

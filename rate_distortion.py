@@ -85,8 +85,39 @@ def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.n
            "latent_grid": f"{h}x{w}", "K": k}
     if ideal is not None:
         row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
-    row["_sizes"] = sizes
+    row.update(_sizes=sizes, _ssim=s, _psnr=p)
     return row
+
+
+LADDER = "ladder"  # the codec of the rows that pick, per slice, the best VQ-VAE file within a budget
+
+
+def ladder_rows(vq: list[dict], budgets: list[int]) -> list[dict]:
+    """What encoding with a byte budget gives over these VQ-VAE rows (each model under each coder): per slice, of
+    the files within the budget the one whose reconstruction has the best SSIM, the smaller on a tie (Ladder's
+    rule); means over the slices where some file fits, the others counted, as for the classical codecs."""
+    sizes = np.stack([r["_sizes"] for r in vq])  # (candidates, slices)
+    ssims, psnrs = np.stack([r["_ssim"] for r in vq]), np.stack([r["_psnr"] for r in vq])
+    rows = []
+    for budget in budgets:
+        # best SSIM among the files that fit, then the smallest: lexicographic argmax over (ssim, -size)
+        score = np.where(sizes <= budget, ssims, -np.inf)
+        order = np.lexsort((sizes, -score), axis=0)[0]  # (slices,) the chosen candidate of each slice
+        picked = np.arange(sizes.shape[1])
+        fit = np.isfinite(score[order, picked])
+        chosen = lambda a: a[order, picked][fit]  # noqa: E731
+        mean = lambda a: float(chosen(a).mean()) if fit.any() else float("nan")  # noqa: E731
+        counts = "; ".join(f"{vq[c]['codec']} {vq[c]['setting']}: {n}" for c, n in
+                           zip(*np.unique(order[fit], return_counts=True)))
+        rows.append({"codec": LADDER, "setting": "best VQ-VAE file per slice within the budget",
+                     "budget_bytes": budget, "images": sizes.shape[1], "images_fit": int(fit.sum()),
+                     "images_over_budget": int((~fit).sum()),
+                     "smallest_file_of_an_image_over_budget": int(sizes.min(0)[~fit].min()) if (~fit).any() else "",
+                     "mean_bytes": mean(sizes), "mean_payload_bytes": mean(sizes) - HEADER.size,
+                     "bits_per_slice": mean(sizes) * 8, "payload_bits_per_code": "", "mean_ssim": mean(ssims),
+                     "std_ssim": float(chosen(ssims).std()) if fit.any() else float("nan"), "mean_psnr": mean(psnrs),
+                     "latent_grid": "", "K": "", "files_chosen": counts})
+    return rows
 
 
 RATE_POINT = "rate point"  # the budget_bytes of a learned peer's row: one trained model, not a byte budget
@@ -218,7 +249,8 @@ def targets(rows: list[dict]) -> dict:
     """The codec's targets as measured: SSIM against JPEG 2000 at 640 bytes and at equal bytes per slice, the
     prior-coded size, and whether the VQ-VAE points lie above every classical codec's points below 1.5 KB."""
     vq = [r for r in rows if r["codec"].startswith("VQ-VAE")]
-    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE")]
+    ladder = {r["budget_bytes"]: r for r in rows if r["codec"] == LADDER}
+    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE") and r["codec"] != LADDER]
     out = {}
     j2k640 = [r for r in classical if r["codec"] == "jpeg2000" and r["budget_bytes"] == 640]
     if j2k640:
@@ -245,6 +277,33 @@ def targets(rows: list[dict]) -> dict:
                  "mean SSIM (null: no VQ-VAE point that small)", **above}
     out["vqvae_above_every_classical_point_below_1536_bytes"] = bool(above) and all(v is True for v in above.values())
     out["bd_rate_percent"] = bd_rates(vq, classical)
+    if ladder:
+        out["ladder_minus_classical_at_each_budget_256_to_2048"] = ladder_gains(ladder, classical)
+    return out
+
+
+def ladder_gains(ladder: dict, classical: list[dict]) -> dict:
+    """Per budget from 256 B to 2 KB: the ladder's mean SSIM minus each classical codec's at that budget where every
+    slice fit it (a codec that fits only some slices is listed with how many did not, and not compared), and
+    whether the ladder is above all of those that fit."""
+    out, every = {}, []
+    for budget, ours in sorted(ladder.items()):
+        if not 256 <= budget <= 2048:
+            continue
+        gains, over = {}, {}
+        for r in classical:
+            if r["budget_bytes"] != budget:
+                continue
+            if r["images_over_budget"]:
+                over[r["codec"]] = r["images_over_budget"]
+            else:
+                gains[r["codec"]] = ours["mean_ssim"] - r["mean_ssim"]
+        above = bool(gains) and ours["images_over_budget"] == 0 and all(g > 0 for g in gains.values())
+        every.append(above or not gains)
+        out[f"{budget} B"] = {"ladder_ssim": ours["mean_ssim"], "ladder_images_over_budget": ours["images_over_budget"],
+                              "ssim_gain_over": gains, "classical_images_over_budget": over,
+                              "above_every_classical_codec_that_fits": above if gains else None}
+    out["above_at_every_budget"] = bool(out) and all(every)
     return out
 
 
@@ -300,7 +359,9 @@ def plot_rd(rows: list[dict], path: Path, title: str):
                          key=lambda r: r["mean_bytes"])
             if not pts:
                 continue
-            line, = ax.plot([r["mean_bytes"] for r in pts], [r[metric] for r in pts], marker="o", ms=3, label=codec)
+            style = {"color": "black", "lw": 2.5, "zorder": 3} if codec == LADDER else {}
+            line, = ax.plot([r["mean_bytes"] for r in pts], [r[metric] for r in pts], marker="o", ms=3, label=codec,
+                            **style)
             matched = [r for r in rows if r["codec"] == codec and math.isfinite(r[metric])
                        and not isinstance(r["budget_bytes"], int)]
             ax.plot([r["mean_bytes"] for r in matched], [r[metric] for r in matched], ls="none", marker="x", ms=6,

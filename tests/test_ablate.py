@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 import ablate
+import engine
 from helpers import assert_one_line_error, run_main
 
 
@@ -40,7 +41,7 @@ def test_unknown_variant_and_an_out_that_is_a_file_are_one_line_errors(tmp_path,
 
 def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(ablate.subprocess, "run",
+    monkeypatch.setattr(engine.subprocess, "run",
                         lambda cmd, **kwargs: commands.append(cmd) or SimpleNamespace(returncode=0))
     args = SimpleNamespace(dataset="OASIS", data_root="/data", image_size=None, max_minutes=10.0, epochs=40,
                            batch_size=16, precision="auto", threads=None, seed=0, device="cpu")
@@ -54,7 +55,7 @@ def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tm
 
 
 def test_a_variant_stopped_by_its_deadline_is_finished_and_an_interrupted_one_is_resumed():
-    assert ablate.finished({"epoch": 40}, epochs=40)
-    assert ablate.finished({"epoch": 3, "time_budget": {"seconds_left": 0.0, "done": True}}, epochs=40)
-    assert not ablate.finished({"epoch": 3, "time_budget": {"seconds_left": 412.0, "done": False}}, epochs=40)
-    assert not ablate.finished({"epoch": 3}, epochs=40)  # no budget recorded: resumed
+    assert engine.training_finished({"epoch": 40}, epochs=40)
+    assert engine.training_finished({"epoch": 3, "time_budget": {"seconds_left": 0.0, "done": True}}, epochs=40)
+    assert not engine.training_finished({"epoch": 3, "time_budget": {"seconds_left": 412.0, "done": False}}, epochs=40)
+    assert not engine.training_finished({"epoch": 3}, epochs=40)  # no budget recorded: resumed

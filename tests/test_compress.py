@@ -3,6 +3,7 @@ and refusals, never overwriting) and the rate-distortion study, on the session's
 (conftest.trained_models)."""
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -140,14 +141,22 @@ def test_outputs_are_never_overwritten(trained_codec, trained_models, tmp_path, 
                         str(tmp_path / "o3")], "not divisible")
 
 
+@pytest.fixture(scope="module")
+def coarse_run(trained_models, tmp_path_factory):
+    """A second operating point beside trained_models' (8x8 codes with a prior): 4x4 codes, no prior."""
+    checkpoint, _ = trained_models
+    coarse = tmp_path_factory.mktemp("coarse") / "run"
+    train.main(tiny_args(checkpoint.parent.parent / "demo", coarse, "--epochs", "1", "--codebook-size", "16",
+                         "--downsamplings", "3"))
+    return coarse
+
+
 def test_max_bytes_picks_per_slice_the_best_file_that_fits_and_decode_reads_any_mix(trained_models, trained_codec,
-                                                                                      tmp_path, capsys):
+                                                                                      coarse_run, tmp_path, capsys):
     """Two operating points (8x8 codes with a prior, 4x4 codes without): each slice gets the file of the point whose
     reconstruction has the highest SSIM among the files of at most --max-bytes; decode, given both, reads them all."""
     checkpoint, prior = trained_models
-    coarse = tmp_path / "coarse"
-    train.main(tiny_args(checkpoint.parent.parent / "demo", coarse, "--epochs", "1", "--codebook-size", "16",
-                         "--downsamplings", "3"))
+    coarse = coarse_run
     images = trained_codec.test_images
     points = [trained_codec, codec.load_codec(coarse / "best.pt", None, CPU, 64, "auto")[0]]
     files = [p.encode(images) for p in points]
@@ -180,6 +189,32 @@ def test_max_bytes_picks_per_slice_the_best_file_that_fits_and_decode_reads_any_
                         "--out", str(tmp_path / "none")], "none of the 2 given VQ-VAEs")
 
 
+def test_a_ladder_folder_stands_for_its_points_with_their_priors(trained_models, coarse_run, tmp_path, capsys):
+    """--ladder DIR is every point of DIR/ladder.json as a --checkpoint, with DIR/<point>/prior/best.pt where that
+    exists: the files are those of the points given one by one."""
+    checkpoint, prior = trained_models
+    ladder = tmp_path / "ladder"
+    shutil.copytree(checkpoint.parent, ladder / "fine")
+    shutil.copytree(coarse_run, ladder / "coarse")
+    (ladder / "ladder.json").write_text(json.dumps({"points": [{"name": "coarse"}, {"name": "fine"}]}))
+    assert codec.read_ladder(ladder) == [(ladder / "coarse" / "best.pt", None),
+                                         (ladder / "fine" / "best.pt", ladder / "fine" / "prior" / "best.pt")]
+    budget = "400"
+    compress.main(["encode", "--ladder", str(ladder), "--max-bytes", budget, "--split", "test", "--out",
+                   str(tmp_path / "a")])
+    compress.main(["encode", "--checkpoint", str(coarse_run), "--prior", "none", "--checkpoint", str(checkpoint),
+                   "--prior", str(prior), "--max-bytes", budget, "--split", "test", "--out", str(tmp_path / "b")])
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert [f.name for f in a] == [f.name for f in b] and all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+    compress.main(["decode", "--ladder", str(ladder), str(tmp_path / "a"), "--out", str(tmp_path / "png")])
+    assert len(list((tmp_path / "png").iterdir())) == len(a)
+    fails_with(capsys, ["encode", "--split", "test", "--out", str(tmp_path / "c")], "pass --checkpoint", "--ladder")
+    (ladder / "ladder.json").write_text(json.dumps({"points": [{"name": "../elsewhere"}]}))
+    fails_with(capsys, ["encode", "--ladder", str(ladder), "--split", "test", "--out", str(tmp_path / "c")],
+               "not a ladder's list of points")
+    fails_with(capsys, ["rd", "--ladder", str(tmp_path), "--out", str(tmp_path / "c")], "ladder.json")
+
+
 def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(trained_models, trained_codec, tmp_path, capsys):
     checkpoint, _ = trained_models
     compress.main(["encode", "--checkpoint", str(checkpoint), "--split", "test", "--out", str(tmp_path / "s")])
@@ -210,7 +245,7 @@ def test_predict_reports_the_bytes_of_the_static_coded_files_compress_writes(tra
 def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_models, tmp_path, capsys):
     checkpoint, prior = trained_models
     out = tmp_path / "rd"
-    compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", str(prior), "--budgets", "80,400,3000",
+    compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", str(prior), "--budgets", "50,400,3000",
                    "--out", str(out)])
     for name in ("rd.csv", "rd.json", "rd.png", "rd_slice.png"):
         assert (out / name).is_file(), name
@@ -218,15 +253,20 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_mo
     vq = [r for r in rows if r["codec"].startswith("VQ-VAE")]
     assert sorted(r["setting"] for r in vq) == ["fixed", "prior", "static"]
     assert len({r["mean_ssim"] for r in vq}) == 1  # one reconstruction, three sizes
-    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE")]
+    ladder = {r["budget_bytes"]: r for r in rows if r["codec"] == rate_distortion.LADDER}
+    assert sorted(ladder) == ["3000", "400", "50"]
+    assert ladder["50"]["images_over_budget"] == "4"  # smaller than any .vqz file
+    assert ladder["3000"]["images_over_budget"] == "0" and ladder["3000"]["mean_ssim"] == vq[0]["mean_ssim"]
+    assert float(ladder["3000"]["mean_bytes"]) == min(float(r["mean_bytes"]) for r in vq)  # same image: the smallest
+    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE") and r["codec"] != rate_distortion.LADDER]
     assert sorted({r["codec"] for r in classical}) == sorted(codec.available_classical())
     assert len(classical) == len(codec.available_classical()) * (3 + 3)  # each trained_codec at 3 budgets, and at the sizes of the 3 VQ-VAE rows' files
     for r in classical:
         assert int(r["images_fit"]) + int(r["images_over_budget"]) == int(r["images"]) == 4
         if int(r["images_fit"]) and r["budget_bytes"] != "per slice":
             assert float(r["mean_bytes"]) <= int(r["budget_bytes"])
-    jpeg80 = next(r for r in classical if r["codec"] == "jpeg" and r["budget_bytes"] == "80")
-    assert jpeg80["images_over_budget"] == "4"  # a JPEG's headers alone are larger
+    jpeg50 = next(r for r in classical if r["codec"] == "jpeg" and r["budget_bytes"] == "50")
+    assert jpeg50["images_over_budget"] == "4"  # a JPEG's headers alone are larger
     summary = json.loads((out / "rd.json").read_text())
     assert summary["header_bytes"] == codec.HEADER.size and summary["images"] == 4
     assert {"prior_coded_mean_bytes", "vqvae_above_classical_below_1536_bytes",
@@ -251,6 +291,26 @@ def test_rd_compares_several_checkpoints(trained_models, tmp_path, capsys):
                         "--out", str(tmp_path / "rd3")], "one --prior per --checkpoint")
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--codecs", "gif", "--out", str(tmp_path / "rd3")],
                "unknown codec 'gif'")
+
+
+def test_the_ladder_row_of_a_budget_takes_per_slice_the_best_file_within_it():
+    """Two models' files of three slices: per slice the best SSIM among the files within the budget, the smaller
+    file on a tie; a slice with no file that small is counted, not averaged."""
+    def row(name, sizes, ssims):
+        return {"codec": f"VQ-VAE {name}", "setting": "prior", "_sizes": np.array(sizes, float),
+                "_ssim": np.array(ssims), "_psnr": np.array(ssims) * 40}
+    small = row("small", [100, 120, 300], [0.80, 0.70, 0.90])
+    large = row("large", [500, 110, 900], [0.95, 0.70, 0.99])
+    at_200, at_600 = rate_distortion.ladder_rows([small, large], [200, 600])
+    assert at_200["images_fit"] == 2 and at_200["images_over_budget"] == 1
+    assert at_200["mean_ssim"] == pytest.approx((0.80 + 0.70) / 2)
+    assert at_200["mean_bytes"] == pytest.approx((100 + 110) / 2)  # slice 1: equal SSIM, the smaller file
+    assert at_600["images_over_budget"] == 0 and at_600["mean_ssim"] == pytest.approx((0.95 + 0.70 + 0.90) / 3)
+    gains = rate_distortion.ladder_gains({600: at_600}, [
+        {"codec": "avif", "budget_bytes": 600, "images_over_budget": 0, "mean_ssim": 0.80},
+        {"codec": "jpeg", "budget_bytes": 600, "images_over_budget": 2, "mean_ssim": 0.99}])
+    assert gains["600 B"]["ssim_gain_over"] == {"avif": pytest.approx(0.85 - 0.80)}
+    assert gains["600 B"]["classical_images_over_budget"] == {"jpeg": 2} and gains["above_at_every_budget"]
 
 
 def test_bd_rate_is_the_mean_byte_change_at_equal_quality_over_the_shared_range():

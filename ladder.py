@@ -1,0 +1,94 @@
+"""Train the codec's rate ladder: a family of VQ-VAEs from ~150 bytes to ~4 KB per slice, each with its own prior,
+so that `compress.py encode --ladder` can pick, per slice, the best file within any byte budget.
+
+    python ladder.py --dataset OASIS --data-root /data/keras_png_slices_data --max-minutes 20 --prior-minutes 8
+    python compress.py rd --ladder runs/ladder --split test             # the ladder against the classical codecs
+    python compress.py encode --ladder runs/ladder --max-bytes 1024 --split test --out coded/
+
+Each operating point is a latent grid and a codebook size (the bits of a fixed-length file: grid cells x log2 K)
+on an existing preset's recipe; the prior then codes its maps in fewer bytes. Each point is a normal train.py run
+in <out>/<point>/ and a train_prior.py run in <out>/<point>/prior/; a finished run (its epochs done or its
+minutes spent) is not trained again and an unfinished one is resumed, so an interrupted ladder can be re-run.
+<out>/ladder.json lists the points trained, in order of size.
+"""
+import argparse
+from pathlib import Path
+
+from checkpoints import load_checkpoint
+from codec import LADDER_FILE
+from engine import run_script, training_finished
+from utils import DEVICES, PRECISIONS, ArgumentParser, UserError, exits_with_one_line, write_json
+
+# name -> (preset, model overrides), smallest files first. The grid sets how many codes a slice has (H/16: 256 on
+# 256x256, H/8: 1024, H/4: 4096), K how many bits each costs before the prior; points of one grid differ in K.
+POINTS = {
+    "h16-k256": ("default", {"downsamplings": 4, "codebook_size": 256}),
+    "h8-k32": ("default", {}),
+    "h8-k256": ("default", {"codebook_size": 256}),
+    "h4-k8": ("hq", {"codebook_size": 8}),
+    "h4-k32": ("hq", {"codebook_size": 32}),
+    "h4-k256": ("hq", {}),
+}
+
+
+def train_point(name: str, args) -> dict:
+    """The VQ-VAE of one point, then its prior, each trained unless its run already finished."""
+    preset, overrides = POINTS[name]
+    run_dir = args.out / name
+    stages = [("train.py", run_dir, args.epochs, {
+        "dataset": args.dataset, "data_root": args.data_root, "image_size": args.image_size, "preset": preset,
+        "epochs": args.epochs, "max_minutes": args.max_minutes, "precision": args.precision, "seed": args.seed,
+        "device": args.device, "out": run_dir, **overrides})]
+    stages.append(("train_prior.py", run_dir / "prior", args.prior_epochs, {
+        "vqvae": run_dir / "best.pt", "epochs": args.prior_epochs, "max_minutes": args.prior_minutes,
+        "precision": args.precision, "seed": args.seed, "device": args.device, "out": run_dir / "prior"}))
+    for script, folder, epochs, values in stages:
+        last = folder / "last.pt"
+        if last.is_file() and training_finished(load_checkpoint(last), epochs):
+            continue
+        if last.is_file():
+            values = {"resume": folder, "epochs": epochs, "device": args.device}
+        print(f"\n=== {name}: {script} (preset {preset} {overrides or ''}){' resumed' if last.is_file() else ''}",
+              flush=True)
+        run_script(script, values, args.threads, f"{script} for ladder point {name} failed (its error is above); "
+                                                 f"fix it and run ladder.py again: finished runs are kept")
+    return {"name": name, "preset": preset, "overrides": overrides}
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="ladder.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="demo", choices=("OASIS", "ADNI", "demo"), help="the dataset (default: demo)")
+    p.add_argument("--data-root", help="where the dataset is (train.py's --data-root)")
+    p.add_argument("--image-size", type=int, help="train.py's --image-size for every point")
+    p.add_argument("--epochs", type=int, default=40, help="train.py's --epochs for every point (default: 40)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="train.py's --max-minutes for every point "
+                   "(default: 0, none)")
+    p.add_argument("--prior-epochs", type=int, default=30, help="train_prior.py's --epochs (default: 30)")
+    p.add_argument("--prior-minutes", type=float, default=0.0, help="train_prior.py's --max-minutes for every "
+                   "point (default: 0, none)")
+    p.add_argument("--points", default=",".join(POINTS), help=f"comma-separated subset of {', '.join(POINTS)}")
+    p.add_argument("--seed", type=int, default=0, help="both trainers' --seed (default: 0)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="both trainers' --device")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="both trainers' --precision")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the trainers (default: PyTorch's)")
+    p.add_argument("--out", type=Path, default=Path("runs/ladder"), help="one run folder per point in here, and "
+                   "ladder.json (default: runs/ladder)")
+    with exits_with_one_line():
+        args = p.parse_args(argv)
+        names = [v.strip() for v in args.points.split(",") if v.strip()]
+        unknown = [v for v in names if v not in POINTS]
+        if unknown or not names:
+            raise UserError(f"unknown --points {', '.join(unknown) or '(none)'}; choose from {', '.join(POINTS)}")
+        if args.out.exists() and not args.out.is_dir():
+            raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
+        args.out.mkdir(parents=True, exist_ok=True)
+        points = []
+        for name in sorted(names, key=list(POINTS).index):
+            points.append(train_point(name, args))
+            write_json(args.out / LADDER_FILE, {"dataset": args.dataset, "points": points})
+        print(f"\nladder of {len(points)} points: {args.out / LADDER_FILE}\n"
+              f"python compress.py rd --ladder {args.out} --split test")
+
+
+if __name__ == "__main__":
+    main()
