@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 from checkpoints import load_checkpoint, load_split, load_vqvae
-from engine import run_script, training_finished
+from engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
 from metrics import score_split
-from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
+from utils import (ArgumentParser, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    read_csv, write_atomically, write_csv, write_json)
 
 # name -> (preset, overrides of its model or optimiser settings)
@@ -88,9 +88,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     p = ArgumentParser(prog="ablate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="demo", choices=("OASIS", "ADNI", "demo"), help="the dataset (default: demo)")
-    p.add_argument("--data-root", help="where the dataset is (train.py's --data-root)")
-    p.add_argument("--image-size", type=int, help="train.py's --image-size for every variant")
+    add_trainer_data_flags(p, "variant")
     p.add_argument("--epochs", type=int, default=20, help="the same budget for every variant (default: 20)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="train.py's --max-minutes for every variant: a "
                    "time budget instead of (or below) --epochs (default: 0, none)")
@@ -104,13 +102,8 @@ def main(argv=None):
     with exits_with_one_line():
         args = p.parse_args(argv)
         device = apply_runtime_flags(args)
-        names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in names if v not in VARIANTS]
-        if unknown or not names:
-            raise UserError(f"unknown --variants {', '.join(unknown) or '(none)'}; choose from {', '.join(VARIANTS)}")
-        if args.out.exists() and not args.out.is_dir():
-            raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
-        args.out.mkdir(parents=True, exist_ok=True)
+        names = chosen_members(args.variants, VARIANTS, "--variants")
+        family_folder(args.out)
         rows = []
         for name in names:
             rows.append(run_variant(name, args, device))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from checkpoints import load_checkpoint
 from codec import LADDER_FILE
-from engine import run_script, training_finished
-from utils import DEVICES, PRECISIONS, ArgumentParser, UserError, exits_with_one_line, write_json
+from engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
+from utils import DEVICES, PRECISIONS, ArgumentParser, exits_with_one_line, write_json
 
 # name -> (preset, model overrides), smallest files first. The grid sets how many codes a slice has (H/16: 256 on
 # 256x256, H/8: 1024, H/4: 4096), K how many bits each costs before the prior; points of one grid differ in K.
@@ -57,9 +57,7 @@ def train_point(name: str, args) -> dict:
 
 def main(argv=None):
     p = ArgumentParser(prog="ladder.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="demo", choices=("OASIS", "ADNI", "demo"), help="the dataset (default: demo)")
-    p.add_argument("--data-root", help="where the dataset is (train.py's --data-root)")
-    p.add_argument("--image-size", type=int, help="train.py's --image-size for every point")
+    add_trainer_data_flags(p, "point")
     p.add_argument("--epochs", type=int, default=40, help="train.py's --epochs for every point (default: 40)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="train.py's --max-minutes for every point "
                    "(default: 0, none)")
@@ -75,13 +73,8 @@ def main(argv=None):
                    "ladder.json (default: runs/ladder)")
     with exits_with_one_line():
         args = p.parse_args(argv)
-        names = [v.strip() for v in args.points.split(",") if v.strip()]
-        unknown = [v for v in names if v not in POINTS]
-        if unknown or not names:
-            raise UserError(f"unknown --points {', '.join(unknown) or '(none)'}; choose from {', '.join(POINTS)}")
-        if args.out.exists() and not args.out.is_dir():
-            raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
-        args.out.mkdir(parents=True, exist_ok=True)
+        names = chosen_members(args.points, POINTS, "--points")
+        family_folder(args.out)
         points = []
         for name in sorted(names, key=list(POINTS).index):
             points.append(train_point(name, args))
