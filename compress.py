@@ -238,7 +238,7 @@ def cmd_rd(args, device):
     peers = [row for path in args.peers or () for row in peer_rows(path, names)]
 
     # Per budget, the best VQ-VAE file of each slice that fits (encode --max-bytes over these checkpoints)
-    ladder = ladder_rows(rows, budgets)
+    ladder, ladder_picks = ladder_rows(rows, budgets)
     for r in rows:
         del r["_ssim"], r["_psnr"]
 
@@ -269,7 +269,7 @@ def cmd_rd(args, device):
     slice_figure(originals.numpy(), figures, codecs, outputs["rd_slice.png"], figure_slice, names)
     if segmenter:
         summary["anatomy"] = anatomy_rd(segmenter, args, device, (cfg, state), originals, names, rows, figures,
-                                        codecs, budgets, outputs)
+                                        codecs, budgets, ladder_picks, outputs)
     print_rd(rows, speeds, out, tuple(outputs))
     return summary
 
@@ -320,10 +320,11 @@ def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
 ANATOMY_OUTPUTS = ("rd_anatomy.csv", "rd_anatomy.json")
 
 
-def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure, codecs, budgets, outputs) -> dict:
+def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure, codecs, budgets, ladder_picks,
+               outputs) -> dict:
     """rd --segmenter: the segmenter's tissue Dice against the true masks (dice_mean: the mean of CSF, GM and WM)
-    for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its coders) and each
-    classical codec at each budget (each slice at the best quality that fits; slices that fit in no file are left
+    for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its coders), the ladder
+    at each budget and each classical codec at each budget (each slice at the best quality that fits; slices that fit in no file are left
     out and counted, as in rd.csv) -> rd_anatomy.csv and rd_anatomy.json, returned too."""
     model, _, seg_state = segmenter
     cfg, state = trained
@@ -332,7 +333,7 @@ def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure,
     masks = data.masks[[where[f] for f in files]]  # the masks of the slices measured, in their order
     segment = lambda images: segment_images(model, images, device, autocast(args.precision, device),  # noqa: E731
                                             args.batch_size)
-    table = dice_rows(segment, masks, originals, rows, figure, codecs, budgets)
+    table = dice_rows(segment, masks, originals, rows, figure, codecs, budgets, ladder_picks)
     result = {"segmenter": str(args.segmenter), "segmenter_epoch": seg_state["epoch"], "rows": table,
               "dice_minus_jpeg2000_at_320_bytes": dice_against(table, "jpeg2000", 320)}
     write_csv(outputs["rd_anatomy.csv"], table)

@@ -92,13 +92,14 @@ def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.n
 LADDER = "ladder"  # the codec of the rows that pick, per slice, the best VQ-VAE file within a budget
 
 
-def ladder_rows(vq: list[dict], budgets: list[int]) -> list[dict]:
+def ladder_rows(vq: list[dict], budgets: list[int]) -> tuple[list[dict], dict]:
     """What encoding with a byte budget gives over these VQ-VAE rows (each model under each coder): per slice, of
     the files within the budget the one whose reconstruction has the best SSIM, the smaller on a tie (Ladder's
-    rule); means over the slices where some file fits, the others counted, as for the classical codecs."""
+    rule); means over the slices where some file fits, the others counted, as for the classical codecs.
+    -> (one row per budget, {budget: per slice the label of the VQ-VAE picked, None where none fits})."""
     sizes = np.stack([r["_sizes"] for r in vq])  # (candidates, slices)
     ssims, psnrs = np.stack([r["_ssim"] for r in vq]), np.stack([r["_psnr"] for r in vq])
-    rows = []
+    rows, picks = [], {}
     for budget in budgets:
         # best SSIM among the files that fit, then the smallest: lexicographic argmax over (ssim, -size)
         score = np.where(sizes <= budget, ssims, -np.inf)
@@ -117,7 +118,8 @@ def ladder_rows(vq: list[dict], budgets: list[int]) -> list[dict]:
                      "bits_per_slice": mean(sizes) * 8, "payload_bits_per_code": "", "mean_ssim": mean(ssims),
                      "std_ssim": float(chosen(ssims).std()) if fit.any() else float("nan"), "mean_psnr": mean(psnrs),
                      "latent_grid": "", "K": "", "files_chosen": counts})
-    return rows
+        picks[budget] = [vq[c]["codec"].removeprefix("VQ-VAE ") if f else None for c, f in zip(order, fit)]
+    return rows, picks
 
 
 RATE_POINT = "rate point"  # the budget_bytes of a learned peer's row: one trained model, not a byte budget
@@ -206,10 +208,11 @@ def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndar
 
 
 def dice_rows(segment, masks: torch.Tensor, originals: torch.Tensor, rows: list[dict], figure: dict, codecs,
-              budgets) -> list[dict]:
+              budgets, ladder_picks: dict) -> list[dict]:
     """The rows of rd_anatomy.csv: `segment` (uint8 (N, H, W) slices -> (N, H, W) tissue labels) scored against
     `masks` on the originals, on each VQ-VAE's reconstruction (one per VQ-VAE, listed at the mean file size of each
-    of its coders) and on each classical codec at each budget (the slices that fit in no file left out and counted)."""
+    of its coders), on the ladder's at each budget (each slice the reconstruction of the VQ-VAE `ladder_picks`
+    names) and on each classical codec at each budget (the slices that fit in no file left out and counted)."""
     def dice_row(codec, setting, budget, images, picked, mean_bytes):
         dice = dice_table(segment(images), masks[picked]).mean(0)
         return {"codec": codec, "setting": setting, "budget_bytes": budget, "images": len(masks),
@@ -221,6 +224,11 @@ def dice_rows(segment, masks: torch.Tensor, originals: torch.Tensor, rows: list[
         if r["codec"].startswith("VQ-VAE"):
             recon = figure[r["codec"].removeprefix("VQ-VAE ")]["recon"]
             table.append(dice_row(r["codec"], r["setting"], "", recon, everything, r["mean_bytes"]))
+    for r in rows:
+        if r["codec"] == LADDER and (fit := [i for i, label in enumerate(ladder_picks[r["budget_bytes"]]) if label]):
+            picked = ladder_picks[r["budget_bytes"]]
+            images = torch.stack([figure[picked[i]]["recon"][i] for i in fit])
+            table.append(dice_row(LADDER, r["setting"], r["budget_bytes"], images, fit, r["mean_bytes"]))
     for codec in codecs:
         fits = {b: [] for b in budgets}  # budget -> (slice index, file) of the slices that fit
         for i, image in enumerate(tqdm(originals.numpy(), desc=f"{codec}: Dice per budget", leave=False)):

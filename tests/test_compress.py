@@ -301,7 +301,8 @@ def test_the_ladder_row_of_a_budget_takes_per_slice_the_best_file_within_it():
                 "_ssim": np.array(ssims), "_psnr": np.array(ssims) * 40}
     small = row("small", [100, 120, 300], [0.80, 0.70, 0.90])
     large = row("large", [500, 110, 900], [0.95, 0.70, 0.99])
-    at_200, at_600 = rate_distortion.ladder_rows([small, large], [200, 600])
+    (at_200, at_600), picks = rate_distortion.ladder_rows([small, large], [200, 600])
+    assert picks == {200: ["small", "large", None], 600: ["large", "large", "small"]}
     assert at_200["images_fit"] == 2 and at_200["images_over_budget"] == 1
     assert at_200["mean_ssim"] == pytest.approx((0.80 + 0.70) / 2)
     assert at_200["mean_bytes"] == pytest.approx((100 + 110) / 2)  # slice 1: equal SSIM, the smaller file
