@@ -28,7 +28,7 @@ def test_each_point_trains_its_vqvae_with_its_grid_and_codebook_then_its_prior(t
     assert "train.py" in coarse_vq and "--downsamplings 4" in coarse_vq and "--codebook-size 256" in coarse_vq
     assert "--max-minutes 20.0" in coarse_vq and f"--out {tmp_path / 'h16-k256'}" in coarse_vq
     assert "train_prior.py" in coarse_prior and f"--vqvae {tmp_path / 'h16-k256' / 'best.pt'}" in coarse_prior
-    assert "--max-minutes 8.0" in coarse_prior
+    assert "--max-minutes 8.0" in coarse_prior and "--batch-size 8" in coarse_prior
     assert "--preset default" in fine_vq and "--downsamplings" not in fine_vq
     assert [p["name"] for p in json.loads((tmp_path / "ladder.json").read_text())["points"]] == ["h16-k256",
                                                                                                  "h8-k256"]
