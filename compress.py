@@ -324,8 +324,8 @@ def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure,
                outputs) -> dict:
     """rd --segmenter: the segmenter's tissue Dice against the true masks (dice_mean: the mean of CSF, GM and WM)
     for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its coders), the ladder
-    at each budget and each classical codec at each budget (each slice at the best quality that fits; slices that fit in no file are left
-    out and counted, as in rd.csv) -> rd_anatomy.csv and rd_anatomy.json, returned too."""
+    at each budget and each classical codec at each budget (each slice at the best quality that fits; slices that
+    fit in no file are left out and counted, as in rd.csv) -> rd_anatomy.csv and rd_anatomy.json, returned too."""
     model, _, seg_state = segmenter
     cfg, state = trained
     data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"], masks=True, verbose=False)

@@ -225,8 +225,8 @@ def dice_rows(segment, masks: torch.Tensor, originals: torch.Tensor, rows: list[
             recon = figure[r["codec"].removeprefix("VQ-VAE ")]["recon"]
             table.append(dice_row(r["codec"], r["setting"], "", recon, everything, r["mean_bytes"]))
     for r in rows:
-        if r["codec"] == LADDER and (fit := [i for i, label in enumerate(ladder_picks[r["budget_bytes"]]) if label]):
-            picked = ladder_picks[r["budget_bytes"]]
+        picked = ladder_picks.get(r["budget_bytes"]) if r["codec"] == LADDER else None
+        if fit := [i for i, label in enumerate(picked or ()) if label]:
             images = torch.stack([figure[picked[i]]["recon"][i] for i in fit])
             table.append(dice_row(LADDER, r["setting"], r["budget_bytes"], images, fit, r["mean_bytes"]))
     for codec in codecs:
