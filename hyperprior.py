@@ -10,7 +10,8 @@ lambda per rate point), and measured on a split with the byte strings of its own
 
 train writes last.pt (every --save-minutes, at the end, and on Ctrl-C) and metrics.csv to its run folder; rd writes
 rd_hyperprior.csv (rd.csv's columns) and rd_hyperprior.json, which `compress.py rd --peer` adds to its table,
-curves and BD-rates (measure both with the same --split and --max-images). compressai is an optional dependency of the study only: pip install compressai.
+curves and BD-rates (measure both with the same --split and --max-images). compressai is an optional dependency of
+the study only (README, Compression: how to install it without its numpy<2 pin).
 """
 import argparse
 import time
@@ -61,7 +62,7 @@ def compressai():
         import compressai.models
     except ImportError:
         raise UserError("the learned peer needs the compressai package, an optional dependency of the study: "
-                        "pip install compressai") from None
+                        "pip install compressai (README, Compression: how to keep numpy 2)") from None
     return compressai
 
 
@@ -151,7 +152,7 @@ def train(args):
                     aux.backward()
                     aux_opt.step()
                     step += 1
-                    values = [float(out["loss"]), float(out["mse_loss"]), float(out["bpp_loss"])]
+                    values = [float(out[k].detach()) for k in ("loss", "mse_loss", "bpp_loss")]
                     sums += values
                     count += 1
                     bar.update(1)
