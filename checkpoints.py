@@ -59,6 +59,7 @@ class TrainConfig:
     out: str | None = None            # run folder; default runs/<dataset>-<preset>-NNN
     resume: str | None = None         # a checkpoint to continue from, or its run folder (its last.pt)
     train_noise: str | None = None    # denoise: noisy input, clean target (rician:0.1, or rician:0.03-0.25 per image)
+    train_crop: int | None = None     # train on random square crops of this side (validation: whole images)
 
     CHOICES = {"dataset": DATASETS, "preset": tuple(PRESETS), "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                "device": DEVICES, "slice_axis": SLICE_AXES}
@@ -80,6 +81,7 @@ class TrainConfig:
             "clip_percentile": 0 <= self.clip_percentile < 50, "min_brain_fraction": 0 <= self.min_brain_fraction < 1,
             "seed": 0 <= self.seed < 2**63, "device": self.device in DEVICES,
             "train_noise": self.train_noise is None or is_noise_spec(self.train_noise),
+            "train_crop": self.train_crop is None or MIN_IMAGE_SIDE <= self.train_crop <= MAX_IMAGE_SIDE,
         }, "training config")
 
     def data_options(self) -> dict:

@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from checkpoints import TrainConfig, rebuild_vqvae
-from dataset import build_dataset, check_compatible, demo_settings
+from dataset import build_dataset, check_compatible, demo_settings, random_crops
 from denoise import Noise, add_noise, parse_noise
 from engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model, config_or_error,
                     parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
@@ -44,6 +44,7 @@ FIGURES_EVERY_S = 30.0
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "device", "compile", "max_minutes", "data_root", "tensorboard", "resume")
 LOSS_NAMES = ("reconstruction", "codebook", "commitment")
+CROP_STREAM = 1  # --train-crop's corners are drawn from (seed, epoch, CROP_STREAM, image), apart from the noise's
 
 
 class Process(NamedTuple):
@@ -122,6 +123,12 @@ def check_fits_model(cfg: TrainConfig, model_cfg: VQVAEConfig, image_shape, worl
         h, w = model_cfg.latent_grid(*image_shape)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if cfg.train_crop:
+        if cfg.train_crop > min(image_shape) or cfg.train_crop % model_cfg.downsampling_factor:
+            raise UserError(f"--train-crop {cfg.train_crop} must be at most the images' shorter side "
+                            f"({min(image_shape)}) and a multiple of the model's downsampling "
+                            f"({model_cfg.downsampling_factor}); choose such a side, or drop --train-crop")
+        h = w = cfg.train_crop // model_cfg.downsampling_factor
     if model_cfg.norm == "batch" and cfg.batch_size * h * w == 1:
         raise UserError(f"BatchNorm needs more than one value per channel, but a batch of {cfg.batch_size} on a "
                         f"{h}x{w} latent grid gives one; raise --batch-size, or use --norm none")
@@ -172,6 +179,8 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, bud
         x = next(it)
         wait += time.perf_counter() - t
         keys = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        if cfg.train_crop:
+            x = random_crops(x, cfg.train_crop, seed=(cfg.seed, sampler.epoch, CROP_STREAM), keys=keys)
         corrupt = None if noise is None else partial(add_noise, noise=noise, seed=(cfg.seed, sampler.epoch), keys=keys)
         out, loss = train_step(model, opt, scheduler, x, cfg, autocast, corrupt)
         with torch.no_grad():

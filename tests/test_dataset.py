@@ -49,6 +49,18 @@ def load(name, root, split="train", **kwargs):
 # -----------------------------------------------------------------------------
 # OASIS
 
+def test_random_crops_are_windows_of_each_image_fixed_by_seed_and_key_not_by_batch():
+    x = torch.arange(2 * 10 * 12, dtype=torch.int32).reshape(2, 1, 10, 12)
+    crops = dataset.random_crops(x, 4, seed=(0, 1), keys=[7, 9])
+    assert crops.shape == (2, 1, 4, 4)
+    for image, crop in zip(x, crops):
+        top, left = divmod(int(crop[0, 0, 0]) % 120, 12)
+        assert torch.equal(crop, image[:, top:top + 4, left:left + 4])
+    assert torch.equal(dataset.random_crops(x[1:], 4, seed=(0, 1), keys=[9]), crops[1:])  # alone: same crop
+    corners = {int(dataset.random_crops(x[:1], 4, seed=(0, e), keys=[7])[0, 0, 0, 0]) for e in range(20)}
+    assert len(corners) > 5  # a new corner every epoch
+
+
 def test_oasis_holder_parent_and_zip_give_same_pixels(tmp_path):
     holder = make_oasis(tmp_path / "keras_png_slices_data")
     archive = zip_tree(holder, tmp_path / "keras_png_slices_data.zip", "keras_png_slices_data/")
