@@ -31,6 +31,8 @@ VARIANTS = {
     "default-wide": ("default", {"hidden_channels": 128, "residual_channels": 128}),
     "default-no-warmup-no-clip": ("default", {"warmup_steps": 0, "grad_clip": 0.0}),
     "default-batch-16": ("default", {"batch_size": 16}),
+    "default-crop-128": ("default", {"train_crop": 128}),
+    "hq-whole-slices": ("hq", {"train_crop": 0}),
 }
 
 

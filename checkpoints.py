@@ -59,7 +59,7 @@ class TrainConfig:
     out: str | None = None            # run folder; default runs/<dataset>-<preset>-NNN
     resume: str | None = None         # a checkpoint to continue from, or its run folder (its last.pt)
     train_noise: str | None = None    # denoise: noisy input, clean target (rician:0.1, or rician:0.03-0.25 per image)
-    train_crop: int | None = None     # train on random square crops of this side (validation: whole images)
+    train_crop: int | None = None     # train on random crops of this side if smaller (0: none); default: the preset's
 
     CHOICES = {"dataset": DATASETS, "preset": tuple(PRESETS), "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                "device": DEVICES, "slice_axis": SLICE_AXES}
@@ -81,7 +81,7 @@ class TrainConfig:
             "clip_percentile": 0 <= self.clip_percentile < 50, "min_brain_fraction": 0 <= self.min_brain_fraction < 1,
             "seed": 0 <= self.seed < 2**63, "device": self.device in DEVICES,
             "train_noise": self.train_noise is None or is_noise_spec(self.train_noise),
-            "train_crop": self.train_crop is None or MIN_IMAGE_SIDE <= self.train_crop <= MAX_IMAGE_SIDE,
+            "train_crop": self.train_crop in (None, 0) or MIN_IMAGE_SIDE <= self.train_crop <= MAX_IMAGE_SIDE,
         }, "training config")
 
     def data_options(self) -> dict:
@@ -95,7 +95,8 @@ class TrainConfig:
         """The optimiser settings left unset filled from the preset."""
         recipe = PRESETS[self.preset]
         return replace(self, **{k: getattr(recipe, k) for k in ("lr", "lr_schedule", "warmup_steps", "grad_clip",
-                                                                "batch_size") if getattr(self, k) is None})
+                                                                "batch_size", "train_crop")
+                                if getattr(self, k) is None})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -131,6 +131,7 @@ class Preset:
     warmup_steps: int
     grad_clip: float   # largest gradient norm (0: no clipping)
     batch_size: int    # images per step and process
+    train_crop: int = 0  # train on random crops of this side where the images are larger (0: whole images)
 
 
 PRESETS = {
@@ -150,11 +151,14 @@ PRESETS = {
                                   embedding_dim=64, codebook_update="ema", ema_decay=0.8, kmeans_init=True,
                                   dead_code_threshold=2.0, ssim_weight=0.5, output="linear"),
                       lr=2e-3, lr_schedule="cosine", warmup_steps=100, grad_clip=1.0, batch_size=4),
-    # Higher fidelity: a 4x finer grid (H/4 x W/4) and K=256; otherwise default's recipe.
+    # Higher fidelity: a 4x finer grid (H/4 x W/4) and K=256; otherwise default's recipe, trained on random
+    # 128x128 crops: a quarter of the pixels per step, so up to 4x the steps in the same time, each on more anatomy and
+    # less background (OASIS validation SSIM after 30 minutes: 0.9793 on whole slices, 0.9816 on crops on a slower
+    # CPU); the model still codes whole slices.
     "hq": Preset(VQVAEConfig(hidden_channels=64, downsamplings=2, residual_blocks=2, residual_channels=64,
                              norm="none", codebook_size=256, embedding_dim=64, codebook_update="ema", ema_decay=0.8,
                              kmeans_init=True, dead_code_threshold=2.0, ssim_weight=0.5, output="linear"),
-                 lr=2e-3, lr_schedule="cosine", warmup_steps=100, grad_clip=1.0, batch_size=4),
+                 lr=2e-3, lr_schedule="cosine", warmup_steps=100, grad_clip=1.0, batch_size=4, train_crop=128),
 }
 
 

@@ -123,15 +123,21 @@ def check_fits_model(cfg: TrainConfig, model_cfg: VQVAEConfig, image_shape, worl
         h, w = model_cfg.latent_grid(*image_shape)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if cfg.train_crop:
-        if cfg.train_crop > min(image_shape) or cfg.train_crop % model_cfg.downsampling_factor:
-            raise UserError(f"--train-crop {cfg.train_crop} must be at most the images' shorter side "
-                            f"({min(image_shape)}) and a multiple of the model's downsampling "
-                            f"({model_cfg.downsampling_factor}); choose such a side, or drop --train-crop")
-        h = w = cfg.train_crop // model_cfg.downsampling_factor
+    side = crop_side(cfg, image_shape)
+    if side:
+        if side % model_cfg.downsampling_factor:
+            raise UserError(f"--train-crop {side} is not a multiple of the model's downsampling "
+                            f"({model_cfg.downsampling_factor}); choose such a side, or pass --train-crop 0")
+        h = w = side // model_cfg.downsampling_factor
     if model_cfg.norm == "batch" and cfg.batch_size * h * w == 1:
         raise UserError(f"BatchNorm needs more than one value per channel, but a batch of {cfg.batch_size} on a "
                         f"{h}x{w} latent grid gives one; raise --batch-size, or use --norm none")
+
+
+def crop_side(cfg: TrainConfig, image_shape) -> int | None:
+    """The side of the square crops training steps on, or None for whole images: --train-crop (or the preset's)
+    where it is smaller than the images' shorter side."""
+    return cfg.train_crop if cfg.train_crop and cfg.train_crop < min(image_shape) else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,14 +179,15 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, bud
     counts = torch.zeros(unwrap(model).config.codebook_size, device=device, dtype=torch.long)
     wait, noise = 0.0, training_noise(cfg)
     it = batches(data, sampler, cfg.batch_size, device, drop_last=True)
-    rows = list(sampler)  # the dataset rows of the batches, in order: the keys of their training noise
+    rows = list(sampler)  # the dataset rows of the batches, in order: the keys of their noise and crops
+    crop = crop_side(cfg, data.image_shape)
     for step in range(len(sampler) // cfg.batch_size):
         t = time.perf_counter()
         x = next(it)
         wait += time.perf_counter() - t
         keys = rows[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        if cfg.train_crop:
-            x = random_crops(x, cfg.train_crop, seed=(cfg.seed, sampler.epoch, CROP_STREAM), keys=keys)
+        if crop:
+            x = random_crops(x, crop, seed=(cfg.seed, sampler.epoch, CROP_STREAM), keys=keys)
         corrupt = None if noise is None else partial(add_noise, noise=noise, seed=(cfg.seed, sampler.epoch), keys=keys)
         out, loss = train_step(model, opt, scheduler, x, cfg, autocast, corrupt)
         with torch.no_grad():

@@ -59,7 +59,8 @@ def test_a_run_stopped_by_its_deadline_says_so_in_its_checkpoint_and_is_not_resu
                           "stopped when its --max-minutes 1e-06 were spent; pass --max-minutes M with --resume")
 
 
-def test_training_on_crops_steps_on_crops_and_the_checkpoint_records_their_side(demo_root, tmp_path, monkeypatch):
+def test_training_steps_on_crops_smaller_than_the_slices_and_on_whole_slices_otherwise(demo_root, tmp_path,
+                                                                                        monkeypatch):
     seen = []
     real_step = train.train_step
     monkeypatch.setattr(train, "train_step", lambda model, opt, scheduler, x, *a, **k: (
@@ -68,6 +69,11 @@ def test_training_on_crops_steps_on_crops_and_the_checkpoint_records_their_side(
     assert seen and set(seen) == {(8, 1, 16, 16)}
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["train_config"]["train_crop"] == 16 and 0 < state["metrics"]["val_ssim"] <= 1
+
+    seen.clear()  # hq's crops of 128 are larger than these 32x32 slices: whole slices
+    train.main(tiny_args(demo_root, tmp_path / "hq", "--epochs", "1", "--preset", "hq"))
+    assert set(seen) == {(8, 1, 32, 32)}
+    assert load_checkpoint(tmp_path / "hq" / "last.pt")["train_config"]["train_crop"] == 128
 
 
 def test_checkpoint_rebuilds_the_model_from_its_own_config(demo_root, tmp_path):
@@ -108,8 +114,8 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root,
     (["--codebook-size", "1e10"], "invalid int value: '1e10'"),
     (["--hidden-channels", "100000"], "invalid --hidden-channels 100000"),
     (["--in-channels", "3"], "unrecognized arguments: --in-channels 3"),
-    (["--train-crop", "12"], "--train-crop 12 must be at most the images' shorter side (32) and a multiple"),
-    (["--train-crop", "64"], "--train-crop 64 must be at most the images' shorter side (32)"),
+    (["--train-crop", "12"], "--train-crop 12 is not a multiple of the model's downsampling (8)"),
+    (["--train-crop", "4"], "invalid --train-crop 4"),
 ])
 def test_out_of_range_flags_exit_with_one_line_before_anything_is_written(demo_root, tmp_path, flags, message,
                                                                          capsys):
