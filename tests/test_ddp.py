@@ -101,8 +101,9 @@ def epoch(model_cfg, images, batch_size, rank=0, world=1, shuffle=False, deadlin
         model.broadcast_buffers = False
     sampler = DistributedSampler(range(len(images)), world, rank, shuffle=shuffle, drop_last=True)
     cfg = TrainConfig(batch_size=batch_size, channels_last=False)
-    result = train.train_epoch(model, opt, scheduler, SimpleNamespace(images=images), sampler, cfg,
-                               torch.device("cpu"), nullcontext(), budget, tqdm(disable=True))
+    data = SimpleNamespace(images=images, image_shape=tuple(images.shape[1:]))
+    result = train.train_epoch(model, opt, scheduler, data, sampler, cfg, torch.device("cpu"), nullcontext(), budget,
+                               tqdm(disable=True))
     train.average_batchnorm_stats(unwrap(model))
     return unwrap(model), result
 
