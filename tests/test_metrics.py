@@ -32,8 +32,9 @@ def test_window_sums_equal_direct_sums_along_either_axis(width):
 @INDUCTOR
 def test_compiled_ssim_equals_the_eager_one():
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(6, 1, 24, 20, generator=g)  # a chunk of 4 compiled, the last 2 eager
-    y = (x + 0.2 * torch.randn(6, 1, 24, 20, generator=g)).clamp(0, 1)
+    # a chunk of 4 compiled, the last 2 eager; 32x32 as in the other INDUCTOR tests, which then reuse the compile
+    x = torch.rand(6, 1, 32, 32, generator=g)
+    y = (x + 0.2 * torch.randn(6, 1, 32, 32, generator=g)).clamp(0, 1)
     assert torch.allclose(ssim(x, y, compiled=True), ssim(x, y), atol=1e-6)
 
 
