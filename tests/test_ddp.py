@@ -23,6 +23,8 @@ from modules import VQVAE, VQVAEConfig
 from helpers import TINY_MODEL, run_script, tiny_args
 from utils import UserError, fail_together, seed_everything, unwrap
 
+pytestmark = pytest.mark.xdist_group("ddp")  # one worker, so the module's torchrun run (ddp_run) happens once
+
 ARGS = ("--lr-schedule", "constant", "--precision", "fp32", "--device", "cpu")  # CPU DDP, also where GPUs exist
 
 
