@@ -540,23 +540,27 @@ def save_completions(prior, model, held, shape, args, generator, amp, path: Path
 
 
 def sample_scores(model, samples, train, val, args, device, segmenter=None, classes=None) -> dict:
-    """Nearest-train SSIM and the Frechet distance to the train slices, of the samples and, as references, of real
-    validation slices and of their reconstructions; with a segmenter also its judgement (judge_samples), per class
-    where `classes` gives the samples' labels and the class names."""
+    """Nearest-train SSIM and the Frechet distance to the train slices, of the samples and, as references, of as
+    many random real validation slices and of their reconstructions; with a segmenter also its judgement
+    (judge_samples), per class where `classes` gives the samples' labels and the class names.
+
+    The references have the samples' count because the Frechet distance of a set of N slices is biased upwards the
+    more the smaller N (its mean term alone by tr(covariance) / N): a set of 64 and one of 1120 do not compare."""
     train_images, val_images = (to_float(d.images.unsqueeze(1)) for d in (train, val))
-    val_recon = batched(lambda x: model(x).reconstruction, val_images, device, args.batch_size,
-                        desc="reconstructing validate")
-    reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:args.sample]
+    reference = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:len(samples)]
+    sets = {"samples": samples, "validate_real": val_images[reference],
+            "validate_reconstructions": batched(lambda x: model(x).reconstruction, val_images[reference], device,
+                                                args.batch_size, desc="reconstructing validate")}
     gallery = to_unit(train_images).to(device)
     nearest = {name: nearest_ssim(to_unit(x).to(device), gallery, compiled=args.compile).cpu().numpy()
-               for name, x in (("samples", samples), ("validate_real", val_images[reference]),
-                               ("validate_reconstructions", val_recon[reference]))}
+               for name, x in sets.items()}
     features = {name: encoder_features(model, x, device, args.batch_size, desc=f"encoder features: {name}")
-                for name, x in (("train", train_images), ("samples", samples), ("validate_real", val_images),
-                                ("validate_reconstructions", val_recon))}
+                for name, x in {"train": train_images, **sets}.items()}
     return {
-        "nearest_train_ssim": {"about": "per image, the highest SSIM to any train slice (1.0: a copy); validate_* "
-                                        f"use {len(reference)} random validate slices",
+        "reference_slices": {"about": "validate_* sets: this many random validate slices, as many as the samples "
+                                      "(or the whole split if smaller), for every score but the tissue fractions",
+                             "validate": len(reference)},
+        "nearest_train_ssim": {"about": "per image, the highest SSIM to any train slice (1.0: a copy)",
                                **{name: {"mean": float(v.mean()), "max": float(v.max()), "images": len(v)}
                                   for name, v in nearest.items()}},
         "frechet_distance": {"about": "between the train slices and each set, on the VQ-VAE encoder's output "
@@ -564,28 +568,27 @@ def sample_scores(model, samples, train, val, args, device, segmenter=None, clas
                                       "test, so not an independent judge (see segmenter_frechet_distance)",
                              **{f"{name}_vs_train": frechet_distance(f, features["train"])
                                 for name, f in features.items() if name != "train"}},
-        **(judge_samples(segmenter[0], {"train": train_images, "samples": samples, "validate_real": val_images,
-                                        "validate_reconstructions": val_recon}, val.masks, args, device,
+        **(judge_samples(segmenter[0], train_images, sets, val_images, val.masks, args, device,
                          None if classes is None else ({"samples": classes[0], "validate_real": val.labels},
                                                        classes[1]))
            if segmenter else {}),
     }
 
 
-def judge_samples(segmenter, images: dict, val_masks, args, device, classes=None) -> dict:
+def judge_samples(segmenter, train_images, sets: dict, val_images, val_masks, args, device, classes=None) -> dict:
     """The segmenter's view of the samples: the Frechet distance to the train slices in its bottleneck features
-    (anatomy.segmenter_features), of the samples and of real and reconstructed validation slices; and each
-    tissue's share of the brain pixels per slice, as it segments the samples and the real validation slices, with
-    the true masks' shares as a reference where the dataset has masks, and the 1-D Wasserstein distance of the
-    samples' shares to the real. `classes` ({"samples": labels, "validate_real": labels}, class names): also the
-    shares per class and each class's difference from the first (e.g. AD - NC), in the samples and in the real
-    slices."""
+    (anatomy.segmenter_features) of each of `sets` (the samples and the equal-sized real references); and each
+    tissue's share of the brain pixels per slice, as it segments the samples and all real validation slices
+    (`val_images`), with the true masks' shares as a reference where the dataset has masks, and the 1-D
+    Wasserstein distance of the samples' shares to the real. `classes` ({"samples": labels, "validate_real":
+    labels}, class names): also the shares per class and each class's difference from the first (e.g. AD - NC),
+    in the samples and in the real slices."""
     features = {name: segmenter_features(segmenter, x, device, args.batch_size, desc=f"segmenter features: {name}")
-                for name, x in images.items()}
-    as_uint8 = {name: to_uint8(images[name][:, 0]) for name in ("samples", "validate_real")}
+                for name, x in {"train": train_images, **sets}.items()}
     amp = autocast(args.precision, device)
-    fractions = {name: tissue_fractions(segment_images(segmenter, x, device, amp, args.batch_size)).numpy()
-                 for name, x in as_uint8.items()}
+    fractions = {name: tissue_fractions(segment_images(segmenter, to_uint8(x[:, 0]), device, amp,
+                                                       args.batch_size)).numpy()
+                 for name, x in (("samples", sets["samples"]), ("validate_real", val_images))}
     if val_masks is not None:
         fractions["validate_true_masks"] = tissue_fractions(val_masks).numpy()
     by_class = {} if classes is None else {"tissue_fractions_by_class": fractions_by_class(fractions, *classes)}
@@ -596,8 +599,8 @@ def judge_samples(segmenter, images: dict, val_masks, args, device, classes=None
             **{f"{name}_vs_train": frechet_distance(f, features["train"])
                for name, f in features.items() if name != "train"}},
         "tissue_fractions": {
-            "about": "each tissue's share of the brain pixels (CSF + GM + WM) per slice: samples and validate_real "
-                     "as the segmenter sees them, validate_true_masks from the masks",
+            "about": "each tissue's share of the brain pixels (CSF + GM + WM) per slice: the samples and every "
+                     "validate slice (validate_real) as the segmenter sees them, validate_true_masks from the masks",
             **{t: {**{name: {"mean": float(f[:, k].mean()), "std": float(f[:, k].std())}
                       for name, f in fractions.items()},
                    "wasserstein_samples_vs_validate": wasserstein_1d(fractions["samples"][:, k],

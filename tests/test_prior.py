@@ -126,6 +126,13 @@ def test_frechet_distance_matches_the_scipy_formula():
     assert abs(frechet_distance(a, a)) < 1e-8
 
 
+def test_frechet_distance_of_a_small_set_from_the_same_distribution_is_biased_upwards():
+    """Why predict.py --sample compares the samples with as many real slices as there are samples."""
+    population = torch.randn(20000, 16, generator=torch.Generator().manual_seed(0))
+    small, large = population[:64], population[64:1184]
+    assert frechet_distance(small, population) > 2 * frechet_distance(large, population)
+
+
 def test_nearest_ssim_finds_copies_and_equals_an_exhaustive_search():
     torch.manual_seed(0)
     gallery, queries = torch.rand(12, 1, 16, 16), torch.rand(3, 1, 16, 16)
@@ -171,7 +178,9 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     for name in ("samples", "validate_real", "validate_reconstructions"):
         assert -1 <= scores["nearest_train_ssim"][name]["mean"] <= scores["nearest_train_ssim"][name]["max"] <= 1
         assert scores["frechet_distance"][f"{name}_vs_train"] >= 0
-    assert scores["nearest_train_ssim"]["samples"]["images"] == 4
+    for name in ("samples", "validate_real", "validate_reconstructions"):  # the references are as many as the samples
+        assert scores["nearest_train_ssim"][name]["images"] == 4
+    assert scores["reference_slices"]["validate"] == 4
     with pytest.raises(SystemExit):
         predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--class", "AD"])
     assert "--class needs a class-conditional prior" in capsys.readouterr().err
