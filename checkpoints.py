@@ -22,6 +22,7 @@ from utils import DEVICES, MAX_BATCH_SIZE, PRECISIONS, DataError, UserError, one
 
 CHECKPOINT_FORMAT = "vqvae-mri/1"
 SCHEDULES = ("constant", "cosine")
+MIRRORS = {"none": None, "rows": -2, "columns": -1}  # train_prior.py --mirror: the image axis flipped, if any
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class PriorTrainConfig:
     vqvae: str | None = None          # the VQ-VAE checkpoint (or run folder: its best.pt) whose codes are modelled
     data_root: str | None = None      # where the VQ-VAE's dataset is now, if it moved after training
     conditional: bool = False         # condition on the class (needs a dataset with classes: ADNI's AD / NC)
+    mirror: str = "none"              # also train on each train slice flipped: rows (OASIS' midline) or columns
     epochs: int = 30                  # epochs to train
     max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
     batch_size: int = 32              # code maps per step
@@ -124,11 +126,12 @@ class PriorTrainConfig:
     out: str | None = None            # run folder; default: prior/ in the VQ-VAE's run folder
     resume: str | None = None         # a prior checkpoint to continue from, or its run folder (its last.pt)
 
-    CHOICES = {"lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES}
+    CHOICES = {"mirror": tuple(MIRRORS), "lr_schedule": SCHEDULES, "precision": PRECISIONS, "device": DEVICES}
 
     def __post_init__(self):
         first_failure(self, {
-            "epochs": 1 <= self.epochs <= 100000, "max_minutes": 0 <= self.max_minutes < math.inf,
+            "mirror": self.mirror in MIRRORS, "epochs": 1 <= self.epochs <= 100000,
+            "max_minutes": 0 <= self.max_minutes < math.inf,
             "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "lr": 0 < self.lr < math.inf, "lr_schedule": self.lr_schedule in SCHEDULES,
             "warmup_steps": self.warmup_steps >= 0, "grad_clip": 0 <= self.grad_clip < math.inf,

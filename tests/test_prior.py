@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,12 +18,13 @@ import engine
 import predict
 import train
 import train_prior
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
 from modules import PriorConfig, build_prior
 from helpers import (ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
                      nan_weights_on_second_call, run_main, tiny_args)
 from images import ssim
-from metrics import frechet_distance, nearest_ssim
+from metrics import encode_images, frechet_distance, nearest_ssim
+from utils import autocast
 
 
 ARCHS = ["pixelcnn", "transformer"]
@@ -188,6 +190,18 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
         predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--reference-slices", "1"])
     err = capsys.readouterr().err
     assert "--reference-slices must be at least 2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mirror_adds_the_codes_of_every_train_slice_flipped_and_leaves_validation_alone(vqvae):
+    cpu, fp32 = torch.device("cpu"), autocast("fp32", torch.device("cpu"))
+    model, vqvae_cfg, state = load_vqvae(vqvae, cpu)
+    train_images = load_split(vqvae_cfg, "train", demo=state["demo_settings"]).images
+    cfg = PriorTrainConfig(vqvae=str(vqvae), mirror="rows")
+    plain, mirrored = (train_prior.encode_splits(replace(cfg, mirror=m), cpu, fp32)[3] for m in ("none", "rows"))
+    n = len(train_images)
+    assert torch.equal(mirrored["train"][:n], plain["train"]) and torch.equal(mirrored["validate"], plain["validate"])
+    assert torch.equal(mirrored["train"][n:], encode_images(model, train_images.flip(1), cpu, amp=fp32))
+    assert not torch.equal(mirrored["train"][n:], plain["train"])
 
 
 def test_prior_training_stops_at_its_deadline_after_one_step_and_says_so_in_its_checkpoint(vqvae, tmp_path, capsys):
