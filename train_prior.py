@@ -10,9 +10,9 @@ PixelCNN, --arch transformer a causal transformer over the raster sequence of co
 
 The VQ-VAE's train and validate splits (as its checkpoint records them; --data-root if they moved) are encoded
 to code maps once; --mirror adds the train slices' mirror images across the brain's midline (rows for OASIS): twice
-the maps, for a prior that would otherwise overfit them. The run folder (default: prior/ in the VQ-VAE's run folder) holds config.json, metrics.csv
-(train and validation NLL in bits per code), loss.png, best.pt (lowest validation NLL), last.pt and
-samples/epoch_NNN.png (slices decoded from maps drawn with the same seed every epoch).
+the maps, for a prior that would otherwise overfit them. The run folder (default: prior/ in the VQ-VAE's run folder)
+holds config.json, metrics.csv (train and validation NLL in bits per code), loss.png, best.pt (lowest validation
+NLL), last.pt and samples/epoch_NNN.png (slices decoded from maps drawn with the same seed every epoch).
 Then sample and score with: python predict.py --sample 64 --prior <run folder>/best.pt
 """
 import math
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae, rebuild_prior
+from checkpoints import (MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae,
+                         rebuild_prior)
 from engine import (SavedEpochs, TensorBoardLog, TimeBudget, config_or_error, lr_scheduler, optimizer_step,
                     parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
                     schedule_done, tensorboard_writer_class)
@@ -77,13 +78,14 @@ def encode_splits(cfg: PriorTrainConfig, device, amp):
               for split in ("train", "validate")]
     if cfg.conditional and len(splits[0].class_names) < 2:
         raise UserError(f"--conditional needs a dataset with classes (ADNI: AD / NC); {splits[0].name} has none")
-    images, labels = {d.split: d.images for d in splits}, {d.split: d.labels for d in splits}
+    codes = {d.split: encode_images(vqvae, d.images, device, desc=f"encoding {d.split}", amp=amp).to(device)
+             for d in splits}
+    labels = {d.split: d.labels.to(device) if cfg.conditional else None for d in splits}
     if MIRRORS[cfg.mirror] is not None:  # the train slices' mirror images: twice the maps, each a plausible brain
-        images["train"] = torch.cat([images["train"], images["train"].flip(MIRRORS[cfg.mirror])])
-        labels["train"] = labels["train"].repeat(2)
-    codes = {split: encode_images(vqvae, x, device, desc=f"encoding {split}", amp=amp).to(device)
-             for split, x in images.items()}
-    labels = {split: y.to(device) if cfg.conditional else None for split, y in labels.items()}
+        mirrored = encode_images(vqvae, splits[0].images.flip(MIRRORS[cfg.mirror]), device,
+                                 desc="encoding train, mirrored", amp=amp)
+        codes["train"] = torch.cat([codes["train"], mirrored.to(device)])
+        labels["train"] = labels["train"].repeat(2) if cfg.conditional else None
     return vqvae, vqvae_state, splits[0].class_names, codes, labels
 
 
