@@ -49,6 +49,21 @@ def test_bench_measures_everything_it_promises(tmp_path, capsys):
     assert "training (img/s)" in r.stdout
 
 
+@INDUCTOR
+def test_without_native_bf16_the_bf16_peak_is_neither_timed_nor_judged(tmp_path, capsys, monkeypatch):
+    timed_dtypes = []
+    monkeypatch.setattr(bench, "use_bf16", lambda precision, device: precision == "bf16")
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, device, sizes: timed_dtypes.append(dtype) or 1e9)
+    out = tmp_path / "bench.json"
+    r = run_bench(capsys, "--skip-reference", "--json", out)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(out.read_text())
+    assert timed_dtypes == [torch.float32] and results["settings"]["precision"] == "fp32"
+    assert results["flops"]["peak_bf16_per_s"] is None and results["flops"]["fraction_of_bf16_peak"] is None
+    assert results["targets"]["fraction_of_bf16_peak"] is None and results["flops"]["fraction_of_fp32_peak"] > 0
+    assert "no native bf16 here" in r.stdout
+
+
 def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path, capsys):
     generate_demo(tmp_path / "slices", size=32, n_patients=10, slices_per_patient=2)
     out = tmp_path / "quality.json"
