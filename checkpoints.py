@@ -119,6 +119,7 @@ class PriorTrainConfig:
     warmup_steps: int = 0             # linear learning-rate warmup
     grad_clip: float = 1.0            # clip the gradient norm to this (0: no clipping)
     precision: str = "auto"           # auto (bf16 where the hardware has it), bf16 or fp32
+    compile: bool = False             # torch.compile the prior's training steps (validation and sampling run eagerly)
     epoch_samples: int = 16           # slices sampled for samples/epoch_NNN.png (0: none)
     tensorboard: bool = False         # also log to <run>/tensorboard/ (needs: pip install tensorboard)
     seed: int = 0                     # initial weights, shuffling and the samples drawn each epoch

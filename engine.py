@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -458,6 +459,13 @@ def build_training(cfg, model_cfg: VQVAEConfig, device: torch.device, total_step
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     return model, opt, lr_scheduler(opt, cfg, total_steps)
+
+
+def require_compiler():
+    """--compile's precondition, checked before a run folder is made."""
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise UserError("--compile needs a C++ compiler (torch.compile generates and builds C++/Triton code) and "
+                        "none was found; install g++ or drop --compile")
 
 
 def compile_model(model: torch.nn.Module, device: torch.device, distributed: bool) -> torch.nn.Module:

@@ -11,7 +11,6 @@ A run folder holds config.json, metrics.csv, code_usage.csv, checkpoints/epoch_N
 validation loss), last.pt, loss.png, ssim.png, codebook.png, code_usage.png and recon/epoch_NNN.png.
 """
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -29,8 +28,8 @@ from checkpoints import TrainConfig, rebuild_vqvae
 from dataset import build_dataset, check_compatible, demo_settings, random_crops
 from denoise import Noise, add_noise, parse_noise
 from engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model, config_or_error,
-                    parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
-                    schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
+                    parse_config_flags, require_compiler, reserve_run_folder, restore_training, resume_checkpoint,
+                    resumed_config, schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
 from metrics import score_split
 from modules import PRESETS, VQVAEConfig, all_reduce_sum
 from utils import (UserError, autocast, choose_device, distributed_env, exits_with_one_line, fail_together,
@@ -66,9 +65,8 @@ def setup_process(cfg: TrainConfig) -> Process:
     """The device, the process-wide speed settings and, under torchrun, the process group."""
     rank, world, local_rank = distributed_env()
     device = choose_device(cfg.device, local_rank)
-    if cfg.compile and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        raise UserError("--compile needs a C++ compiler (torch.compile generates and builds C++/Triton code) and "
-                        "none was found; install g++ or drop --compile")
+    if cfg.compile:
+        require_compiler()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     speed_settings(device)

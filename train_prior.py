@@ -27,18 +27,19 @@ from tqdm import tqdm
 
 from checkpoints import (MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae,
                          rebuild_prior)
-from engine import (SavedEpochs, TensorBoardLog, TimeBudget, config_or_error, lr_scheduler, optimizer_step,
-                    parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config,
-                    schedule_done, tensorboard_writer_class)
+from engine import (SavedEpochs, TensorBoardLog, TimeBudget, compile_model, config_or_error, lr_scheduler,
+                    optimizer_step, parse_config_flags, require_compiler, reserve_run_folder, restore_training,
+                    resume_checkpoint, resumed_config, schedule_done, tensorboard_writer_class)
 from metrics import batched, encode_images, prior_bits
 from modules import PriorConfig, build_prior, prior_config
 from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
                    read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_interrupts, use_bf16, write_json)
 
 
-def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, progress) -> tuple[float, int]:
-    """One shuffled pass over the (N, h, w) train code maps (cut short where --max-minutes' plan ends); returns
-    their mean NLL in bits per code and the maps trained on."""
+def train_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, progress) -> tuple[float, int]:
+    """One shuffled pass over the (N, h, w) train code maps (cut short where --max-minutes' plan ends), each step
+    through `stepped` (the prior, or its torch.compile); returns their mean NLL in bits per code and the maps
+    trained on."""
     prior.train()
     order = torch.randperm(len(codes)).to(codes.device)
     nats, seen = torch.zeros((), device=codes.device), 0
@@ -47,7 +48,7 @@ def train_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, progress
         batch = order[start:start + cfg.batch_size]
         x = codes[batch]
         with amp:
-            logits = prior(x, labels[batch] if labels is not None else None)  # (B, K, h, w)
+            logits = stepped(x, labels[batch] if labels is not None else None)  # (B, K, h, w)
         loss = F.cross_entropy(logits.float(), x)
         optimizer_step(loss, prior, opt, scheduler, cfg.grad_clip)
         nats += loss.detach() * x.numel()
@@ -91,6 +92,8 @@ def encode_splits(cfg: PriorTrainConfig, device, amp):
 
 def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dict | None = None) -> Path:
     device = choose_device(cfg.device)
+    if cfg.compile:
+        require_compiler()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(cfg.seed)
@@ -106,6 +109,7 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dic
     if not prior.fits(*shape):
         raise UserError(f"the code maps are {shape[0]}x{shape[1]}, but --max-grid {prior_cfg.max_grid} covers at most "
                         f"{prior_cfg.max_grid} a side; pass --max-grid {max(shape)}")
+    stepped = compile_model(prior, device, distributed=False) if cfg.compile else prior
     opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(codes["train"]) / cfg.batch_size)
     scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
@@ -136,7 +140,7 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dic
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            row, timing = run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch,
+            row, timing = run_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch,
                                     steps_per_epoch)
             best, best_val = row["val_bits_per_code"] < best_val, min(best_val, row["val_bits_per_code"])
             stopping = schedule_done(scheduler) or budget.up(device)
@@ -180,13 +184,13 @@ def checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, c
             "metrics": row, "time_budget": budget.state(done=stopping)}
 
 
-def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch, steps_per_epoch):
+def run_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch, steps_per_epoch):
     """Train one epoch and validate; returns its metrics.csv row and (seconds per training step, seconds of
     validation), which --max-minutes plans with."""
     t0, first_step = time.perf_counter(), scheduler.last_epoch
     with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True) as progress:
-        train_bits, seen = train_epoch(prior, opt, scheduler, codes["train"], labels["train"], cfg, amp, budget,
-                                       progress)
+        train_bits, seen = train_epoch(prior, stepped, opt, scheduler, codes["train"], labels["train"], cfg, amp,
+                                       budget, progress)
     train_seconds = time.perf_counter() - t0
     saved.check_finite(epoch, "train NLL", train_bits, cfg)  # before anything of this epoch is saved
     t_val = time.perf_counter()
@@ -199,7 +203,7 @@ def run_epoch(prior, opt, scheduler, codes, labels, cfg, amp, budget, saved, epo
 
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "device", "data_root", "epoch_samples", "tensorboard", "resume")
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "device", "compile", "data_root", "epoch_samples", "tensorboard", "resume")
 DERIVED = ("codebook_size", "num_classes")  # prior config fields set from the VQ-VAE and --conditional
 
 

@@ -528,7 +528,7 @@ def test_flags_that_cannot_work_here_stop_before_the_run_folder_is_made(demo_roo
     odd = oasis_tree(demo_root, tmp_path / "odd")
     for path in (odd / SPLIT_DIRS[1]).iterdir():  # validation images of another size than train's
         Image.new("L", (40, 24)).save(path)
-    monkeypatch.setattr(train.shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)  # no C++ compiler on this machine
     cases = [
         (train_args(demo_root, tmp_path / "run", "--compile"), "--compile needs a C++ compiler"),
         (train_args(demo_root, tmp_path / "run", "--preset", "seed", "--image-size", 8, "--batch-size", 1,

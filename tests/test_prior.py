@@ -20,7 +20,7 @@ import train
 import train_prior
 from checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
 from modules import PriorConfig, build_prior
-from helpers import (ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
+from helpers import (INDUCTOR, ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
                      nan_weights_on_second_call, run_main, tiny_args)
 from images import ssim
 from metrics import encode_images, frechet_distance, nearest_ssim
@@ -263,6 +263,26 @@ def test_interrupted_and_resumed_prior_training_equals_an_uninterrupted_run(vqva
     assert a["epoch"] == b["epoch"] == 3 and a["metrics"]["val_bits_per_code"] == b["metrics"]["val_bits_per_code"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@INDUCTOR
+def test_a_compiled_prior_trains_to_the_eager_prior_weights_and_saves_them_unwrapped(vqvae, tmp_path):
+    args = ["--vqvae", str(vqvae), "--epochs", "1", *PRIOR_FLAGS, "--precision", "fp32", "--epoch-samples", "0"]
+    for name, flags in (("eager", []), ("compiled", ["--compile"])):
+        train_prior.main([*args, *flags, "--out", str(tmp_path / name)])
+    eager, compiled = (load_checkpoint(tmp_path / name / "last.pt", kind="prior") for name in ("eager", "compiled"))
+    assert compiled["train_config"]["compile"] and eager["model"].keys() == compiled["model"].keys()
+    for key in eager["model"]:
+        assert torch.allclose(eager["model"][key], compiled["model"][key], atol=1e-4), key
+    assert compiled["metrics"]["val_bits_per_code"] == pytest.approx(eager["metrics"]["val_bits_per_code"], abs=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_stops_before_the_prior_run_folder_is_made(vqvae, tmp_path, capsys,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    r = run_main(train_prior.main, ["--vqvae", vqvae, "--compile", "--out", tmp_path / "p", *PRIOR_FLAGS], capsys)
+    assert_one_line_error(r, "--compile needs a C++ compiler")
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
