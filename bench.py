@@ -29,7 +29,9 @@ after the last epoch.
 --sampling draws --samples code maps of --grid x --grid (K=32, OASIS' default) from each prior architecture at its
 default size, with random weights (the arithmetic is that of a trained one): by Prior.incremental, as predict.py
 --sample, completion and the codec run it, and by recomputing the whole network for every position, as a first
-version samples (that way is timed for NAIVE_POSITIONS positions and scaled to the map).
+version samples (that way is timed for NAIVE_POSITIONS positions and scaled to the map). It also times
+train_prior.py's training step on batches of PRIOR_TRAIN_BATCH maps in codes per second, eagerly and, with
+--compile, compiled (as train_prior.py --compile; give --warmup 3 so the compile is not timed).
 """
 import argparse
 import importlib.util
@@ -49,7 +51,9 @@ from tqdm import tqdm
 
 from checkpoints import TrainConfig
 from dataset import build_dataset, generate_demo
-from engine import batches, build_training, command_flags, compile_model, speed_settings, stage_images, train_step
+import torch.nn.functional as F
+from engine import (batches, build_training, command_flags, compile_model, optimizer_step, speed_settings,
+                    stage_images, train_step)
 from images import ssim, to_float, to_unit
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
@@ -61,6 +65,7 @@ TRAIN = Path(__file__).resolve().parent / "train.py"
 TARGETS = {"train_speedup": 5.0, "fraction_of_bf16_peak": 0.6, "ssim_speedup": 20.0, "ssim_max_abs_diff": 1e-4,
            "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005, "sampling_64_s": 60.0}
 NAIVE_POSITIONS = 8  # --sampling: positions the recomputing sampler is timed for
+PRIOR_TRAIN_BATCH = 8  # --sampling: code maps per timed prior training step (the README's batch on a CPU)
 
 
 def load_reference(path: Path):
@@ -339,6 +344,25 @@ def naive_sampling_seconds(prior, n: int, h: int, w: int, device: torch.device) 
     return (time.perf_counter() - t) / positions * h * w
 
 
+def prior_training_codes_per_s(arch: str, args, device: torch.device, compiled: bool) -> float:
+    """Codes per second of train_prior.py's step (forward under --precision, cross-entropy, Adam) on random
+    PRIOR_TRAIN_BATCH x --grid x --grid maps, for a new prior of `arch` at its default size."""
+    torch.manual_seed(0)
+    prior = build_prior(prior_config(arch=arch, max_grid=max(64, args.grid))).to(device).train()
+    model = compile_model(prior, device, distributed=False) if compiled else prior
+    opt = torch.optim.Adam(prior.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    amp = autocast(args.precision, device)
+    codes = torch.randint(0, 32, (PRIOR_TRAIN_BATCH, args.grid, args.grid), device=device)
+
+    def step():
+        with amp:
+            logits = model(codes)  # (B, K, h, w)
+        optimizer_step(F.cross_entropy(logits.float(), codes), prior, opt, scheduler, grad_clip=1.0)
+    seconds, _ = timed(step, args.warmup, args.steps, device, f"{arch} training" + (", compiled" if compiled else ""))
+    return codes.numel() * args.steps / seconds
+
+
 def sampling(args, device) -> dict:
     """Prior.sample (incremental) against the recomputing sampler, for each architecture."""
     n, h, w, rows = args.samples, args.grid, args.grid, {}
@@ -351,11 +375,16 @@ def sampling(args, device) -> dict:
         sync(device)
         incremental = time.perf_counter() - t
         naive = naive_sampling_seconds(prior, n, h, w, device)
+        eager = prior_training_codes_per_s(arch, args, device, compiled=False)
+        compiled = prior_training_codes_per_s(arch, args, device, compiled=True) if args.compile else None
         rows[arch] = {"config": {f: getattr(prior.config, f) for f in ("channels", "layers", "kernel_size", "heads")},
                       "parameters": sum(p.numel() for p in prior.parameters()), "incremental_s": incremental,
-                      "recomputing_s": naive, "speedup": naive / incremental}
+                      "recomputing_s": naive, "speedup": naive / incremental, "train_codes_per_s": eager,
+                      "compiled_train_codes_per_s": compiled, "compiled_train_speedup": compiled and compiled / eager}
     per_64 = {arch: r["incremental_s"] * 64 / n for arch, r in rows.items()}
-    return {"machine": machine(device), "settings": {"samples": n, "grid": [h, w], "codebook_size": 32},
+    return {"machine": machine(device), "settings": {"samples": n, "grid": [h, w], "codebook_size": 32,
+                                                     "train_batch": PRIOR_TRAIN_BATCH,
+                                                     "precision": "bf16" if use_bf16(args.precision, device) else "fp32"},
             "priors": rows,
             "targets": {f"sampling_64_s_{arch}": s <= TARGETS["sampling_64_s"] for arch, s in per_64.items()}}
 
@@ -371,6 +400,10 @@ def print_sampling(r: dict):
         what = f"{arch} ({c['channels']} ch, {c['layers']} layers, {p['parameters'] / 1e6:.2f}M)"
         print(f"{what:40s}{p['incremental_s']:11.1f}s{p['recomputing_s']:11.0f}s{p['speedup']:8.0f}x   "
               f"{mark(r['targets'][f'sampling_64_s_{arch}'])}")
+    print(f"\ntraining step, batch {s['train_batch']}, {s['precision']}: codes/s eager, compiled (--compile), ratio")
+    for arch, p in r["priors"].items():
+        print(f"{arch:40s}{p['train_codes_per_s']:12.0f}{fmt(p['compiled_train_codes_per_s'], '12.0f')}"
+              f"{fmt(p['compiled_train_speedup'], '8.2f')}x")
 
 
 def fmt(value, spec: str) -> str:

@@ -85,6 +85,7 @@ def test_sampling_times_both_priors_both_ways(tmp_path, capsys):
     for p in results["priors"].values():
         assert p["incremental_s"] > 0 and p["recomputing_s"] > 0
         assert p["speedup"] == pytest.approx(p["recomputing_s"] / p["incremental_s"])
+        assert p["train_codes_per_s"] > 0 and p["compiled_train_codes_per_s"] is None  # compiled with --compile only
     assert set(results["targets"]) == {"sampling_64_s_pixelcnn", "sampling_64_s_transformer"}
     assert "incremental" in r.stdout and "transformer (128 ch, 4 layers" in r.stdout
 
