@@ -51,8 +51,7 @@ from tqdm import tqdm
 
 from checkpoints import TrainConfig
 from dataset import build_dataset, generate_demo
-import torch.nn.functional as F
-from engine import (batches, build_training, command_flags, compile_model, optimizer_step, speed_settings,
+from engine import (batches, build_training, command_flags, compile_model, prior_train_step, speed_settings,
                     stage_images, train_step)
 from images import ssim, to_float, to_unit
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
@@ -356,9 +355,7 @@ def prior_training_codes_per_s(arch: str, args, device: torch.device, compiled: 
     codes = torch.randint(0, 32, (PRIOR_TRAIN_BATCH, args.grid, args.grid), device=device)
 
     def step():
-        with amp:
-            logits = model(codes)  # (B, K, h, w)
-        optimizer_step(F.cross_entropy(logits.float(), codes), prior, opt, scheduler, grad_clip=1.0)
+        prior_train_step(prior, model, opt, scheduler, codes, None, amp, grad_clip=1.0)
     seconds, _ = timed(step, args.warmup, args.steps, device, f"{arch} training" + (", compiled" if compiled else ""))
     return codes.numel() * args.steps / seconds
 
@@ -380,11 +377,12 @@ def sampling(args, device) -> dict:
         rows[arch] = {"config": {f: getattr(prior.config, f) for f in ("channels", "layers", "kernel_size", "heads")},
                       "parameters": sum(p.numel() for p in prior.parameters()), "incremental_s": incremental,
                       "recomputing_s": naive, "speedup": naive / incremental, "train_codes_per_s": eager,
-                      "compiled_train_codes_per_s": compiled, "compiled_train_speedup": compiled and compiled / eager}
+                      "compiled_train_codes_per_s": compiled,
+                      "compiled_train_speedup": compiled / eager if compiled is not None else None}
     per_64 = {arch: r["incremental_s"] * 64 / n for arch, r in rows.items()}
+    precision = "bf16" if use_bf16(args.precision, device) else "fp32"
     return {"machine": machine(device), "settings": {"samples": n, "grid": [h, w], "codebook_size": 32,
-                                                     "train_batch": PRIOR_TRAIN_BATCH,
-                                                     "precision": "bf16" if use_bf16(args.precision, device) else "fp32"},
+                                                     "train_batch": PRIOR_TRAIN_BATCH, "precision": precision},
             "priors": rows,
             "targets": {f"sampling_64_s_{arch}": s <= TARGETS["sampling_64_s"] for arch, s in per_64.items()}}
 
@@ -403,7 +401,7 @@ def print_sampling(r: dict):
     print(f"\ntraining step, batch {s['train_batch']}, {s['precision']}: codes/s eager, compiled (--compile), ratio")
     for arch, p in r["priors"].items():
         print(f"{arch:40s}{p['train_codes_per_s']:12.0f}{fmt(p['compiled_train_codes_per_s'], '12.0f')}"
-              f"{fmt(p['compiled_train_speedup'], '8.2f')}x")
+              f"{fmt(p['compiled_train_speedup'], '8.2f')}{'x' if p['compiled_train_speedup'] else ''}")
 
 
 def fmt(value, spec: str) -> str:

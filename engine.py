@@ -15,6 +15,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import checkpoint_file, load_checkpoint, run_dir_of, save_checkpoint
@@ -409,6 +410,16 @@ def optimizer_step(loss, model, opt, scheduler, grad_clip: float):
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     scheduler.step()
+
+
+def prior_train_step(prior, stepped, opt, scheduler, codes, labels, amp, grad_clip: float) -> torch.Tensor:
+    """One step of a prior on (B, h, w) code maps [+ (B,) labels], the forward through `stepped` (the prior, or its
+    torch.compile); returns the loss, mean nats per code (train_prior.py runs it, bench.py times it)."""
+    with amp:
+        logits = stepped(codes, labels)  # (B, K, h, w)
+    loss = F.cross_entropy(logits.float(), codes)
+    optimizer_step(loss, prior, opt, scheduler, grad_clip)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------------------

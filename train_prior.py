@@ -22,13 +22,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import (MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae,
                          rebuild_prior)
 from engine import (SavedEpochs, TensorBoardLog, TimeBudget, compile_model, config_or_error, lr_scheduler,
-                    optimizer_step, parse_config_flags, require_compiler, reserve_run_folder, restore_training,
+                    parse_config_flags, prior_train_step, require_compiler, reserve_run_folder, restore_training,
                     resume_checkpoint, resumed_config, schedule_done, tensorboard_writer_class)
 from metrics import batched, encode_images, prior_bits
 from modules import PriorConfig, build_prior, prior_config
@@ -47,10 +46,8 @@ def train_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget,
     for start in range(0, len(codes), cfg.batch_size):
         batch = order[start:start + cfg.batch_size]
         x = codes[batch]
-        with amp:
-            logits = stepped(x, labels[batch] if labels is not None else None)  # (B, K, h, w)
-        loss = F.cross_entropy(logits.float(), x)
-        optimizer_step(loss, prior, opt, scheduler, cfg.grad_clip)
+        loss = prior_train_step(prior, stepped, opt, scheduler, x, labels[batch] if labels is not None else None,
+                                amp, cfg.grad_clip)
         nats += loss.detach() * x.numel()
         seen += len(x)
         progress.update(1)
@@ -203,7 +200,8 @@ def run_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, s
 
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "device", "compile", "data_root", "epoch_samples", "tensorboard", "resume")
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "device", "compile", "data_root", "epoch_samples", "tensorboard",
+                       "resume")
 DERIVED = ("codebook_size", "num_classes")  # prior config fields set from the VQ-VAE and --conditional
 
 
