@@ -267,7 +267,9 @@ def test_interrupted_and_resumed_prior_training_equals_an_uninterrupted_run(vqva
 
 @INDUCTOR
 def test_a_compiled_prior_trains_to_the_eager_prior_weights_and_saves_them_unwrapped(vqvae, tmp_path):
-    args = ["--vqvae", str(vqvae), "--epochs", "1", *PRIOR_FLAGS, "--precision", "fp32", "--epoch-samples", "0"]
+    """Dropout included: compiled, it draws the eager prior's random masks."""
+    args = ["--vqvae", str(vqvae), "--epochs", "1", *PRIOR_FLAGS, "--precision", "fp32", "--epoch-samples", "0",
+            "--dropout", "0.1"]
     for name, flags in (("eager", []), ("compiled", ["--compile"])):
         train_prior.main([*args, *flags, "--out", str(tmp_path / name)])
     eager, compiled = (load_checkpoint(tmp_path / name / "last.pt", kind="prior") for name in ("eager", "compiled"))
