@@ -483,9 +483,10 @@ class PriorConfig:
     layers: int = 12          # gated layers (the first one also hides the current position), or transformer blocks
     kernel_size: int = 5      # pixelcnn: odd k, the vertical stack sees k//2 rows up and k//2 columns each side
     heads: int = 4            # transformer: attention heads (they split the channels)
-    max_grid: int = 64        # transformer: largest code grid side its learned row and column embeddings cover
+    max_grid: int = 64        # largest grid side the learned row and column embeddings cover (transformer; --positions)
     num_classes: int = 0      # 0: unconditional; otherwise the prior is conditioned on a label in [0, num_classes)
     dropout: float = 0.0      # pixelcnn: on the horizontal stack's gated activations; transformer: attention and MLP
+    positions: bool = False   # pixelcnn: add learned row and column embeddings to the codes' (the transformer has them)
 
     CHOICES = {"arch": PRIOR_ARCHS}
 
@@ -496,7 +497,8 @@ class PriorConfig:
                              "kernel_size": 3 <= self.kernel_size <= 63 and self.kernel_size % 2 == 1,
                              "heads": 1 <= self.heads <= 256 and self.channels % self.heads == 0,
                              "max_grid": 1 <= self.max_grid <= 2048,
-                             "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1},
+                             "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1,
+                             "positions": not self.positions or self.arch == "pixelcnn"},
                       "prior config")
 
 
@@ -641,6 +643,14 @@ class GatedMaskedConv(nn.Module):
         return h + out if self.residual else out
 
 
+def grid_positions(prior: Prior, h: int, w: int) -> torch.Tensor:
+    """(h, w, C): the sum of the prior's learned row and column embeddings at each position of an h x w grid."""
+    if not prior.fits(h, w):
+        raise ValueError(f"a {h}x{w} code grid is larger than this prior's max_grid {prior.config.max_grid}")
+    device = prior.rows.weight.device
+    return prior.rows(torch.arange(h, device=device))[:, None] + prior.columns(torch.arange(w, device=device))[None]
+
+
 class PixelCNNPrior(Prior):
     """Gated PixelCNN over code maps: (B, h, w) indices [+ (B,) labels] -> (B, K, h, w) logits."""
 
@@ -648,14 +658,22 @@ class PixelCNNPrior(Prior):
         super().__init__()
         c = self.config = config
         self.embed = nn.Embedding(c.codebook_size, c.channels)
+        if c.positions:  # registered slices: where a code sits says much about which it is
+            self.rows, self.columns = nn.Embedding(c.max_grid, c.channels), nn.Embedding(c.max_grid, c.channels)
         self.layers = nn.ModuleList([GatedMaskedConv(c.channels, c.kernel_size, i == 0, c.num_classes, c.dropout)
                                      for i in range(c.layers)])
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c.channels, c.channels, 1), nn.ReLU(),
                                   nn.Conv2d(c.channels, c.codebook_size, 1))
 
+    def fits(self, h: int, w: int) -> bool:
+        return not self.config.positions or max(h, w) <= self.config.max_grid
+
     def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         self.check_labels(labels)
-        v = h = self.embed(indices).permute(0, 3, 1, 2)  # (B, h, w) -> (B, C, h, w)
+        x = self.embed(indices)  # (B, h, w) -> (B, h, w, C)
+        if self.config.positions:
+            x = x + grid_positions(self, *indices.shape[1:])
+        v = h = x.permute(0, 3, 1, 2)  # (B, C, h, w)
         for layer in self.layers:
             v, from_vertical = layer.vertical_step(v, labels)
             h = layer.horizontal_step(h, from_vertical, labels)
@@ -685,7 +703,10 @@ def pixelcnn_matrices(prior: PixelCNNPrior, dtype) -> dict:
         "cond": as_dtype(layer.condition.weight) if layer.condition is not None else None,
         "residual": layer.residual} for layer in prior.layers]
     first, second = prior.head[1], prior.head[3]
+    positions = prior.config.positions
     return {"embed": as_dtype(prior.embed.weight), "layers": layers,
+            "rows": as_dtype(prior.rows.weight) if positions else None,
+            "columns": as_dtype(prior.columns.weight) if positions else None,
             "head": (matrix(first), as_dtype(first.bias), matrix(second), as_dtype(second.bias))}
 
 
@@ -728,6 +749,8 @@ def pixelcnn_steps(m: dict, c: PriorConfig, n: int, h: int, w: int, labels):
             logits = torch.addmm(b2, torch.addmm(b1, out.relu(), w1).relu(), w2)
             codes = yield logits
             embedded = m["embed"][codes.to(m["embed"].device)]
+            if m["rows"] is not None:
+                embedded = embedded + m["rows"][i] + m["columns"][j]
             horizontal[0][:, r + j] = embedded
             vertical[0][:, r, r + j] = embedded
 
@@ -813,12 +836,7 @@ class TransformerPrior(Prior):
 
     def positions(self, h: int, w: int) -> torch.Tensor:
         """(h*w, C): the embedding of each raster position's row and column."""
-        if not self.fits(h, w):
-            raise ValueError(f"a {h}x{w} code grid is larger than this transformer prior's max_grid "
-                             f"{self.config.max_grid}")
-        device = self.rows.weight.device
-        i, j = torch.arange(h, device=device), torch.arange(w, device=device)
-        return (self.rows(i)[:, None] + self.columns(j)[None]).reshape(h * w, -1)
+        return grid_positions(self, h, w).reshape(h * w, -1)
 
     def start_tokens(self, n: int, labels) -> torch.Tensor:
         """(n, 1, C)."""

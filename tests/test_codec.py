@@ -15,11 +15,11 @@ from modules import PriorConfig, build_prior
 CPU = torch.device("cpu")
 
 
-def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, arch="pixelcnn"):
+def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, arch="pixelcnn", positions=False):
     """A random prior whose logits are large enough to be confident (so frequencies are far from uniform)."""
     torch.manual_seed(seed)
     prior = build_prior(PriorConfig(arch=arch, codebook_size=k, channels=8, layers=layers, kernel_size=kernel_size,
-                                    heads=2, max_grid=8, num_classes=num_classes)).eval()
+                                    heads=2, max_grid=8, num_classes=num_classes, positions=positions)).eval()
     with torch.no_grad():
         if arch == "pixelcnn":
             prior.head[3].weight.mul_(3.0)
@@ -32,11 +32,13 @@ def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, arch="pix
 # Probabilities
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch, kernel_size, layers, num_classes",
-                         [("pixelcnn", 3, 4, 0), ("pixelcnn", 5, 3, 2), ("transformer", 3, 2, 0),
-                          ("transformer", 3, 2, 2)])
-def test_the_incremental_float64_conditionals_equal_the_forward_pass(arch, kernel_size, layers, num_classes):
-    prior = random_prior(layers=layers, kernel_size=kernel_size, num_classes=num_classes, arch=arch)
+@pytest.mark.parametrize("arch, kernel_size, layers, num_classes, positions",
+                         [("pixelcnn", 3, 4, 0, False), ("pixelcnn", 5, 3, 2, False), ("pixelcnn", 3, 4, 2, True),
+                          ("transformer", 3, 2, 0, False), ("transformer", 3, 2, 2, False)])
+def test_the_incremental_float64_conditionals_equal_the_forward_pass(arch, kernel_size, layers, num_classes,
+                                                                     positions):
+    prior = random_prior(layers=layers, kernel_size=kernel_size, num_classes=num_classes, arch=arch,
+                         positions=positions)
     codes = torch.randint(0, 16, (3, 5, 7))
     labels = torch.tensor([0, 1, 1]) if num_classes else None
     incremental = incremental_logits(prior, codes, labels)

@@ -27,16 +27,19 @@ from metrics import encode_images, frechet_distance, nearest_ssim
 from utils import autocast
 
 
-ARCHS = ["pixelcnn", "transformer"]
+ARCHS = ["pixelcnn", "pixelcnn+positions", "transformer"]
 
 
 def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0, arch="pixelcnn"):
+    """arch: one of ARCHS ("pixelcnn+positions": the PixelCNN with learned row and column embeddings)."""
     torch.manual_seed(seed)
+    arch, _, extra = arch.partition("+")
     return build_prior(PriorConfig(arch=arch, codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
-                                   heads=2, max_grid=8, num_classes=num_classes)).eval()
+                                   heads=2, max_grid=8, num_classes=num_classes, positions=extra == "positions")).eval()
 
 
-@pytest.mark.parametrize("arch, kernel_size, layers", [("pixelcnn", 3, 5), ("pixelcnn", 5, 3), ("transformer", 3, 2)])
+@pytest.mark.parametrize("arch, kernel_size, layers", [("pixelcnn", 3, 5), ("pixelcnn", 5, 3),
+                                                      ("pixelcnn+positions", 3, 5), ("transformer", 3, 2)])
 def test_each_position_sees_exactly_the_positions_before_it(arch, kernel_size, layers):
     """d logits(i, j) / d one-hot input is zero at (i, j) and after it in raster order, and nonzero at every
     position before it (the layers are deep enough to reach the whole 5x6 grid): no leak, no blind spot."""
