@@ -25,6 +25,9 @@ def random_prior(k=16, layers=3, kernel_size=5, num_classes=0, seed=0, arch="pix
             prior.head[3].weight.mul_(3.0)
         else:
             prior.head.weight.mul_(100.0)  # its weights start at std 0.02
+        if positions:  # they start at zero
+            prior.rows.weight.normal_()
+            prior.columns.weight.normal_()
     return prior
 
 

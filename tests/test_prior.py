@@ -34,8 +34,12 @@ def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0, arch="pixelc
     """arch: one of ARCHS ("pixelcnn+positions": the PixelCNN with learned row and column embeddings)."""
     torch.manual_seed(seed)
     arch, _, extra = arch.partition("+")
-    return build_prior(PriorConfig(arch=arch, codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
-                                   heads=2, max_grid=8, num_classes=num_classes, positions=extra == "positions")).eval()
+    prior = build_prior(PriorConfig(arch=arch, codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
+                                    heads=2, max_grid=8, num_classes=num_classes, positions=extra == "positions"))
+    if extra == "positions":  # they start at zero
+        torch.nn.init.normal_(prior.rows.weight)
+        torch.nn.init.normal_(prior.columns.weight)
+    return prior.eval()
 
 
 @pytest.mark.parametrize("arch, kernel_size, layers", [("pixelcnn", 3, 5), ("pixelcnn", 5, 3),
