@@ -483,8 +483,8 @@ def compile_model(model: torch.nn.Module, device: torch.device, distributed: boo
     """torch.compile. On a single CUDA GPU also with CUDA graphs ("reduce-overhead"): at the seed's batch of 16 the
     step is bound by kernel launches, which graphs remove. Under DDP the gradient all-reduce runs between graph
     segments, so there the default mode. On the CPU, random ops (the priors' dropout) draw from ATen's generator
-    instead of inductor's, which fills masks element by element (a dropout step of the PixelCNN 1.3x slower); so the
-    compiled model also draws the eager model's random numbers and trains to its weights."""
+    instead of inductor's, which fills dropout masks element by element; so the compiled model is faster with
+    dropout, and draws the eager model's random numbers and trains to its weights."""
     if device.type == "cpu":
         from torch._inductor import config as inductor_config  # loaded only by a compiled run
         inductor_config.fallback_random = True
