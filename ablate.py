@@ -13,9 +13,9 @@ preset's batch size (a variant may override it), and --batch-size is the scoring
 import argparse
 from pathlib import Path
 
-from checkpoints import load_checkpoint, load_split, load_vqvae
-from engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
-from metrics import score_split
+from training.checkpoints import load_checkpoint, load_split, load_vqvae
+from training.engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
+from evaluation.metrics import score_split
 from utils import (ArgumentParser, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    read_csv, write_atomically, write_csv, write_json)
 

@@ -49,11 +49,12 @@ from skimage.metrics import structural_similarity
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from checkpoints import TrainConfig
+from training.checkpoints import TrainConfig
 from dataset import build_dataset, generate_demo
-from engine import (batches, build_training, command_flags, compile_model, prior_train_step, speed_settings,
-                    stage_images, train_step)
-from images import ssim, to_float, to_unit
+from training.engine import (batches, build_training, command_flags, compile_model, prior_train_step, speed_settings,
+    stage_images, train_step)
+from imaging.slices import to_float, to_unit
+from imaging.quality import ssim
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    read_csv, seed_everything, unwrap, use_bf16, write_json)

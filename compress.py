@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anatomy import segment_images
-from checkpoints import default_prior, load_segmenter, load_split, run_dir_of
-from codec import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, Ladder, available_classical,
-                   classical_settings, load_codec, parse_header, read_ladder, read_vqz)
+from anatomy.tissues import segment_images
+from training.checkpoints import default_prior, load_segmenter, load_split, run_dir_of
+from codec.vqz import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, Ladder, available_classical,
+    classical_settings, load_codec, parse_header, read_ladder, read_vqz)
 from dataset import read_slice
-from images import IMAGE_SUFFIXES, natural_key
-from rate_distortion import (classical_row, classical_study, dice_against, dice_rows, ladder_rows, measure_vqvae,
-                             peer_rows, plot_rd, rd_slices, slice_figure, targets)
+from imaging.slices import IMAGE_SUFFIXES, natural_key
+from codec.study import (classical_row, classical_study, dice_against, dice_rows, ladder_rows, measure_vqvae,
+    peer_rows, plot_rd, rd_slices, slice_figure, targets)
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    write_csv, write_json)
 

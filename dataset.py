@@ -33,7 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from images import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SPLITS, SliceDataset, natural_key
+from imaging.slices import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SPLITS, SliceDataset, natural_key
 from utils import DataError
 
 DATASETS = ("OASIS", "ADNI", "demo", "nifti")
@@ -409,7 +409,7 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     if name == "nifti":
         if not 0 <= test_fraction < 1 - val_fraction:
             raise DataError(f"test fraction must be in [0, 1 - validation fraction), got {test_fraction}")
-        from nifti import SliceOptions, load_folder  # here: nibabel takes ~0.5 s to import
+        from volumes.nifti import SliceOptions, load_folder  # here: nibabel takes ~0.5 s to import
         options = SliceOptions(slice_axis, clip_percentile, min_brain_fraction, image_size)
         return load_folder(root, split, options, val_fraction, test_fraction, seed, skip_bad, verbose)
     if name == "demo":

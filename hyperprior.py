@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, save_checkpoint
+from training.checkpoints import load_checkpoint, save_checkpoint
 from dataset import DATASETS, build_dataset
-from engine import config_or_error, reserve_run_folder
+from training.engine import config_or_error, reserve_run_folder
 from modules import config_from_dict, first_failure
-from rate_distortion import RATE_POINT, rd_slices, scores
+from codec.study import RATE_POINT, rd_slices, scores
 from utils import (ArgumentParser, UserError, append_csv, exits_with_one_line, rng_state, seed_everything,
                    set_rng_state, stop_on_interrupts, write_csv, write_json)
 

@@ -14,9 +14,9 @@ minutes spent) is not trained again and an unfinished one is resumed, so an inte
 import argparse
 from pathlib import Path
 
-from checkpoints import load_checkpoint
-from codec import LADDER_FILE
-from engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
+from training.checkpoints import load_checkpoint
+from codec.vqz import LADDER_FILE
+from training.engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
 from utils import DEVICES, PRECISIONS, ArgumentParser, exits_with_one_line, write_json
 
 # name -> (preset, model overrides, prior overrides), smallest files first. The grid sets how many codes a slice

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from images import ssim, to_unit
+from imaging.slices import to_unit
+from imaging.quality import ssim
 
 
 IMAGE_CHANNELS = 1  # grayscale MRI: every loader yields one channel

@@ -47,17 +47,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anatomy import (dice_columns, dice_summary, dice_table, segment_images, segmenter_features, tissue_fractions,
-                     wasserstein_1d, worst_first)
-from checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_segmenter, load_split,
-                         load_vqvae, newest_checkpoint, run_dir_of)
-from codec import Codec
+from anatomy.tissues import (dice_columns, dice_summary, dice_table, segment_images, segmenter_features,
+    tissue_fractions, wasserstein_1d, worst_first)
+from training.checkpoints import (check_prior_fits, checkpoint_file, default_prior, load_prior, load_segmenter,
+    load_split, load_vqvae, newest_checkpoint, run_dir_of)
+from codec.vqz import Codec
 from dataset import DATASETS, MASKED, TISSUES
-from denoise import CLASSICAL, add_noise, available_classical, parse_noise, run_classical
-from images import SPLITS, psnr, ssim, to_float, to_uint8, to_unit
-from metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance, nearest_ssim,
-                     prior_bits, score_split)
-from nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
+from denoising.noise import CLASSICAL, add_noise, available_classical, parse_noise, run_classical
+from imaging.slices import SPLITS, to_float, to_uint8, to_unit
+from imaging.quality import psnr, ssim
+from evaluation.metrics import (SplitScores, batched, encode_images, encoder_features, frechet_distance,
+    nearest_ssim, prior_bits, score_split)
+from volumes.nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
                    plot_histograms, plot_image_rows, plot_training_curves, plot_triplets, save_image_grid,
                    save_side_by_side, use_bf16, write_csv, write_json)

@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from anatomy import dice_columns, dice_summary, dice_table, segment_images, worst_first
-from checkpoints import SegmenterTrainConfig, load_segmenter, load_split, rebuild_segmenter, run_dir_of
+from anatomy.tissues import dice_columns, dice_summary, dice_table, segment_images, worst_first
+from training.checkpoints import SegmenterTrainConfig, load_segmenter, load_split, rebuild_segmenter, run_dir_of
 from dataset import TISSUES, build_dataset, demo_settings
-from engine import (SavedEpochs, TimeBudget, config_or_error, lr_scheduler, optimizer_step, parse_config_flags,
-                    reserve_run_folder, restore_training, resume_checkpoint, resumed_config, schedule_done,
-                    speed_settings)
-from images import SPLITS, to_float
+from training.engine import (SavedEpochs, TimeBudget, config_or_error, lr_scheduler, optimizer_step,
+    parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config, schedule_done,
+    speed_settings)
+from imaging.slices import SPLITS, to_float
 from modules import SegmenterConfig, UNet
 from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, choose_device,
                    exits_with_one_line, ignore_further_interrupts,

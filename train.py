@@ -24,13 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import TrainConfig, rebuild_vqvae
+from training.checkpoints import TrainConfig, rebuild_vqvae
 from dataset import build_dataset, check_compatible, demo_settings, random_crops
-from denoise import Noise, add_noise, parse_noise
-from engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model, config_or_error,
-                    parse_config_flags, require_compiler, reserve_run_folder, restore_training, resume_checkpoint,
-                    resumed_config, schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
-from metrics import score_split
+from denoising.noise import Noise, add_noise, parse_noise
+from training.engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model,
+    config_or_error, parse_config_flags, require_compiler, reserve_run_folder, restore_training, resume_checkpoint,
+    resumed_config, schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
+from evaluation.metrics import score_split
 from modules import PRESETS, VQVAEConfig, all_reduce_sum
 from utils import (UserError, autocast, choose_device, distributed_env, exits_with_one_line, fail_together,
                    ignore_further_interrupts, is_distributed, one_line_reason, plot_bars,

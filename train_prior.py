@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoints import (MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae,
-                         rebuild_prior)
-from engine import (SavedEpochs, TensorBoardLog, TimeBudget, compile_model, config_or_error, lr_scheduler,
-                    parse_config_flags, prior_train_step, require_compiler, reserve_run_folder, restore_training,
-                    resume_checkpoint, resumed_config, schedule_done, tensorboard_writer_class)
-from metrics import batched, encode_images, prior_bits
+from training.checkpoints import (MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae,
+    rebuild_prior)
+from training.engine import (SavedEpochs, TensorBoardLog, TimeBudget, compile_model, config_or_error, lr_scheduler,
+    parse_config_flags, prior_train_step, require_compiler, reserve_run_folder, restore_training, resume_checkpoint,
+    resumed_config, schedule_done, tensorboard_writer_class)
+from evaluation.metrics import batched, encode_images, prior_bits
 from modules import PriorConfig, build_prior, prior_config
 from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
                    read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_interrupts, use_bf16, write_json)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from images import to_unit
+from imaging.slices import to_unit
 
 
 class UserError(Exception):

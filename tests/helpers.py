@@ -45,7 +45,7 @@ def held(*args, **kwargs):
 
 def tiny_args(data_root, out, *extra, dataset="demo"):
     """train.py flags for a TINY_MODEL (batch 8) on the slices at `data_root`, writing to `out`."""
-    from engine import command_flags
+    from training.engine import command_flags
     return [*command_flags({"dataset": dataset, "data_root": data_root, "batch_size": 8, **TINY_MODEL, "out": out}),
             *map(str, extra)]
 
@@ -95,8 +95,8 @@ def nan_weights_on_second_call(real_epoch):
 def vqvae_state(epoch=1, **train_config):
     """A complete VQ-VAE checkpoint state of a tiny untrained model, as train.py saves it (without format)."""
     from dataclasses import asdict
-    from checkpoints import TrainConfig
-    from engine import build_training
+    from training.checkpoints import TrainConfig
+    from training.engine import build_training
     from modules import VQVAEConfig
     from utils import rng_state
     cfg = TrainConfig(dataset="demo", **train_config).resolved()

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 import ablate
-import engine
+from training import engine
 from helpers import assert_one_line_error, run_main
 
 

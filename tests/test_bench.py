@@ -9,8 +9,8 @@ import torch.nn as nn
 
 import bench
 from dataset import generate_demo
-from checkpoints import TrainConfig
-from engine import build_training, train_step
+from training.checkpoints import TrainConfig
+from training.engine import build_training, train_step
 from helpers import INDUCTOR, TINY_MODEL, run_main
 from modules import PRESETS, ConvTranspose2d, count_codes
 

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from checkpoints import TrainConfig, load_checkpoint, load_vqvae, save_checkpoint
+from training.checkpoints import TrainConfig, load_checkpoint, load_vqvae, save_checkpoint
 from helpers import vqvae_state
 from modules import PRESETS
 from utils import UserError

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import codec
+from codec import vqz as codec
 from helpers import incremental_logits
-from metrics import prior_bits
+from evaluation.metrics import prior_bits
 from modules import PriorConfig, build_prior
 
 CPU = torch.device("cpu")

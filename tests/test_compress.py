@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import codec
+from codec import vqz as codec
 import compress
-import rate_distortion
+from codec import study as rate_distortion
 import train
 from helpers import tiny_args, write_image
-from images import natural_key, ssim, to_uint8
-from metrics import score_split
+from imaging.slices import natural_key, to_uint8
+from imaging.quality import ssim
+from evaluation.metrics import score_split
 from utils import autocast
 
 CPU = torch.device("cpu")

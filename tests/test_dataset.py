@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import dataset
-import images
+from imaging import slices as images
 from dataset import build_dataset, generate_demo, read_slice
-from images import to_float
+from imaging.slices import to_float
 from utils import DataError
 from helpers import assert_one_line_error, make_adni, write_image
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dataset
-import images
+from imaging import slices as images
 from dataset import DEMO_MANIFEST, DEMO_MARKER, check_compatible, demo_settings, generate_demo, patient_id, read_slice
 from utils import DataError
 from helpers import assert_one_line_error, make_adni, write_image

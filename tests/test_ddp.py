@@ -17,8 +17,8 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import train
-from checkpoints import TrainConfig, load_checkpoint, load_split
-from engine import LRSchedule, TimeBudget
+from training.checkpoints import TrainConfig, load_checkpoint, load_split
+from training.engine import LRSchedule, TimeBudget
 from modules import VQVAE, VQVAEConfig
 from helpers import TINY_MODEL, run_script, tiny_args
 from utils import UserError, fail_together, seed_everything, unwrap

@@ -10,11 +10,11 @@ import pytest
 import torch
 from scipy.special import i0e, i1e
 
-import denoise
+from denoising import noise as denoise
 import predict
 import train
-from checkpoints import load_checkpoint
-from denoise import Noise, add_noise, parse_noise
+from training.checkpoints import load_checkpoint
+from denoising.noise import Noise, add_noise, parse_noise
 from helpers import assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
 from utils import read_csv
 

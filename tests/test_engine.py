@@ -1,14 +1,15 @@
 """The pieces both trainers run on: the LR schedule and --max-minutes, run folders with one writer, flags."""
 import subprocess
 import sys
+from pathlib import Path
 import time
 
 import pytest
 import torch
 
-import engine
-from checkpoints import PriorTrainConfig, TrainConfig
-from engine import reserve_run_folder
+from training import engine
+from training.checkpoints import PriorTrainConfig, TrainConfig
+from training.engine import reserve_run_folder
 from modules import PriorConfig, VQVAEConfig
 from utils import UserError
 
@@ -101,8 +102,8 @@ def test_two_runs_without_out_get_two_folders_and_a_second_writer_of_one_folder_
     second, lock2 = reserve_run_folder(None, tmp_path / "runs", "OASIS-default", "train.py")
     assert (first.name, second.name) == ("OASIS-default-000", "OASIS-default-001")
     other = subprocess.run([sys.executable, "-c", f"""
-import sys; sys.path.insert(0, {str(engine.__file__.rsplit('/', 1)[0])!r})
-from engine import reserve_run_folder
+import sys; sys.path.insert(0, {str(Path(engine.__file__).resolve().parent.parent)!r})
+from training.engine import reserve_run_folder
 from utils import UserError
 try:
     reserve_run_folder({str(first)!r}, None, None, "train.py", resuming=True)
@@ -115,8 +116,8 @@ except UserError as e:
 def test_a_lock_is_released_when_its_process_ends_however_it_ends(tmp_path):
     folder = tmp_path / "run"
     subprocess.run([sys.executable, "-c", f"""
-import os, sys; sys.path.insert(0, {str(engine.__file__.rsplit('/', 1)[0])!r})
-from engine import reserve_run_folder
+import os, sys; sys.path.insert(0, {str(Path(engine.__file__).resolve().parent.parent)!r})
+from training.engine import reserve_run_folder
 reserve_run_folder({str(folder)!r}, None, None, "train.py")
 os._exit(9)  # no clean-up runs: as after a crash or kill -9
 """], check=False, timeout=60)

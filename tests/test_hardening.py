@@ -24,13 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
-import engine
+from training import engine
 import predict
 import train
 from helpers import (ONE_THREAD, REPO, assert_one_line_error, held_at_second_epoch, nan_weights_on_second_call, run_main,
                      run_script, tiny_args)
-from checkpoints import load_checkpoint, save_checkpoint
-from engine import reserve_run_folder
+from training.checkpoints import load_checkpoint, save_checkpoint
+from training.engine import reserve_run_folder
 
 SPLIT_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
 EPOCHS = 3  # of the shared run

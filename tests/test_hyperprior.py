@@ -8,7 +8,7 @@ import pytest
 
 import compress
 import hyperprior
-from checkpoints import load_checkpoint
+from training.checkpoints import load_checkpoint
 from utils import read_csv
 
 TINY = ["--n", "8", "--m", "8", "--batch-size", "4"]

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import torch
 
-import engine
+from training import engine
 import ladder
-from codec import read_ladder
+from codec.vqz import read_ladder
 from helpers import assert_one_line_error, run_main
 
 

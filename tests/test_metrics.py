@@ -3,10 +3,10 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import images
+from imaging import quality
 from helpers import INDUCTOR
-from images import psnr, ssim
-from metrics import score_split
+from imaging.quality import psnr, ssim
+from evaluation.metrics import score_split
 from modules import VQVAE, VQVAEConfig
 from utils import autocast
 
@@ -26,7 +26,7 @@ def test_batched_ssim_equals_skimage_per_image():
 def test_window_sums_equal_direct_sums_along_either_axis(width):
     m = torch.randn(2, 1, 13, 17, dtype=torch.float64)
     for dim in (-1, -2):
-        assert torch.allclose(images.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
+        assert torch.allclose(quality.window_sums(m, dim, width), m.unfold(dim, width, 1).sum(-1))
 
 
 @INDUCTOR
@@ -43,8 +43,8 @@ def test_ssim_runs_eagerly_with_one_warning_where_compiling_fails(monkeypatch):
         def fail(*args):
             raise RuntimeError("no C++ compiler found\nlong details")
         return fail
-    monkeypatch.setattr(images, "_ssim_compiled_once", no_compiler)
-    monkeypatch.setattr(images, "_compile_failed", False)
+    monkeypatch.setattr(quality, "_ssim_compiled_once", no_compiler)
+    monkeypatch.setattr(quality, "_compile_failed", False)
     x = torch.rand(8, 1, 16, 16)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler found\\); running it eagerly"):
         values = ssim(x, x.flip(-1), compiled=True)

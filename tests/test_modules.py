@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from images import ssim
+from imaging.quality import ssim
 from modules import PRESETS, VQVAE, ConfigError, VectorQuantizer, VQVAEConfig, config_from_dict, kmeans
 
 

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import nifti
+from volumes import nifti
 import predict
 import train
-from checkpoints import TrainConfig, load_split
+from training.checkpoints import TrainConfig, load_split
 from dataset import build_dataset
 from utils import DataError
 from helpers import assert_one_line_error, run_main, tiny_args

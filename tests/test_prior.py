@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine
+from training import engine
 import predict
 import train
 import train_prior
-from checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
+from training.checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
 from modules import PriorConfig, build_prior
 from helpers import (INDUCTOR, ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
                      nan_weights_on_second_call, run_main, tiny_args)
-from images import ssim
-from metrics import encode_images, frechet_distance, nearest_ssim
+from imaging.quality import ssim
+from evaluation.metrics import encode_images, frechet_distance, nearest_ssim
 from utils import autocast
 
 

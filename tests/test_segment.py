@@ -11,10 +11,10 @@ import predict
 import segment
 import train
 import train_prior
-from anatomy import wasserstein_1d
+from anatomy.tissues import wasserstein_1d
 from dataset import MASK_LEVELS, SEG_DIRS, build_dataset, mask_path
 from helpers import assert_one_line_error, make_adni, run_main, tiny_args, write_image
-from metrics import dice_per_class
+from evaluation.metrics import dice_per_class
 from utils import DataError, read_csv
 
 TINY_UNET = ["--base-channels", "4", "--levels", "3", "--batch-size", "4", "--epoch-slices", "8"]

@@ -8,7 +8,7 @@ import predict
 import train
 from dataset import generate_demo
 from helpers import INDUCTOR, assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
-from checkpoints import load_checkpoint, save_checkpoint
+from training.checkpoints import load_checkpoint, save_checkpoint
 
 
 @INDUCTOR

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anatomy import DICE_COLUMNS, dice_table
-from codec import HEADER, BudgetSearch, Codec, classical_decode
-from images import psnr, ssim
+from anatomy.tissues import DICE_COLUMNS, dice_table
+from codec.vqz import HEADER, BudgetSearch, Codec, classical_decode
+from imaging.quality import psnr, ssim
 from utils import UserError, one_line_reason, pyplot
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
-from images import SLICE_AXES, SPLITS, SliceDataset, natural_key
+from imaging.slices import SLICE_AXES, SPLITS, SliceDataset, natural_key
 from utils import DataError, write_atomically
 
 EXTENSIONS = (".nii", ".nii.gz")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from dataset import DATASETS, DEMO_MARKER, build_dataset, default_demo_root, generate_demo
-from denoise import is_noise_spec
-from images import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
+from denoising.noise import is_noise_spec
+from imaging.slices import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
 from modules import (PRESETS, Prior, PriorConfig, SegmenterConfig, build_prior, UNet, VQVAE, VQVAEConfig,
                      config_from_dict, first_failure)
 from utils import DEVICES, MAX_BATCH_SIZE, PRECISIONS, DataError, UserError, one_line_reason, write_atomically

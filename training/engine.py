@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import checkpoint_file, load_checkpoint, run_dir_of, save_checkpoint
-from images import to_float
+from training.checkpoints import checkpoint_file, load_checkpoint, run_dir_of, save_checkpoint
+from imaging.slices import to_float
 from modules import VQVAE, ConfigError, VQVAEConfig, broadcast_from_rank0
 from utils import (ArgumentParser, UserError, append_csv, interrupts_deferred, keep_freed_memory, rng_state,
                    trim_csvs)
@@ -49,7 +49,7 @@ def run_script(script: str, values: dict, threads: int | None, failure: str):
     """python <script next to this file> with the flags of `values`, as a user would run it (a subprocess: one run,
     one process, one folder); `threads` as OMP_NUM_THREADS. UserError(failure) if it fails (its error is above)."""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    command = [sys.executable, str(Path(__file__).resolve().parent / script), *command_flags(values)]
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / script), *command_flags(values)]
     if subprocess.run(command, env=env).returncode != 0:
         raise UserError(failure)
 

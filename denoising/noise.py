@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from images import to_unit
+from imaging.slices import to_unit
 from utils import UserError
 
 NOISE_MODELS = ("rician", "gaussian")

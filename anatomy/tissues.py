@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from dataset import TISSUES
-from images import to_float
-from metrics import batched, dice_per_class
+from imaging.slices import to_float
+from evaluation.metrics import batched, dice_per_class
 
 DICE_COLUMNS = tuple(f"dice_{t.lower()}" for t in TISSUES) + ("dice_mean",)
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from images import psnr, ssim, to_float, to_unit
+from imaging.slices import to_float, to_unit
+from imaging.quality import psnr, ssim
 from modules import VQVAE, Prior
 
 

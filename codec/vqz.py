@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import check_prior_fits, load_prior, load_vqvae
-from images import MAX_IMAGE_SIDE, ssim, to_float, to_uint8
+from training.checkpoints import check_prior_fits, load_prior, load_vqvae
+from imaging.slices import MAX_IMAGE_SIDE, to_float, to_uint8
+from imaging.quality import ssim
 from modules import drive
 from utils import UserError, autocast
 

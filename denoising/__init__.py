@@ -1,0 +1,1 @@
+"""Noise models and the classical denoisers the learned ones are compared with."""

@@ -1,0 +1,1 @@
+"""Scores of reconstructions and samples: per-split quality, prior bits, feature distances."""

@@ -1,0 +1,1 @@
+"""The training kit: checkpoints and their schema, run folders, the epoch protocol every trainer runs."""
