@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from imaging.slices import to_unit
+from imaging.slices import SPLITS, to_unit
 
 
 class UserError(Exception):
@@ -52,6 +52,23 @@ def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int, batch_he
                              "(default: auto)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_help} (default: {batch_size})")
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
+
+
+SHARED_FLAGS = {  # the flags several commands take, each with one help text (add_shared_flag)
+    "--checkpoint": dict(type=Path, help="a .pt written by train.py, or its run folder (its best.pt)"),
+    "--prior": dict(type=Path, help="a prior .pt written by train_prior.py, or its run folder (its best.pt)"),
+    "--split": dict(choices=SPLITS, help="the split of the checkpoint's dataset to read"),
+    "--data-root": dict(help="where the dataset is now, if it moved since training"),
+    "--out": dict(type=Path, help="output folder (files already there are never overwritten)"),
+}
+
+
+def add_shared_flag(parser: argparse.ArgumentParser, flag: str, note: str = "", **overrides):
+    """Add `flag`, one of SHARED_FLAGS, with its one help text and `note` after it (what it means to this command,
+    its default); `overrides` are argparse's keywords for this command (default, required, dest, action)."""
+    spec = {**SHARED_FLAGS[flag], **overrides}
+    spec["help"] = SHARED_FLAGS[flag]["help"] + (f"; {note}" if note else "")
+    return parser.add_argument(flag, **spec)
 
 
 def apply_runtime_flags(args) -> torch.device:
