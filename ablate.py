@@ -13,11 +13,21 @@ preset's batch size (a variant may override it), and --batch-size is the scoring
 import argparse
 from pathlib import Path
 
-from training.checkpoints import load_checkpoint, load_split, load_vqvae
-from training.engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
 from evaluation.metrics import score_split
-from utils import (ArgumentParser, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
-                   read_csv, write_atomically, write_csv, write_json)
+from training.checkpoints import load_checkpoint, load_split, load_vqvae
+from training.families import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
+from utils import (
+    ArgumentParser,
+    add_runtime_flags,
+    add_shared_flag,
+    apply_runtime_flags,
+    autocast,
+    exits_with_one_line,
+    read_csv,
+    write_atomically,
+    write_csv,
+    write_json,
+)
 
 # name -> (preset, overrides of its model or optimiser settings)
 VARIANTS = {
@@ -94,13 +104,13 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="the same budget for every variant (default: 20)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="train.py's --max-minutes for every variant: a "
                    "time budget instead of (or below) --epochs (default: 0, none)")
-    p.add_argument("--split", default="validate", choices=("validate", "test"),
-                   help="the split every variant is scored on (default: validate; score test once, at the end)")
+    add_shared_flag(p, "--split", "the split every variant is scored on (default: validate; score test once, at the "
+                    "end)", default="validate", choices=("validate", "test"))
     p.add_argument("--seed", type=int, default=0, help="train.py's --seed (default: 0)")
     add_runtime_flags(p, batch_size=16, batch_help="slices per forward pass in scoring")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="one run folder per variant in here, and "
-                   "the tables (default: runs/ablation)")
+    add_shared_flag(p, "--out", "one run folder per variant in here, and the tables (default: runs/ablation)",
+                    default=Path("runs/ablation"))
     with exits_with_one_line():
         args = p.parse_args(argv)
         device = apply_runtime_flags(args)

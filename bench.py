@@ -6,12 +6,13 @@
     python bench.py --quality                # validation SSIM after bf16 and after fp32 training (demo data)
     python bench.py --sampling               # seconds for 64 samples from each prior, incremental vs recomputed
 
-The yardstick is ../shared/bench/reference_vqvae.py (the seed recipe as a first version is written: fp32, NCHW,
-eager, PIL decoding per item). It runs first, in the process as Python starts it; then come train.py's
-process-wide settings (train.speed_settings) and the project's side:
+The yardstick is yardstick/seed_vqvae.py in this repository (the first report's recipe as a first version is
+written: fp32, NCHW, eager, PIL decoding per item; --reference times another file with the same four names). It runs
+first, in the process as Python starts it; then come train.py's process-wide settings (train.speed_settings) and the
+project's side:
 
-- training: img/s of the step train.py runs (train.build_training, train.train_step, uint8 batches from images
-  decoded once) against the yardstick's step on a batch already in memory, as its `throughput` command does;
+- training: img/s of the step train.py runs (training/steps.py's vqvae_and_optimiser and train_step, uint8 batches
+  from images decoded once) against the yardstick's step on a batch already in memory;
 - FLOP/s of that step (FlopCounterMode: convolutions and matmuls) as a fraction of this machine's bf16 and fp32
   matmul peaks (best of a few large square matmuls; on CUDA the fp32 one runs in TF32, as train.py allows; the bf16
   one only where the hardware computes bf16, as utils.use_bf16 decides);
@@ -27,8 +28,8 @@ steps, on the demo slices (128x128) or on --data-root's OASIS-layout folder, and
 after the last epoch.
 
 --sampling draws --samples code maps of --grid x --grid (K=32, OASIS' default) from each prior architecture at its
-default size, with random weights (the arithmetic is that of a trained one): by Prior.incremental, as predict.py
---sample, completion and the codec run it, and by recomputing the whole network for every position, as a first
+default size, with random weights (the arithmetic is that of a trained one): by Prior.incremental, as sample.py,
+completion and the codec run it, and by recomputing the whole network for every position, as a first
 version samples (that way is timed for NAIVE_POSITIONS positions and scaled to the map). It also times
 train_prior.py's training step on batches of PRIOR_TRAIN_BATCH maps in codes per second, eagerly and, with
 --compile, compiled (as train_prior.py --compile; give --warmup 3 so the compile is not timed).
@@ -49,17 +50,36 @@ from skimage.metrics import structural_similarity
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from training.checkpoints import TrainConfig
 from dataset import build_dataset, generate_demo
-from training.engine import (batches, build_training, command_flags, compile_model, prior_train_step, speed_settings,
-    stage_images, train_step)
-from imaging.slices import to_float, to_unit
 from imaging.quality import ssim
+from imaging.slices import to_float, to_unit, unit_to_float
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
-from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
-                   read_csv, seed_everything, unwrap, use_bf16, write_json)
+from training.checkpoints import TrainConfig
+from training.flags import command_flags
+from training.steps import (
+    batches,
+    compile_model,
+    prior_train_step,
+    speed_settings,
+    stage_images,
+    train_step,
+    vqvae_and_optimiser,
+)
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_runtime_flags,
+    apply_runtime_flags,
+    autocast,
+    exits_with_one_line,
+    read_csv,
+    seed_everything,
+    unwrap,
+    use_bf16,
+    write_json,
+)
 
-REFERENCE = Path(__file__).resolve().parent.parent / "shared" / "bench" / "reference_vqvae.py"
+REFERENCE = Path(__file__).resolve().parent / "yardstick" / "seed_vqvae.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"
 # The speed and accuracy targets this project set itself; bench.py reports them, it does not enforce them.
 TARGETS = {"train_speedup": 5.0, "fraction_of_bf16_peak": 0.6, "ssim_speedup": 20.0, "ssim_max_abs_diff": 1e-4,
@@ -69,10 +89,12 @@ PRIOR_TRAIN_BATCH = 8  # --sampling: code maps per timed prior training step (th
 
 
 def load_reference(path: Path):
+    """The yardstick's module from its file: SeedVQVAE, LR, step and Folder are what bench.py uses of it."""
     if not path.is_file():
-        raise UserError(f"the yardstick {path} does not exist: it is expected at ../shared/bench/reference_vqvae.py "
-                        f"beside this checkout; pass --reference PATH, or --skip-reference to time the project alone")
-    spec = importlib.util.spec_from_file_location("reference_vqvae", path)
+        raise UserError(f"the yardstick {path} does not exist: pass --reference PATH to a file with SeedVQVAE, LR, "
+                        f"step and Folder (as {REFERENCE.relative_to(REFERENCE.parent.parent)}), or --skip-reference "
+                        f"to time the project alone")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -152,13 +174,13 @@ def reference_training(ref, args, device) -> dict:
     torch.manual_seed(0)
     model = ref.SeedVQVAE().to(device)
     opt = torch.optim.Adam(model.parameters(), ref.LR)
-    x = (torch.rand(args.batch_size, 1, args.size, args.size) * 2 - 1).to(device)
+    x = unit_to_float(torch.rand(args.batch_size, 1, args.size, args.size)).to(device)
     seconds, peak = timed(lambda: ref.step(model, opt, x), args.warmup, args.steps, device, "yardstick training")
     return {"img_per_s": args.batch_size * args.steps / seconds, "step_s": seconds / args.steps, "peak_mib": peak}
 
 
 def reference_loader(ref, folder: Path, args) -> float:
-    """Seconds per batch from the yardstick's DataLoader (PIL decoding in the loop, as in its `fit`)."""
+    """Seconds per batch from a DataLoader over the yardstick's Folder (PIL decoding in the loop)."""
     loader = torch.utils.data.DataLoader(ref.Folder(folder, args.size), args.batch_size, shuffle=True, drop_last=True)
     it, n = iter(loader), min(args.steps, len(loader))
     t = time.perf_counter()
@@ -182,7 +204,7 @@ def project_training(args, device, data) -> dict:
     cfg = TrainConfig(preset=args.preset, batch_size=args.batch_size, precision=args.precision,
                       channels_last=args.channels_last, compile=args.compile).resolved()
     seed_everything(0)
-    model, opt, scheduler = build_training(cfg, PRESETS[args.preset].model, device, args.warmup + args.steps + 1)
+    model, opt, scheduler = vqvae_and_optimiser(cfg, PRESETS[args.preset].model, device, args.warmup + args.steps + 1)
     if cfg.compile:
         model = compile_model(model, device, distributed=False)
     stage_images(cfg, device, data, verbose=False)
@@ -226,16 +248,20 @@ def machine(device: torch.device) -> dict:
             "python": platform.python_version()}
 
 
-def speed(args, device) -> dict:
-    ref = None if args.skip_reference else load_reference(Path(args.reference))
-    with tempfile.TemporaryDirectory() as tmp:
-        # PNG slices in the OASIS layout, enough for every batch of the timed runs without repeating one
-        per_patient = math.ceil((args.warmup + args.steps + 1) * args.batch_size / 8)  # 8 of the 10 patients train
-        print(f"writing {10 * per_patient} {args.size}x{args.size} PNG slices to {tmp}")
-        generate_demo(tmp, size=args.size, n_patients=10, slices_per_patient=per_patient)
-        folder = Path(tmp) / "keras_png_slices_train"
+def png_slices(tmp: str, args) -> Path:
+    """PNG slices in the OASIS layout under `tmp`, enough for every batch of the timed runs without repeating one;
+    returns the training folder."""
+    per_patient = math.ceil((args.warmup + args.steps + 1) * args.batch_size / 8)  # 8 of the 10 patients train
+    print(f"writing {10 * per_patient} {args.size}x{args.size} PNG slices to {tmp}")
+    generate_demo(tmp, size=args.size, n_patients=10, slices_per_patient=per_patient)
+    return Path(tmp) / "keras_png_slices_train"
 
-        # The yardstick first, before speed_settings changes the process
+
+def timed_on_png_slices(ref, args, device) -> dict:
+    """Both sides' training and loading, and skimage's SSIM, on PNG slices written to a temporary folder. The
+    yardstick runs first, before speed_settings changes the process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = png_slices(tmp, args)
         reference = reference_training(ref, args, device) if ref else None
         reference_batch_s = reference_loader(ref, folder, args) if ref else None
         t = time.perf_counter()
@@ -244,9 +270,15 @@ def speed(args, device) -> dict:
         x = to_unit(to_float(data.images).unsqueeze(1))  # (N, 1, H, W) in [0, 1]
         y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
         per_image, per_image_s = best_of(lambda: per_image_ssim(x, y), torch.device("cpu"), "skimage SSIM")
-
         speed_settings(device)
         project = project_training(args, device, data)
+    return {"reference": reference, "reference_batch_s": reference_batch_s, "project": project,
+            "decode_s": decode_s, "images": len(data), "x": x, "y": y, "per_image": per_image,
+            "per_image_s": per_image_s}
+
+
+def ssim_speed(x, y, per_image, per_image_s: float, device) -> dict:
+    """utils.ssim on batches, eager and compiled, against skimage's values `per_image` timed at `per_image_s`."""
     x, y = x.to(device), y.to(device)
     batched_ssim(x[:2], y[:2])  # warm-up
     batched, batched_s = best_of(lambda: batched_ssim(x, y), device, "batched SSIM")
@@ -254,14 +286,49 @@ def speed(args, device) -> dict:
     batched_ssim(x[:4], y[:4], compiled=True)  # compiles for this image size (on the CPU)
     compile_s = time.perf_counter() - t
     compiled, compiled_s = best_of(lambda: batched_ssim(x, y, compiled=True), device, "compiled SSIM")
+    return {"images": len(x), "batched_img_per_s": len(x) / batched_s,
+            "per_image_img_per_s": len(x) / per_image_s, "speedup": per_image_s / batched_s,
+            "max_abs_diff": float((batched.double().cpu() - per_image).abs().max()),
+            "compiled_img_per_s": len(x) / compiled_s, "compiled_speedup": per_image_s / compiled_s,
+            "compiled_max_abs_diff": float((compiled.double().cpu() - per_image).abs().max()),
+            "compile_s": compile_s}
+
+
+def flop_rates(args, project: dict, reference: dict | None, device) -> dict:
+    """The project's training step in FLOP/s against this machine's matmul peaks."""
     # bf16 emulated in software (a CPU without AVX512-BF16/AMX) runs minutes per large matmul, and no step trains in it
     peak_bf16 = matmul_peak(torch.bfloat16, device, args.peak_sizes) if use_bf16("auto", device) else None
     peak_fp32 = matmul_peak(torch.float32, device, args.peak_sizes)
-
     achieved = project["flops_per_step"] / project["step_s"]
     # what the training target asks of this machine: the step's FLOPs at TARGETS["train_speedup"] x the yardstick
     needed = reference and (TARGETS["train_speedup"] * reference["img_per_s"] / args.batch_size
                             * project["flops_per_step"])
+    return {"per_step": project["flops_per_step"], "achieved_per_s": achieved,
+            "peak_bf16_per_s": peak_bf16, "peak_fp32_per_s": peak_fp32,
+            "fraction_of_bf16_peak": peak_bf16 and achieved / peak_bf16,
+            "fraction_of_fp32_peak": achieved / peak_fp32,
+            "fraction_of_bf16_peak_for_train_target": peak_bf16 and needed and needed / peak_bf16}
+
+
+def speed_targets(r: dict) -> dict:
+    """Which of TARGETS the speed results `r` meet (None: not measured)."""
+    return {
+        "train_speedup": r["train"]["speedup"] and r["train"]["speedup"] >= TARGETS["train_speedup"],
+        "fraction_of_bf16_peak": r["flops"]["fraction_of_bf16_peak"]
+        and r["flops"]["fraction_of_bf16_peak"] >= TARGETS["fraction_of_bf16_peak"],
+        "ssim_speedup": max(r["ssim"]["speedup"], r["ssim"]["compiled_speedup"]) >= TARGETS["ssim_speedup"],
+        "ssim_max_abs_diff": max(r["ssim"]["max_abs_diff"], r["ssim"]["compiled_max_abs_diff"])
+        <= TARGETS["ssim_max_abs_diff"],
+        "loader_wait_fraction": r["loader"]["project_wait_fraction"] < TARGETS["loader_wait_fraction"],
+    }
+
+
+def speed(args, device) -> dict:
+    ref = None if args.skip_reference else load_reference(args.reference)
+    runs = timed_on_png_slices(ref, args, device)
+    reference, project, reference_batch_s = runs["reference"], runs["project"], runs["reference_batch_s"]
+    ssim_results = ssim_speed(runs["x"], runs["y"], runs["per_image"], runs["per_image_s"], device)
+    flops = flop_rates(args, project, reference, device)
     r = {
         "machine": machine(device),
         "settings": {"preset": args.preset, "size": args.size, "batch": args.batch_size, "steps": args.steps,
@@ -271,33 +338,17 @@ def speed(args, device) -> dict:
                   "reference_img_per_s": reference and reference["img_per_s"],
                   "speedup": reference and project["img_per_s"] / reference["img_per_s"],
                   "project_step_s": project["step_s"], "reference_step_s": reference and reference["step_s"]},
-        "flops": {"per_step": project["flops_per_step"], "achieved_per_s": achieved,
-                  "peak_bf16_per_s": peak_bf16, "peak_fp32_per_s": peak_fp32,
-                  "fraction_of_bf16_peak": peak_bf16 and achieved / peak_bf16,
-                  "fraction_of_fp32_peak": achieved / peak_fp32,
-                  "fraction_of_bf16_peak_for_train_target": peak_bf16 and needed and needed / peak_bf16},
-        "ssim": {"images": len(x), "batched_img_per_s": len(x) / batched_s,
-                 "per_image_img_per_s": len(x) / per_image_s, "speedup": per_image_s / batched_s,
-                 "max_abs_diff": float((batched.double().cpu() - per_image).abs().max()),
-                 "compiled_img_per_s": len(x) / compiled_s, "compiled_speedup": per_image_s / compiled_s,
-                 "compiled_max_abs_diff": float((compiled.double().cpu() - per_image).abs().max()),
-                 "compile_s": compile_s},
+        "flops": flops,
+        "ssim": ssim_results,
         "loader": {"project_wait_fraction": project["wait_fraction"],
                    "reference_wait_fraction": reference and reference_batch_s / (reference_batch_s
                                                                                  + reference["step_s"]),
-                   "reference_batch_s": reference_batch_s, "project_decode_once_s": decode_s,
-                   "images": len(data)},
+                   "reference_batch_s": reference_batch_s, "project_decode_once_s": runs["decode_s"],
+                   "images": runs["images"]},
         "memory": {"what": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the process",
                    "project_mib": project["peak_mib"], "reference_mib": reference and reference["peak_mib"]},
     }
-    r["targets"] = {
-        "train_speedup": reference and r["train"]["speedup"] >= TARGETS["train_speedup"],
-        "fraction_of_bf16_peak": peak_bf16 and r["flops"]["fraction_of_bf16_peak"] >= TARGETS["fraction_of_bf16_peak"],
-        "ssim_speedup": max(r["ssim"]["speedup"], r["ssim"]["compiled_speedup"]) >= TARGETS["ssim_speedup"],
-        "ssim_max_abs_diff": max(r["ssim"]["max_abs_diff"], r["ssim"]["compiled_max_abs_diff"])
-        <= TARGETS["ssim_max_abs_diff"],
-        "loader_wait_fraction": r["loader"]["project_wait_fraction"] < TARGETS["loader_wait_fraction"],
-    }
+    r["targets"] = speed_targets(r)
     return r
 
 
@@ -461,7 +512,8 @@ def main(argv=None):
                    help="the project's memory format, as train.py (default: on)")
     p.add_argument("--compile", action="store_true", help="torch.compile the project's model")
     p.add_argument("--skip-reference", action="store_true", help="time the project alone")
-    p.add_argument("--reference", default=str(REFERENCE), help="the yardstick (default: %(default)s)")
+    p.add_argument("--reference", type=Path, default=REFERENCE, help="the yardstick: a Python file with SeedVQVAE, "
+                   "LR, step and Folder (default: yardstick/seed_vqvae.py in this repository)")
     p.add_argument("--peak-sizes", type=int_list, default=None,
                    help="matmul sizes for the peak FLOP/s (default: 1024,2048,4096 on the CPU, 4096,8192,16384 on "
                         "CUDA)")

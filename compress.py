@@ -1,4 +1,4 @@
-"""The command line of the .vqz codec (codec.py, which also documents the file format): one small file per slice
+"""The command line of the .vqz codec (codec/vqz.py, which also documents the file format): one small file per slice
 holding its VQ-VAE code map, entropy-coded with the prior's probabilities; and the rate-distortion study against
 the classical codecs.
 
@@ -28,15 +28,24 @@ import torch
 from tqdm import tqdm
 
 from anatomy.tissues import segment_images
-from training.checkpoints import default_prior, load_segmenter, load_split, run_dir_of
-from codec.vqz import (CLASSICAL, CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, Ladder, available_classical,
-    classical_settings, load_codec, parse_header, read_ladder, read_vqz)
-from dataset import read_slice
+from codec.classical import CLASSICAL_CODECS, available_codecs, classical_codec
+from codec.ladder import Ladder, read_ladder
+from codec.study import RdStudy, dice_against, dice_rows, plot_rd, rate_distortion, rd_slices, slice_figure
+from codec.vqz import CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, load_codec, parse_header, read_vqz
+from dataset import class_index, read_slice
 from imaging.slices import IMAGE_SUFFIXES, natural_key
-from codec.study import (classical_row, classical_study, dice_against, dice_rows, ladder_rows, measure_vqvae,
-    peer_rows, plot_rd, rd_slices, slice_figure, targets)
-from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, exits_with_one_line,
-                   write_csv, write_json)
+from training.checkpoints import default_prior, load_segmenter, load_split, run_dir_of
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_runtime_flags,
+    add_shared_flag,
+    apply_runtime_flags,
+    autocast,
+    exits_with_one_line,
+    write_csv,
+    write_json,
+)
 
 
 def expand_inputs(paths: list[Path], suffixes: tuple, what: str) -> list[Path]:
@@ -81,14 +90,8 @@ def write_new(path: Path, data: bytes):
 
 
 def resolve_class(codec: Codec, class_name: str | None, n: int):
-    if class_name is None:
-        return None
-    if codec.prior is None or not codec.prior.config.num_classes:
-        raise UserError("--class needs a class-conditional --prior")
-    lowered = [c.lower() for c in codec.class_names]
-    if class_name.lower() not in lowered:
-        raise UserError(f"unknown --class {class_name!r}; this prior knows {', '.join(codec.class_names)}")
-    return torch.full((n,), lowered.index(class_name.lower()), dtype=torch.long)
+    index = class_index(class_name, codec.class_names, codec.prior is not None and bool(codec.prior.config.num_classes))
+    return None if index is None else torch.full((n,), index, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -96,6 +99,34 @@ def resolve_class(codec: Codec, class_name: str | None, n: int):
 # ---------------------------------------------------------------------------------------------------------
 
 def cmd_encode(args, device):
+    check_encode_flags(args)
+    loaded = [load_codec(c, p, device, args.batch_size, args.precision)
+              for c, p in zip(args.checkpoints, paired_priors(args.checkpoints, args.priors, default=False))]
+    codec, cfg, state = loaded[0]
+    if args.coder == "prior" and codec.prior is None:
+        raise UserError("--coder prior needs a --prior")
+    images, names, labels = encode_inputs(args, codec, cfg, state)
+    h, w = codec.code_grid(images.shape[1:])
+    targets = output_paths(args.out, names, SUFFIX)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    files, picked = encode_slices(args, [c for c, _, _ in loaded], images, labels)
+    seconds = time.perf_counter() - t0
+    for target, data in zip(targets, files):
+        write_new(target, data)
+    sizes = np.array([len(f) for f in files])
+    if args.max_bytes is not None:
+        counts = np.bincount(picked, minlength=len(loaded))
+        what = "operating points " + ", ".join(f"{c} ({n} slices)" for c, n in zip(args.checkpoints, counts))
+    else:
+        coders = sorted({CODER_NAMES[f[4]] for f in files})
+        what = (f"{h}x{w} codes, K={codec.k}, the {'/'.join(coders)} coder, "
+                f"{(sizes.mean() - HEADER.size) * 8 / (h * w):.3f} bits per code in the payload")
+    print(f"encoded {len(files)} slices of {images.shape[1]}x{images.shape[2]} ({what}): {sizes.mean():.1f} bytes per "
+          f"slice on average, {len(files) / seconds:.2f} slices/s | written to {args.out}")
+
+
+def check_encode_flags(args):
     if not args.inputs and args.split is None:
         raise UserError("nothing to encode: pass image files or folders, or --split")
     if args.inputs and args.split is not None:
@@ -105,62 +136,53 @@ def cmd_encode(args, device):
                         "--checkpoint")
     if args.max_bytes is not None and (args.max_bytes < 1 or args.coder != "auto"):
         raise UserError("--max-bytes must be a positive byte count, and picks each point's coder itself (no --coder)")
-    loaded = [load_codec(c, p, device, args.batch_size, args.precision)
-              for c, p in zip(args.checkpoints, paired_priors(args.checkpoints, args.priors, default=False))]
-    codec, cfg, state = loaded[0]
-    if args.coder == "prior" and codec.prior is None:
-        raise UserError("--coder prior needs a --prior")
+
+
+def encode_inputs(args, codec: Codec, cfg, state) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """(uint8 slices, their names, each one's class label or None) of --split or of the image files given."""
+    conditional = codec.prior is not None and codec.prior.config.num_classes
     if args.split is not None:
         data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"])
         images, names = data.images, [Path(f).name for f in data.files]
-        labels = data.labels if codec.prior is not None and codec.prior.config.num_classes else None
+        labels = data.labels if conditional else None
         if args.class_name is not None:
             labels = resolve_class(codec, args.class_name, len(images))
     else:
-        files = expand_inputs(args.inputs, IMAGE_SUFFIXES, "images")
-        size = cfg.image_size
-        decoded = []
-        for f in tqdm(files, desc="reading", leave=False, disable=len(files) < 50):
-            try:
-                decoded.append(read_slice(f.read_bytes(), str(f), size))
-            except OSError as e:
-                raise UserError(f"cannot read {f}: {e.strerror or e}") from None
-        shapes = {a.shape for a in decoded}
-        if len(shapes) > 1:
-            sizes = ", ".join(f"{h}x{w}" for h, w in sorted(shapes))
-            raise UserError(f"the images have {len(shapes)} different sizes ({sizes}); encode each size separately")
-        images, names = torch.from_numpy(np.stack(decoded)), [f.name for f in files]
+        images, names = read_images(expand_inputs(args.inputs, IMAGE_SUFFIXES, "images"), cfg.image_size)
         labels = resolve_class(codec, args.class_name, len(images))
-    if codec.prior is not None and codec.prior.config.num_classes and labels is None:
+    if conditional and labels is None:
         raise UserError("this prior is class-conditional: pass --class with one of "
                         f"{', '.join(codec.class_names)}")
-    codec.grid_of(images.shape[1:])
-    targets = output_paths(args.out, names, SUFFIX)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with tqdm(total=len(images) * len(loaded), desc="encoding", unit="slice", leave=False) as bar:
+    return images, names, labels
+
+
+def read_images(files: list[Path], size) -> tuple[torch.Tensor, list[str]]:
+    """Image files of one size as uint8 slices, read as the checkpoint's data was (`size`), and their names."""
+    decoded = []
+    for f in tqdm(files, desc="reading", leave=False, disable=len(files) < 50):
+        try:
+            decoded.append(read_slice(f.read_bytes(), str(f), size))
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror or e}") from None
+    shapes = {a.shape for a in decoded}
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{h}x{w}" for h, w in sorted(shapes))
+        raise UserError(f"the images have {len(shapes)} different sizes ({sizes}); encode each size separately")
+    return torch.from_numpy(np.stack(decoded)), [f.name for f in files]
+
+
+def encode_slices(args, codecs: list[Codec], images: torch.Tensor, labels) -> tuple[list[bytes], list[int] | None]:
+    """(.vqz file contents, with --max-bytes the index of each one's codec): the first codec's files, or with
+    --max-bytes per slice the best file of all codecs that fits."""
+    with tqdm(total=len(images) * len(codecs), desc="encoding", unit="slice", leave=False) as bar:
         if args.max_bytes is not None:
-            files, picked = Ladder([c for c, _, _ in loaded]).encode_within(images, args.max_bytes, labels, bar)
-        else:
-            codes = codec.codes(images)
-            if codec.prior is None or args.coder in ("fixed", "static"):
-                bar.update(len(images))
-            files = codec.encode_codes(codes, tuple(images.shape[1:]), labels, args.coder,
-                                       progress=bar if codec.prior is not None else None)
-    seconds = time.perf_counter() - t0
-    for target, data in zip(targets, files):
-        write_new(target, data)
-    sizes = np.array([len(f) for f in files])
-    coders = sorted({CODER_NAMES[f[4]] for f in files})
-    if args.max_bytes is not None:
-        counts = np.bincount(picked, minlength=len(loaded))
-        what = "operating points " + ", ".join(f"{c} ({n} slices)" for c, n in zip(args.checkpoints, counts))
-    else:
-        h, w = codes.shape[1:]
-        what = (f"{h}x{w} codes, K={codec.k}, the {'/'.join(coders)} coder, "
-                f"{(sizes.mean() - HEADER.size) * 8 / (h * w):.3f} bits per code in the payload")
-    print(f"encoded {len(files)} slices of {images.shape[1]}x{images.shape[2]} ({what}): {sizes.mean():.1f} bytes per "
-          f"slice on average, {len(files) / seconds:.2f} slices/s | written to {args.out}")
+            return Ladder(codecs).encode_within(images, args.max_bytes, labels, bar)
+        codec = codecs[0]
+        codes = codec.codes(images)
+        if codec.prior is None or args.coder in ("fixed", "static"):
+            bar.update(len(images))
+        return codec.encode_codes(codes, tuple(images.shape[1:]), labels, args.coder,
+                                  progress=bar if codec.prior is not None else None), None
 
 
 def cmd_decode(args, device):
@@ -213,65 +235,41 @@ def cmd_rd(args, device):
         raise UserError(f"{existing[0]} already exists; compress.py never overwrites files: choose a new --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    loaded = [load_codec(c, p, device, args.batch_size, args.precision) for c, p in zip(args.checkpoints, priors)]
+    slices = rd_study_slices(args, loaded)
+    figure_slice = len(slices[0]) // 2 if args.figure_slice is None else args.figure_slice
+    if not 0 <= figure_slice < len(slices[0]):
+        raise UserError(f"--figure-slice {figure_slice} is outside 0..{len(slices[0]) - 1}")
+    models = [(f"{cfg.preset} ({run_dir_of(ckpt).name})", codec,
+               {"checkpoint": str(ckpt), "prior": str(prior) if prior else None, "epoch": state.get("epoch")})
+              for ckpt, prior, (codec, cfg, state) in zip(args.checkpoints, priors, loaded)]
+    study = rate_distortion(models, slices, codecs, budgets, args.workers, args.verify, args.peers or ())
 
-    # Each VQ-VAE, on the same slices
-    measured, originals, names = {}, None, None
-    for ckpt, prior_path in zip(args.checkpoints, priors):
-        codec, cfg, state = load_codec(ckpt, prior_path, device, args.batch_size, args.precision)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(outputs["rd.csv"], study.rows)
+    summary = {"split": args.split, **study.summary()}
+    write_json(outputs["rd.json"], summary)
+    height, width = study.images.shape[1:]
+    plot_rd(study.rows, outputs["rd.png"], f"{args.split}: {len(study.images)} slices of {height}x{width}")
+    slice_figure(study, outputs["rd_slice.png"], figure_slice)
+    if segmenter:
+        summary["anatomy"] = anatomy_rd(segmenter, args, device, loaded[0][1:], study, outputs)
+    print_rd(study.rows, summary["speed"], out, tuple(outputs))
+    return summary
+
+
+def rd_study_slices(args, loaded: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """rd_slices of --split as the first --checkpoint records it, which every other one must record too."""
+    slices = None
+    for ckpt, (_, cfg, state) in zip(args.checkpoints, loaded):
         images, labels, files = rd_slices(load_split(cfg, args.split, args.data_root, demo=state["demo_settings"]),
                                           args.max_images)
-        if originals is None:
-            originals, names = images, files
-            figure_slice = len(images) // 2 if args.figure_slice is None else args.figure_slice
-            if not 0 <= figure_slice < len(images):
-                raise UserError(f"--figure-slice {figure_slice} is outside 0..{len(images) - 1}")
-        elif originals.shape != images.shape or not torch.equal(originals, images):
+        if slices is None:
+            slices = images, labels, files
+        elif slices[0].shape != images.shape or not torch.equal(slices[0], images):
             raise UserError(f"{ckpt} records other {args.split} images than {args.checkpoints[0]}; compare "
                             f"checkpoints trained on the same dataset")
-        label = f"{cfg.preset} ({run_dir_of(ckpt).name})"
-        if label in measured:  # the same run twice (e.g. with and without its prior)
-            label = f"{label} #{len(measured) + 1}"
-        measured[label] = measure_vqvae(codec, images, labels, files, label, args.verify)
-        measured[label]["model"].update(checkpoint=str(ckpt), prior=str(prior_path) if prior_path else None,
-                                        epoch=state.get("epoch"))
-    rows = [row for m in measured.values() for row in m["rows"]]
-    peers = [row for path in args.peers or () for row in peer_rows(path, names)]
-
-    # Per budget, the best VQ-VAE file of each slice that fits (encode --max-bytes over these checkpoints)
-    ladder, ladder_picks = ladder_rows(rows, budgets)
-    for r in rows:
-        del r["_ssim"], r["_psnr"]
-
-    # Classical codecs: at each fixed budget, and at each slice's own .vqz size under each VQ-VAE row
-    matched = {f"{r['codec']} {r['setting']}": r.pop("_sizes") for r in rows}
-    results = classical_study(originals.numpy(), codecs, budgets, matched, args.workers)
-    for codec_name in codecs:
-        rows += [classical_row(results, codec_name, b, "quality searched per slice", b) for b in budgets]
-        rows += [classical_row(results, codec_name, ("matched", name), f"at the size of each {name} file",
-                               "per slice") for name in matched]
-    rows += ladder + peers
-
-    # Outputs
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(outputs["rd.csv"], rows)
-    speeds = {label: m["speed"] for label, m in measured.items()}
-    summary = {"split": args.split, "images": len(originals), "image_size": list(originals.shape[1:]),
-               "header_bytes": HEADER.size, "budgets": budgets, "codecs": codecs,
-               "models": {label: m["model"] for label, m in measured.items()},
-               "rows": rows, "speed": speeds, "targets": targets(rows),
-               "about": "bytes are whole .vqz files (38-byte header included) and whole classical files "
-                        "(JPEG 2000 as a raw codestream, without the JP2 container); classical means are over the "
-                        "images that fit the budget, images_over_budget counts the others"}
-    write_json(outputs["rd.json"], summary)
-    plot_rd(rows, outputs["rd.png"],
-            f"{args.split}: {len(originals)} slices of {originals.shape[1]}x{originals.shape[2]}")
-    figures = {label: m["figure"] for label, m in measured.items()}
-    slice_figure(originals.numpy(), figures, codecs, outputs["rd_slice.png"], figure_slice, names)
-    if segmenter:
-        summary["anatomy"] = anatomy_rd(segmenter, args, device, (cfg, state), originals, names, rows, figures,
-                                        codecs, budgets, ladder_picks, outputs)
-    print_rd(rows, speeds, out, tuple(outputs))
-    return summary
+    return slices
 
 
 def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
@@ -281,13 +279,13 @@ def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
     if not budgets or min(budgets) < 1:
         raise UserError("--budgets must be positive byte counts, e.g. 320,640,1280")
     if args.codecs is None:
-        codecs = available_classical()
+        codecs = available_codecs()
         if "jpegxl" not in codecs:
             print("JPEG XL left out: it needs the optional imagecodecs package (pip install imagecodecs)")
     else:
         codecs = list(dict.fromkeys(args.codecs))
-    for c in codecs:
-        classical_settings(c, 1 << 16)
+    for name in codecs:
+        classical_codec(name).settings(1 << 16)  # an unknown name, or JPEG XL without imagecodecs, fails here
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1, got {args.max_images}")
     return budgets, codecs, paired_priors(args.checkpoints, args.priors, default=True)
@@ -320,8 +318,7 @@ def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
 ANATOMY_OUTPUTS = ("rd_anatomy.csv", "rd_anatomy.json")
 
 
-def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure, codecs, budgets, ladder_picks,
-               outputs) -> dict:
+def anatomy_rd(segmenter, args, device, trained, study: RdStudy, outputs) -> dict:
     """rd --segmenter: the segmenter's tissue Dice against the true masks (dice_mean: the mean of CSF, GM and WM)
     for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its coders), the ladder
     at each budget and each classical codec at each budget (each slice at the best quality that fits; slices that
@@ -330,10 +327,10 @@ def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure,
     cfg, state = trained
     data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"], masks=True, verbose=False)
     where = {f: i for i, f in enumerate(data.files)}
-    masks = data.masks[[where[f] for f in files]]  # the masks of the slices measured, in their order
+    masks = data.masks[[where[f] for f in study.files]]  # the masks of the slices measured, in their order
     segment = lambda images: segment_images(model, images, device, autocast(args.precision, device),  # noqa: E731
                                             args.batch_size)
-    table = dice_rows(segment, masks, originals, rows, figure, codecs, budgets, ladder_picks)
+    table = dice_rows(segment, masks, study)
     result = {"segmenter": str(args.segmenter), "segmenter_epoch": seg_state["epoch"], "rows": table,
               "dice_minus_jpeg2000_at_320_bytes": dice_against(table, "jpeg2000", 320)}
     write_csv(outputs["rd_anatomy.csv"], table)
@@ -352,54 +349,57 @@ def anatomy_rd(segmenter, args, device, trained, originals, files, rows, figure,
 def parse_args(argv=None):
     p = ArgumentParser(prog="compress.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    add_encode_parser(sub)
+    add_decode_parser(sub)
+    add_rd_parser(sub)
+    return with_ladder(p.parse_args(argv))
 
-    def ladder_flag(q):
-        q.add_argument("--ladder", type=Path, help="a folder trained by ladder.py: each of its points (VQ-VAE and "
-                       "prior) as one more --checkpoint")
 
-    def common(q, checkpoint_help, prior_help):
-        q.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", default=[],
-                       help=checkpoint_help)
-        q.add_argument("--prior", dest="priors", action="append", help=prior_help)
-        ladder_flag(q)
-        add_runtime_flags(q, batch_size=64, batch_help="slices per pass of the models")
+def add_model_flags(q, checkpoint_note: str, prior_note: str):
+    """--checkpoint, --prior (each repeatable, in pairs) and --ladder."""
+    add_shared_flag(q, "--checkpoint", checkpoint_note, dest="checkpoints", action="append", default=[])
+    add_shared_flag(q, "--prior", prior_note, dest="priors", action="append")
+    q.add_argument("--ladder", type=Path, help="a folder trained by ladder.py: each of its points (VQ-VAE and "
+                   "prior) as one more --checkpoint")
 
+
+def add_encode_parser(sub):
     e = sub.add_parser("encode", help="images -> .vqz files", description="Encode slices into .vqz files.")
-    common(e, "the VQ-VAE .pt written by train.py, or its run folder (its best.pt); repeat for several operating "
-              "points of --max-bytes", "a prior .pt written by train_prior.py: code with its probabilities; one per "
-              "--checkpoint, none for none (default: no prior, static or fixed-length coding)")
+    add_model_flags(e, "repeat for several operating points of --max-bytes", "code with its probabilities; one per "
+                    "--checkpoint, none for none (default: no prior, static or fixed-length coding)")
+    add_runtime_flags(e, batch_size=64, batch_help="slices per pass of the models")
     e.add_argument("inputs", nargs="*", type=Path, help="PNG/JPEG files or folders of them")
-    e.add_argument("--split", help="encode this split of the dataset the checkpoint records instead of files")
-    e.add_argument("--data-root", help="with --split: where that dataset is now, if it moved")
-    e.add_argument("--out", type=Path, required=True, help="folder for the .vqz files (existing files are never "
-                   "overwritten)")
+    add_shared_flag(e, "--split", "encode this split instead of files")
+    add_shared_flag(e, "--data-root", "with --split")
+    add_shared_flag(e, "--out", "the .vqz files go here", required=True)
     e.add_argument("--coder", default="auto", choices=("auto", "prior", "static", "fixed"),
                    help="auto: per slice the smallest of prior (with --prior) or static, and fixed-length")
     e.add_argument("--class", dest="class_name", help="the class of every slice, for a class-conditional prior")
     e.add_argument("--max-bytes", type=int, help="per slice the file, of every --checkpoint's, whose reconstruction "
                    "is best among those of at most this many bytes")
 
-    d = sub.add_parser("decode", help=".vqz files -> PNGs", description="Decode .vqz files into 8-bit PNGs.")
-    common(d, "the VQ-VAE .pt the files were encoded with, or its run folder; repeat for files of several",
-           "the prior .pt the files were encoded with (needed for prior-coded files); one per --checkpoint, none "
-           "for none")
-    d.add_argument("files", nargs="+", type=Path, help=".vqz files or folders of them")
-    d.add_argument("--out", type=Path, required=True, help="folder for the PNGs (existing files are never overwritten)")
 
+def add_decode_parser(sub):
+    d = sub.add_parser("decode", help=".vqz files -> PNGs", description="Decode .vqz files into 8-bit PNGs.")
+    add_model_flags(d, "the one the files were encoded with; repeat for files of several", "the one the files were "
+                    "encoded with (needed for prior-coded files); one per --checkpoint, none for none")
+    add_runtime_flags(d, batch_size=64, batch_help="slices per pass of the models")
+    d.add_argument("files", nargs="+", type=Path, help=".vqz files or folders of them")
+    add_shared_flag(d, "--out", "the PNGs go here", required=True)
+
+
+def add_rd_parser(sub):
     r = sub.add_parser("rd", help="rate-distortion study against JPEG, WebP, JPEG 2000, AVIF and JPEG XL",
                        description="Bytes per slice against SSIM and PSNR for VQ-VAEs and classical codecs.")
-    r.add_argument("--checkpoint", dest="checkpoints", type=Path, action="append", default=[],
-                   help="a VQ-VAE .pt or run folder (its best.pt); repeat for several (e.g. default and hq)")
-    ladder_flag(r)
-    r.add_argument("--prior", dest="priors", action="append",
-                   help="the prior of each --checkpoint in order, or none (default: <run>/prior/best.pt if present)")
-    r.add_argument("--split", default="test", help="the split to measure (default: test)")
-    r.add_argument("--data-root", help="where the dataset is now, if it moved")
+    add_model_flags(r, "repeat for several (e.g. default and hq)", "the prior of each --checkpoint in order, or "
+                    "none (default: <run>/prior/best.pt if present)")
+    add_shared_flag(r, "--split", "the split to measure (default: test)", default="test")
+    add_shared_flag(r, "--data-root")
     r.add_argument("--budgets", type=lambda s: [int(v) for v in s.split(",") if v], default=list(DEFAULT_BUDGETS),
                    help=f"byte budgets for the classical codecs (default: {','.join(map(str, DEFAULT_BUDGETS))})")
     r.add_argument("--codecs", type=lambda s: [v for v in s.split(",") if v],
-                   help=f"classical codecs to compare, of {','.join(CLASSICAL)} (default: all; jpegxl where imagecodecs "
-                        f"is installed)")
+                   help=f"classical codecs to compare, of {','.join(CLASSICAL_CODECS)} (default: all; jpegxl where "
+                        f"imagecodecs is installed)")
     r.add_argument("--max-images", type=int, help="use this many slices spread over the split (default: all)")
     r.add_argument("--peer", dest="peers", type=Path, action="append", help="a learned peer's rate points on the "
                    "same slices (rd_hyperprior.json of hyperprior.py rd): added to the table, curves and BD-rates")
@@ -409,9 +409,8 @@ def parse_args(argv=None):
                    help="decode every prior-coded file and check it gives the same codes and image (default: on)")
     r.add_argument("--segmenter", type=Path, help="a tissue segmenter .pt written by segment.py train, or its run "
                    "folder: also the tissue Dice at every budget (rd_anatomy.csv, rd_anatomy.json)")
-    r.add_argument("--out", type=Path, help="output folder (default: rd_<split> in the first checkpoint's run)")
+    add_shared_flag(r, "--out", "default: rd_<split> in the first checkpoint's run")
     add_runtime_flags(r, batch_size=64, batch_help="slices per pass of the models")
-    return with_ladder(p.parse_args(argv))
 
 
 def with_ladder(args):

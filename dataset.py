@@ -1,5 +1,5 @@
 """
-Brain MRI slice datasets (OASIS, ADNI, a synthetic demo set, and folders of NIfTI volumes: see nifti.py).
+Brain MRI slice datasets (OASIS, ADNI, a synthetic demo set, and folders of NIfTI volumes: see volumes/nifti.py).
 
 Every split is decoded once into a uint8 (N, H, W) tensor, so training epochs do no image decoding.
 Datasets can be read from a folder or in place from the official zip archive.
@@ -15,7 +15,7 @@ keras_png_slices_<split>/ with keras_png_slices_seg_<split>/seg_<id>_slice_<n>.<
 
 Limits: a file is at most MAX_FILE_BYTES and an image at most MAX_IMAGE_SIDE pixels per side, both checked before
 anything is decoded; unless --image-size resizes them, images are at least MIN_IMAGE_SIDE pixels per side (the side
-limits, like the split names and SliceDataset, are in images.py).
+limits, like the split names and SliceDataset, are in imaging/slices.py).
 """
 
 import io
@@ -33,18 +33,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from anatomy.vocabulary import MASKED_DATASETS
 from imaging.slices import IMAGE_SUFFIXES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SPLITS, SliceDataset, natural_key
-from utils import DataError
+from utils import DataError, UserError
 
 DATASETS = ("OASIS", "ADNI", "demo", "nifti")
 OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
 SEG_DIRS = {split: f"keras_png_slices_seg_{split}" for split in SPLITS}  # the tissue masks of each split
 MASK_LEVELS = (0, 85, 170, 255)  # grey level of class 0 (background), 1 (CSF), 2 (grey matter), 3 (white matter)
-TISSUES = ("CSF", "GM", "WM")  # classes 1..3 of a mask
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
 ADNI_PREFIXES = ("", "AD_NC/")
 ADNI_CLASSES = ["NC", "AD"]  # label = index
-MASKED = ("OASIS", "demo")  # the datasets that come with tissue masks
 DEMO_VERSION = "demo-v3"  # v3: with tissue masks
 DEMO_MARKER = "DEMO_OK"  # written last: the demo tree is complete
 DEMO_MANIFEST = "DEMO_FILES"  # written before the first image: every file generate_demo is writing
@@ -190,7 +189,7 @@ def _keep_most_common_size(images, kept, aside):
 # -----------------------------------------------------------------------------
 # folder or zip archive
 
-class _Tree:
+class FolderOrZip:
     """Read-only view of a dataset folder or zip archive; paths inside it are '/'-separated and relative."""
 
     def __init__(self, root: Path):
@@ -341,7 +340,8 @@ def _adni_files(tree, split, val_fraction, seed):
     files = [f for f, p in zip(files, patients) if (p in held_out) == (split == "validate")]
     if not files:
         raise DataError(f"{tree.display(folder)} has too few patients ({len(set(patients))}) to carve a "
-                        f"{val_fraction:.0%} validation split and keep some for training; lower the validation fraction")
+                        f"{val_fraction:.0%} validation split and keep some for training; lower the validation "
+                        f"fraction")
     return files
 
 
@@ -392,9 +392,9 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     Load one split of OASIS, ADNI, the synthetic demo set or a folder of NIfTI volumes. `root` may be a folder or
     (OASIS, ADNI) a zip archive. ADNI has no validation split of its own: `validate` is a seeded, patient-disjoint
     `val_fraction` of ADNI train. NIfTI volumes are split by subject (`val_fraction`, `test_fraction`, `seed`, or the
-    folder's splits.csv) and sliced as the last four arguments say (nifti.py). With `masks` (OASIS and demo only)
-    each slice's tissue mask is loaded too (module docstring); with `skip_bad` a slice whose mask is missing or
-    bad is skipped with it.
+    folder's splits.csv) and sliced as the last four arguments say (volumes/nifti.py). With `masks` (OASIS and demo
+    only) each slice's tissue mask is loaded too (module docstring); with `skip_bad` a slice whose mask is missing
+    or bad is skipped with it.
     """
     name = _choice(name, DATASETS, "dataset")
     split = _choice(split, SPLITS, "split")
@@ -403,7 +403,7 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
                         f"downsampling) to {MAX_IMAGE_SIDE}, got {image_size!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
-    if masks and (name not in MASKED or image_size is not None):
+    if masks and (name not in MASKED_DATASETS or image_size is not None):
         raise DataError(f"tissue masks come with OASIS and the demo data only, at the slices' own size; got "
                         f"{name}{f' with --image-size {image_size}' if image_size is not None else ''}")
     if name == "nifti":
@@ -424,7 +424,7 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
         raise DataError(f"dataset root {root} does not exist; pass --data-root pointing at the folder holding "
                         f"keras_png_slices_train (OASIS) or AD_NC (ADNI), or its zip")
 
-    tree = _Tree(root)
+    tree = FolderOrZip(root)
     try:
         files = _adni_files(tree, split, val_fraction, seed) if name == "ADNI" else _oasis_files(tree, split)
         rels = [rel for rel, _, _ in files]
@@ -521,6 +521,19 @@ def random_crops(x, side: int, seed, keys):
     h, w = x.shape[-2:]
     corners = [np.random.default_rng([*seed, int(k)]).integers(0, (h - side + 1, w - side + 1)) for k in keys]
     return torch.stack([x[b, :, top:top + side, left:left + side] for b, (top, left) in enumerate(corners)])
+
+
+def class_index(class_name: str | None, class_names, conditional: bool) -> int | None:
+    """The index of --class `class_name` among a prior's `class_names`, in any letter case; None when no class is
+    asked for. UserError in one line when the prior is not class-conditional or does not know the class."""
+    if class_name is None:
+        return None
+    if not conditional:
+        raise UserError("--class needs a class-conditional prior (one trained with train_prior.py --conditional)")
+    lowered = [c.lower() for c in class_names]
+    if class_name.lower() not in lowered:
+        raise UserError(f"unknown --class {class_name!r}; choose one of {', '.join(class_names)}")
+    return lowered.index(class_name.lower())
 
 
 def _choice(value, choices, what):

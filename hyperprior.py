@@ -8,52 +8,93 @@ lambda per rate point), and measured on a split with the byte strings of its own
     python hyperprior.py train --resume runs/hyperprior-0.0035 --max-minutes 60     # train on, with a new budget
     python hyperprior.py rd runs/hyperprior-0.0035 runs/hyperprior-0.0130 --split test --out runs/rd-hyperprior
 
-train writes last.pt (every --save-minutes, at the end, and on Ctrl-C) and metrics.csv to its run folder; rd writes
-rd_hyperprior.csv (rd.csv's columns) and rd_hyperprior.json, which `compress.py rd --peer` adds to its table,
-curves and BD-rates (measure both with the same --split and --max-images). compressai is an optional dependency of
-the study only (README, Compression: how to install it without its numpy<2 pin).
+train runs the trainers' epoch protocol (training/protocol.py), an epoch being --save-minutes of training: its run
+folder holds config.json, metrics.csv (a row per epoch), checkpoints/epoch_NNN.pt, last.pt and best.pt (the newest
+epoch: there is no validation score to pick another). rd writes rd_hyperprior.csv (rd.csv's columns) and
+rd_hyperprior.json, which `compress.py rd --peer` adds to its table, curves and BD-rates (measure both with the same
+--split and --max-images). compressai is an optional dependency of the study only (README, Compression: how to
+install it without its numpy<2 pin).
 """
-import argparse
+import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.checkpoints import load_checkpoint, save_checkpoint
-from dataset import DATASETS, build_dataset
-from training.engine import config_or_error, reserve_run_folder
-from modules import config_from_dict, first_failure
 from codec.study import RATE_POINT, rd_slices, scores
-from utils import (ArgumentParser, UserError, append_csv, exits_with_one_line, rng_state, seed_everything,
-                   set_rng_state, stop_on_interrupts, write_csv, write_json)
+from dataset import DATASETS, build_dataset
+from imaging.slices import uint8_to_unit, unit_to_uint8
+from modules import config_from_dict, first_failure
+from training.checkpoints import load_checkpoint
+from training.flags import config_or_error, parse_config_flags
+from training.protocol import EpochRun, SavedEpochs, run_epochs
+from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
+from training.schedule import TimeBudget
+from training.steps import optimizer_step
+from utils import (
+    DEVICES,
+    MAX_BATCH_SIZE,
+    ArgumentParser,
+    UserError,
+    add_shared_flag,
+    choose_device,
+    exits_with_one_line,
+    seed_everything,
+    set_rng_state,
+    stop_on_interrupts,
+    write_csv,
+    write_json,
+)
 
 STRIDE = 64  # the analysis transform and the hyperprior's together downsample 64x: images are padded to multiples
 HEADER_BYTES = 4  # a file's two uint16 side lengths (the image size), beside the two byte strings
 NAME = "CompressAI scale hyperprior"
+LOSSES = {"loss": "loss", "mse": "mse_loss", "bpp": "bpp_loss"}  # metrics.csv column: RateDistortionLoss's key
+# Flags that may change when a run is resumed; everything else comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("epochs", "max_minutes", "save_minutes", "device", "data_root", "resume")
 
 
 @dataclass(frozen=True)
 class HyperpriorConfig:
-    dataset: str = "OASIS"        # OASIS, ADNI or demo
-    data_root: str = ""           # the dataset's folder
+    """The model: CompressAI's ScaleHyperprior for one-channel slices."""
+    n: int = 128                  # channels of the transforms (CompressAI's N; default: 128)
+    m: int = 192                  # channels of the latent (CompressAI's M; default: 192)
+
+    def __post_init__(self):
+        first_failure(self, {"n": 1 <= self.n <= 1024, "m": 1 <= self.m <= 1024}, "hyperprior config")
+
+
+@dataclass(frozen=True)
+class HyperpriorTrainConfig:
+    """Everything hyperprior.py train needs besides the model's config; one flag per field."""
+    dataset: str = "OASIS"        # OASIS, ADNI, demo or nifti
+    data_root: str | None = None  # the dataset's folder (required)
     lmbda: float = 0.0035         # RateDistortionLoss's lambda: the weight of 255^2 x MSE against bits per pixel
-    n: int = 128                  # channels of the transforms (CompressAI's N)
-    m: int = 192                  # channels of the latent (CompressAI's M)
     lr: float = 1e-4              # Adam on the transforms
     aux_lr: float = 1e-3          # Adam on the entropy bottleneck's quantiles (the auxiliary loss)
     batch_size: int = 8           # slices per step
-    max_minutes: float = 30.0     # training time of this run (a resumed run: of its continuation)
-    save_minutes: float = 5.0     # write last.pt at least this often
+    grad_clip: float = 1.0        # clip the gradient norm of the transforms to this (0: no clipping)
+    epochs: int = 1000            # epochs to train, each --save-minutes long (at most: --max-minutes ends it first)
+    max_minutes: float = 30.0     # training time (--resume without it: the rest of the run's, if it has any left)
+    save_minutes: float = 5.0     # an epoch: this much training, then a checkpoint and a metrics.csv row
     seed: int = 0                 # initial weights and the order of the slices
+    device: str = "auto"          # auto, cpu or cuda
+    out: str | None = None        # run folder; default runs/hyperprior-<lambda>-NNN
+    resume: str | None = None     # a checkpoint to continue from, or its run folder (its last.pt)
+
+    CHOICES = {"dataset": DATASETS, "device": DEVICES}
 
     def __post_init__(self):
-        first_failure(self, {"dataset": self.dataset in DATASETS, "lmbda": self.lmbda > 0, "n": 1 <= self.n <= 1024,
-                             "m": 1 <= self.m <= 1024, "lr": self.lr > 0, "aux_lr": self.aux_lr > 0,
-                             "batch_size": 1 <= self.batch_size <= 1024, "max_minutes": self.max_minutes > 0,
-                             "save_minutes": self.save_minutes > 0, "seed": self.seed >= 0}, "hyperprior config")
+        first_failure(self, {
+            "dataset": self.dataset in DATASETS, "lmbda": self.lmbda > 0, "lr": 0 < self.lr < math.inf,
+            "aux_lr": 0 < self.aux_lr < math.inf, "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
+            "grad_clip": 0 <= self.grad_clip < math.inf, "epochs": 1 <= self.epochs <= 100000,
+            "max_minutes": 0 < self.max_minutes < math.inf, "save_minutes": 0 < self.save_minutes < math.inf,
+            "seed": 0 <= self.seed < 2**63, "device": self.device in DEVICES}, "hyperprior training config")
 
 
 def compressai():
@@ -77,7 +118,7 @@ def build_model(cfg: HyperpriorConfig) -> torch.nn.Module:
 def padded(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W) -> float (B, 1, H', W') in [0, 1], zero-padded at the bottom and right to multiples of 64."""
     h, w = images.shape[1:]
-    x = images.unsqueeze(1).float() / 255
+    x = uint8_to_unit(images.unsqueeze(1))
     return torch.nn.functional.pad(x, (0, -w % STRIDE, 0, -h % STRIDE))
 
 
@@ -85,94 +126,112 @@ def padded(images: torch.Tensor) -> torch.Tensor:
 # Training
 # ---------------------------------------------------------------------------------------------------------
 
-def optimizers(model, cfg: HyperpriorConfig):
+def optimizers(model, cfg: HyperpriorTrainConfig):
     """CompressAI's two optimisers: the quantiles of the entropy bottleneck apart from everything else."""
     main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     return torch.optim.Adam(main, lr=cfg.lr), torch.optim.Adam(aux, lr=cfg.aux_lr)
 
 
-def train(args):
-    if args.resume:
-        run, lock = reserve_run_folder(str(args.resume), None, None, "hyperprior.py train", resuming=True)
-        state = load_checkpoint(run / "last.pt", kind="hyperprior")
-        try:
-            cfg = config_from_dict(HyperpriorConfig, state["config"])
-        except ValueError as e:
-            raise UserError(f"{run / 'last.pt'} holds a bad config ({e}); resume a run written by hyperprior.py") from None
-        if args.max_minutes is not None:
-            cfg = config_or_error(HyperpriorConfig, **{**asdict(cfg), "max_minutes": args.max_minutes})
-    else:
-        if not args.data_root:
-            raise UserError("--data-root is required: the dataset's folder")
-        cfg = config_or_error(HyperpriorConfig, dataset=args.dataset, data_root=args.data_root, lmbda=args.lmbda,
-                              n=args.n, m=args.m, lr=args.lr, aux_lr=args.aux_lr, batch_size=args.batch_size,
-                              max_minutes=args.max_minutes or 30.0, save_minutes=args.save_minutes, seed=args.seed)
-        run, lock = reserve_run_folder(args.out, Path("runs"), f"hyperprior-{cfg.lmbda:g}", "hyperprior.py train")
-        state = None
+def train_epoch(model, opt, aux_opt, loss_fn, data, cfg: HyperpriorTrainConfig, until: float, device,
+                progress) -> tuple[np.ndarray, int]:
+    """Steps on batches of shuffled train slices (a fresh order each pass) until time.monotonic() reaches `until`;
+    returns the sums of LOSSES over the steps, and the steps."""
+    model.train()
+    sums, steps = np.zeros(len(LOSSES)), 0
+    while time.monotonic() < until:
+        order = torch.randperm(len(data))
+        for first in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            x = padded(data.images[order[first:first + cfg.batch_size]]).to(device)
+            out = loss_fn(model(x), x)
+            optimizer_step(out["loss"], model, opt, None, cfg.grad_clip)
+            optimizer_step(model.aux_loss(), model, aux_opt, None, 0)
+            values = [float(out[k].detach()) for k in LOSSES.values()]
+            sums, steps = sums + values, steps + 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{values[0]:.4f}", bpp=f"{values[2]:.3f}")
+            if time.monotonic() >= until:
+                break
+    return sums, steps
+
+
+class HyperpriorRun(EpochRun):
+    """The hyperprior's epochs, as the epoch protocol (training/protocol.py) runs them: each --save-minutes of
+    training, ended early by --max-minutes' deadline, which also ends the run. No validation score: every epoch is
+    the best so far (best.pt is the newest model), and no LR schedule to fit to the deadline."""
+    BEST_COLUMN = None
+
+    def __init__(self, cfg, model_cfg, model, opt, aux_opt, data, step: int, seconds: float, **protocol):
+        super().__init__(epochs=cfg.epochs, **protocol)
+        self.cfg, self.model_cfg, self.model, self.opt, self.aux_opt, self.data = (cfg, model_cfg, model, opt,
+                                                                                   aux_opt, data)
+        self.loss_fn = compressai().losses.RateDistortionLoss(lmbda=cfg.lmbda)
+        self.step, self.seconds = step, seconds  # over the whole run, resumed parts included
+
+    def train_and_validate(self, epoch: int):
+        t0 = time.monotonic()
+        until = min(t0 + 60 * self.cfg.save_minutes, self.budget.deadline)
+        with tqdm(desc=f"epoch {epoch}: lambda {self.cfg.lmbda:g}", unit="step", leave=False) as progress:
+            sums, steps = train_epoch(self.model, self.opt, self.aux_opt, self.loss_fn, self.data, self.cfg, until,
+                                      self.device, progress)
+        self.step, self.seconds = self.step + steps, self.seconds + time.monotonic() - t0
+        means = (sums / max(steps, 1)).tolist()
+        return {"epoch": epoch, "step": self.step, "seconds": round(self.seconds, 1), **dict(zip(LOSSES, means))}, None
+
+    def checkpoint(self, row: dict, stopping: bool) -> dict:
+        return {"kind": "hyperprior", "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "aux_optimizer": self.aux_opt.state_dict(), "scheduler": {}, "model_config": asdict(self.model_cfg),
+                "train_config": asdict(self.cfg), "step": self.step, "seconds": self.seconds, "metrics": row,
+                "time_budget": self.budget.state(done=stopping)}
+
+    def report(self, row: dict, best: bool, stopping: bool):
+        tqdm.write(f"epoch {row['epoch']:3d} | step {row['step']} | loss {row['loss']:.4f} mse {row['mse']:.5f} "
+                   f"bpp {row['bpp']:.3f} | {row['seconds'] / 60:.1f} minutes of training")
+
+
+def train(cfg: HyperpriorTrainConfig, model_cfg: HyperpriorConfig, state: dict | None = None) -> Path:
+    device = choose_device(cfg.device)
     seed_everything(cfg.seed)
     data = build_dataset(cfg.dataset, cfg.data_root, "train")
-    model = build_model(cfg)
+    model = build_model(model_cfg).to(device)
     opt, aux_opt = optimizers(model, cfg)
-    loss_fn = compressai().losses.RateDistortionLoss(lmbda=cfg.lmbda)
-    step, seconds = 0, 0.0
+    start_epoch, step, seconds = 1, 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        aux_opt.load_state_dict(state["aux_optimizer"])
+        restore_training(state, model, opt, None, 0, cfg.resume, aux_opt=aux_opt)
         set_rng_state(state["rng"])
-        step, seconds = state["step"], state["seconds"]
-    print(f"hyperprior run {run}: {len(data)} train slices, lambda {cfg.lmbda:g}, N={cfg.n} M={cfg.m}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.max_minutes:g} minutes")
+        start_epoch, step, seconds = state["epoch"] + 1, state["step"], state["seconds"]
 
-    def save(mean_losses: np.ndarray):
-        metrics = dict(zip(("loss", "mse", "bpp"), mean_losses.tolist()))
-        save_checkpoint({"kind": "hyperprior", "config": asdict(cfg), "model": model.state_dict(),
-                         "optimizer": opt.state_dict(), "aux_optimizer": aux_opt.state_dict(), "scheduler": {},
-                         "rng": rng_state(), "step": step, "seconds": seconds, "metrics": metrics}, run / "last.pt")
-        append_csv(run / "metrics.csv", {"step": step, "seconds": round(seconds, 1), **metrics})
+    run_dir, lock = reserve_run_folder(cfg.out, Path("runs"), f"hyperprior-{cfg.lmbda:g}", "hyperprior.py train",
+                                       resuming=state is not None)
+    cfg = replace(cfg, out=str(run_dir))
+    write_json(run_dir / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg)})
+    print(f"hyperprior run {run_dir}: {len(data)} train slices, lambda {cfg.lmbda:g}, N={model_cfg.n} "
+          f"M={model_cfg.m}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {device}, "
+          f"{cfg.max_minutes:g} minutes, epochs {start_epoch}..{cfg.epochs}")
+    run_epochs(HyperpriorRun(cfg, model_cfg, model, opt, aux_opt, data, step, seconds, device=device,
+                             saved=SavedEpochs("hyperprior.py train", run_dir, start_epoch, cfg.resume), lock=lock,
+                             budget=TimeBudget(cfg.max_minutes, 0, cfg.batch_size, verbose=False)))
+    return run_dir
 
-    stop_on_interrupts()
-    start, last_save, sums, count = time.monotonic(), time.monotonic(), np.zeros(3), 0
-    deadline = start + 60 * cfg.max_minutes
-    model.train()
-    with tqdm(desc=f"hyperprior lambda {cfg.lmbda:g}", unit="step", initial=step) as bar:
-        try:
-            while time.monotonic() < deadline:
-                order = torch.randperm(len(data))
-                for first in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-                    x = padded(data.images[order[first:first + cfg.batch_size]])
-                    out = loss_fn(model(x), x)
-                    opt.zero_grad()
-                    out["loss"].backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    aux = model.aux_loss()
-                    aux_opt.zero_grad()
-                    aux.backward()
-                    aux_opt.step()
-                    step += 1
-                    values = [float(out[k].detach()) for k in ("loss", "mse_loss", "bpp_loss")]
-                    sums += values
-                    count += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values[0]:.4f}", bpp=f"{values[2]:.3f}")
-                    now = time.monotonic()
-                    if now - last_save > 60 * cfg.save_minutes or now >= deadline:
-                        seconds += now - start
-                        start, last_save = now, now
-                        save(sums / count)
-                        sums, count = np.zeros(3), 0
-                    if now >= deadline:
-                        break
-        except KeyboardInterrupt:
-            if count:
-                seconds += time.monotonic() - start
-                save(sums / count)
-            print(f"interrupted: saved step {step} to {run / 'last.pt'}; continue with --resume {run}")
-            raise SystemExit(130)
-    lock.release()
-    print(f"done: {step} steps in {seconds / 60:.1f} minutes | written to {run / 'last.pt'}")
+
+def saved_configs(state: dict, path) -> tuple[HyperpriorTrainConfig, HyperpriorConfig]:
+    """The training and model configs a hyperprior checkpoint holds; UserError if they are not such configs."""
+    try:
+        return (config_from_dict(HyperpriorTrainConfig, state["train_config"]),
+                config_from_dict(HyperpriorConfig, state["model_config"]))
+    except ValueError as e:
+        raise UserError(f"{path} holds a bad config ({e}); use a checkpoint written by hyperprior.py train") from None
+
+
+def configs_from_args(run_args: dict, model_args: dict):
+    """The configs of a new run, or of a resumed one (its saved configs, with the flags a resume may change)."""
+    if "resume" in run_args:
+        path, state = resume_checkpoint(run_args, model_args, RESUMABLE_OVERRIDES, "hyperprior")
+        saved_cfg, model_cfg = saved_configs(state, path)
+        return resumed_config(saved_cfg, run_args, path, state), model_cfg, state
+    if not run_args.get("data_root"):
+        raise UserError("--data-root is required: the dataset's folder")
+    return config_or_error(HyperpriorTrainConfig, **run_args), config_or_error(HyperpriorConfig, **model_args), None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,15 +239,14 @@ def train(args):
 # ---------------------------------------------------------------------------------------------------------
 
 def load_model(path: Path):
-    """(model in eval mode with its entropy coders' tables built, config, checkpoint) from a last.pt or run
-    folder."""
-    path = path / "last.pt" if path.is_dir() else path
+    """(model in eval mode with its entropy coders' tables built, training config, checkpoint) from a .pt file or a
+    run folder (its best.pt: training/checkpoints.checkpoint_file)."""
     state = load_checkpoint(path, kind="hyperprior")
+    cfg, model_cfg = saved_configs(state, path)
     try:
-        cfg = config_from_dict(HyperpriorConfig, state["config"])
-        model = build_model(cfg)
+        model = build_model(model_cfg)
         model.load_state_dict(state["model"])
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError) as e:
         raise UserError(f"{path} does not match the hyperprior model it describes ({e}); use a checkpoint written "
                         f"by hyperprior.py train") from None
     model.eval().update(force=True)
@@ -206,7 +264,7 @@ def measure(model, images: torch.Tensor) -> dict:
         coded = model.compress(padded(image[None]))
         decoded = model.decompress(coded["strings"], coded["shape"])["x_hat"][0, 0, :h, :w]
         sizes.append(HEADER_BYTES + sum(len(s[0]) for s in coded["strings"]))
-        s, p = scores((decoded.clamp(0, 1) * 255).round().to(torch.uint8).numpy(), image.numpy())
+        s, p = scores(unit_to_uint8(decoded).numpy(), image.numpy())
         ssims.append(s)
         psnrs.append(p)
     return {"sizes": np.array(sizes, float), "ssim": np.array(ssims), "psnr": np.array(psnrs),
@@ -247,38 +305,39 @@ def rd(args):
     print(f"written to {out}")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+COMMANDS = ("train", "rd")
+
+
+def parse_rd_args(argv):
+    p = ArgumentParser(prog="hyperprior.py rd", description="Bytes, SSIM and PSNR per rate point.")
+    p.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints or run folders of hyperprior.py train")
+    add_shared_flag(p, "--split", "the one measured (default: test)", default="test")
+    add_shared_flag(p, "--data-root")
+    p.add_argument("--max-images", type=int, help="this many slices spread over the split (default: all)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's)")
+    add_shared_flag(p, "--out", "for rd_hyperprior.csv and rd_hyperprior.json", required=True)
+    return p.parse_args(argv)
+
+
 def main(argv=None):
-    p = ArgumentParser(prog="hyperprior.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    t = sub.add_parser("train", help="train one rate point", description="Train the scale hyperprior on a train split.")
-    defaults = HyperpriorConfig()
-    t.add_argument("--dataset", default=defaults.dataset, choices=DATASETS, help="the dataset (default: OASIS)")
-    t.add_argument("--data-root", help="the dataset's folder")
-    t.add_argument("--lmbda", type=float, default=defaults.lmbda, help="RateDistortionLoss's lambda: larger is more "
-                   f"bytes and quality (default: {defaults.lmbda})")
-    t.add_argument("--n", type=int, default=defaults.n, help=f"channels of the transforms (default: {defaults.n})")
-    t.add_argument("--m", type=int, default=defaults.m, help=f"channels of the latent (default: {defaults.m})")
-    t.add_argument("--lr", type=float, default=defaults.lr, help=f"Adam's learning rate (default: {defaults.lr})")
-    t.add_argument("--aux-lr", type=float, default=defaults.aux_lr,
-                   help=f"the auxiliary (quantile) optimiser's learning rate (default: {defaults.aux_lr})")
-    t.add_argument("--batch-size", type=int, default=defaults.batch_size, help="slices per step (default: 8)")
-    t.add_argument("--max-minutes", type=float, help="training time (default: 30; with --resume: the run's own)")
-    t.add_argument("--save-minutes", type=float, default=defaults.save_minutes,
-                   help="write last.pt at least this often (default: 5)")
-    t.add_argument("--seed", type=int, default=0, help="initial weights and slice order (default: 0)")
-    t.add_argument("--out", help="run folder (default: runs/hyperprior-<lambda>-NNN)")
-    t.add_argument("--resume", type=Path, help="continue this run folder")
-    r = sub.add_parser("rd", help="measure trained rate points", description="Bytes, SSIM and PSNR per rate point.")
-    r.add_argument("checkpoints", nargs="+", type=Path, help="last.pt files or run folders of hyperprior.py train")
-    r.add_argument("--split", default="test", help="the split to measure (default: test)")
-    r.add_argument("--data-root", help="where the dataset is now, if it moved")
-    r.add_argument("--max-images", type=int, help="this many slices spread over the split (default: all)")
-    r.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's)")
-    r.add_argument("--out", type=Path, required=True, help="folder for rd_hyperprior.csv and rd_hyperprior.json")
-    with exits_with_one_line():
-        args = p.parse_args(argv)
+    stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
+        if not argv or argv[0] not in COMMANDS:
+            raise UserError(f"hyperprior.py needs a command first: {' or '.join(COMMANDS)} (e.g. python hyperprior.py "
+                            f"train --dataset demo --data-root data/demo); see python hyperprior.py train --help")
+        if argv[0] == "rd":
+            args = parse_rd_args(argv[1:])
+            compressai()
+            return rd(args)
+        run_args, model_args = parse_config_flags(argv[1:], "hyperprior.py train", __doc__, HyperpriorTrainConfig,
+                                                  HyperpriorConfig, "model (HyperpriorConfig)")
         compressai()
-        (train if args.command == "train" else rd)(args)
+        return train(*configs_from_args(run_args, model_args))
 
 
 if __name__ == "__main__":

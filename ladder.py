@@ -5,33 +5,19 @@ so that `compress.py encode --ladder` can pick, per slice, the best file within 
     python compress.py rd --ladder runs/ladder --split test             # the ladder against the classical codecs
     python compress.py encode --ladder runs/ladder --max-bytes 1024 --split test --out coded/
 
-Each operating point is a latent grid and a codebook size (the bits of a fixed-length file: grid cells x log2 K)
-on an existing preset's recipe; the prior then codes its maps in fewer bytes. Each point is a normal train.py run
-in <out>/<point>/ and a train_prior.py run in <out>/<point>/prior/; a finished run (its epochs done or its
-minutes spent) is not trained again and an unfinished one is resumed, so an interrupted ladder can be re-run.
-<out>/ladder.json lists the points trained, in order of size.
+Each operating point (codec/ladder.py's POINTS) is a latent grid and a codebook size (the bits of a fixed-length
+file: grid cells x log2 K) on an existing preset's recipe; the prior then codes its maps in fewer bytes. Each point
+is a normal train.py run in <out>/<point>/ and a train_prior.py run in <out>/<point>/prior/; a finished run (its
+epochs done or its minutes spent) is not trained again and an unfinished one is resumed, so an interrupted ladder
+can be re-run. <out>/ladder.json lists the points trained, in order of size.
 """
 import argparse
 from pathlib import Path
 
+from codec.ladder import LADDER_FILE, POINTS
 from training.checkpoints import load_checkpoint
-from codec.vqz import LADDER_FILE
-from training.engine import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
+from training.families import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
 from utils import DEVICES, PRECISIONS, ArgumentParser, exits_with_one_line, write_json
-
-# name -> (preset, model overrides, prior overrides), smallest files first. The grid sets how many codes a slice
-# has (H/16: 256 on 256x256, H/8: 1024, H/4: 4096), K how many bits each costs before the prior; points of one grid
-# differ in K. The priors train on small batches, as the VQ-VAEs do, so that a time budget buys more updates; on
-# the 64x64 maps of H/4 a narrower, shallower PixelCNN, since train_prior.py's default took 45 s per batch of 32 maps
-# on one CPU core.
-POINTS = {
-    "h16-k256": ("default", {"downsamplings": 4, "codebook_size": 256}, {"batch_size": 8}),
-    "h8-k32": ("default", {}, {"batch_size": 8}),
-    "h8-k256": ("default", {"codebook_size": 256}, {"batch_size": 8}),
-    "h4-k8": ("hq", {"codebook_size": 8}, {"batch_size": 4, "channels": 48, "layers": 8}),
-    "h4-k32": ("hq", {"codebook_size": 32}, {"batch_size": 4, "channels": 48, "layers": 8}),
-    "h4-k256": ("hq", {}, {"batch_size": 4, "channels": 48, "layers": 8}),
-}
 
 
 def train_point(name: str, args) -> dict:

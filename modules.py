@@ -2,7 +2,7 @@
 
 - VQ-VAE: `Encoder -> VectorQuantizer -> Decoder` (VQVAE), its config (VQVAEConfig) and the presets (PRESETS: model
   and optimiser settings together); the quantiser's straight-through estimator, EMA codebook, k-means
-  initialisation and dead-code restarts, with the DDP helpers they use (all_reduce_sum, broadcast_from_rank0);
+  initialisation and dead-code restarts (kept identical on every DDP rank by training/distributed.py's collectives);
 - prior: PriorConfig and build_prior; Prior (sampling and completion, by driving a prior's incremental logits), a
   gated PixelCNN (PixelCNNPrior: causal convolutions, gated layers) and a causal transformer (TransformerPrior:
   GPT blocks, a KV cache);
@@ -18,13 +18,12 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imaging.slices import to_unit
 from imaging.quality import ssim
-
+from imaging.slices import to_unit
+from training.distributed import all_reduce_sum, broadcast_from_rank0
 
 IMAGE_CHANNELS = 1  # grayscale MRI: every loader yields one channel
 
@@ -274,18 +273,6 @@ class QuantizerOutput(NamedTuple):
     code_counts: torch.Tensor      # (K,) how often each code was chosen in this batch (this rank)
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(t, src=0)
-    return t
-
-
 def kmeans(x: torch.Tensor, k: int, iters: int = 10) -> torch.Tensor:
     """Lloyd's k-means on (N, D) rows; returns (k, D) centroids. Empty clusters keep their old centroid."""
     centroids = x[torch.randperm(x.shape[0], device=x.device)[:k]]
@@ -471,7 +458,7 @@ class VQVAE(nn.Module):
 # p(z) = prod_t p(z_t | z_<t [, class]) over the (B, h, w) code-index maps of a trained VQ-VAE in raster order
 # t = i*w + j. New slices are decoded from sampled maps; the codec entropy-codes a map with the same conditionals.
 # Both architectures train on whole maps at once (forward) and run position by position (incremental), which
-# sampling, completion and the codec all drive.
+# sampling, completion and the codec all run (fill_in_raster_order).
 
 PRIOR_ARCHS = ("pixelcnn", "transformer")
 
@@ -534,7 +521,7 @@ class Prior(nn.Module):
 
     def incremental(self, n: int, h: int, w: int, labels=None, dtype=torch.float32):
         """A generator over the h*w positions of n maps in raster order: it yields the (n, K) logits (in `dtype`) of
-        a position and must then be sent the (n,) codes at that position (drive() runs one)."""
+        a position and must then be sent the (n,) codes at that position (fill_in_raster_order runs one)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -555,12 +542,14 @@ class Prior(nn.Module):
             drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             codes[:, pos] = torch.where(keep[:, pos], given[:, pos], drawn)
             return codes[:, pos]
-        drive(self.incremental(n, h, w, labels.to(device) if labels is not None else None), h * w, draw)
+        labels = labels.to(device) if labels is not None else None
+        fill_in_raster_order(self.incremental(n, h, w, labels), h * w, draw)
         return codes.view(n, h, w)
 
 
-def drive(steps, positions: int, choose):
-    """Run a Prior.incremental generator: choose(position, logits) returns the (n,) codes to send for each one."""
+def fill_in_raster_order(steps, positions: int, choose):
+    """Fill code maps position by position in raster order through a Prior.incremental generator `steps`:
+    choose(position, logits) returns the (n,) codes of each position (drawn, given, or decoded), sent back to it."""
     logits = next(steps)
     for pos in range(positions):
         codes = choose(pos, logits)

@@ -12,7 +12,6 @@ Dice), last.pt and dice.png (validation Dice per epoch, drawn when the run ends)
 summary.json, segmentations.png (slice / true mask / predicted mask, the worst slices first) and dice_hist.png into
 <run>/score_<split> (or --out).
 """
-import math
 import sys
 import time
 from dataclasses import asdict, replace
@@ -23,17 +22,36 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from anatomy.tissues import dice_columns, dice_summary, dice_table, segment_images, worst_first
-from training.checkpoints import SegmenterTrainConfig, load_segmenter, load_split, rebuild_segmenter, run_dir_of
-from dataset import TISSUES, build_dataset, demo_settings
-from training.engine import (SavedEpochs, TimeBudget, config_or_error, lr_scheduler, optimizer_step,
-    parse_config_flags, reserve_run_folder, restore_training, resume_checkpoint, resumed_config, schedule_done,
-    speed_settings)
-from imaging.slices import SPLITS, to_float
+from anatomy.vocabulary import TISSUES
+from dataset import build_dataset, demo_settings
+from imaging.slices import to_float
 from modules import SegmenterConfig, UNet
-from utils import (ArgumentParser, UserError, add_runtime_flags, apply_runtime_flags, autocast, choose_device,
-                   exits_with_one_line, ignore_further_interrupts,
-                   plot_curves, plot_histograms, plot_image_rows, read_csv, seed_everything, set_rng_state,
-                   stop_on_interrupts, use_bf16, write_csv, write_json)
+from training.checkpoints import SegmenterTrainConfig, load_segmenter, load_split, rebuild_segmenter, run_dir_of
+from training.flags import config_or_error, parse_config_flags
+from training.protocol import EpochRun, SavedEpochs, run_epochs
+from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
+from training.schedule import TimeBudget, schedule_done
+from training.steps import adam_and_schedule, on_device, optimizer_step, speed_settings
+from utils import (
+    ArgumentParser,
+    UserError,
+    add_runtime_flags,
+    add_shared_flag,
+    apply_runtime_flags,
+    autocast,
+    choose_device,
+    exits_with_one_line,
+    plot_curves,
+    plot_histograms,
+    plot_image_rows,
+    read_csv,
+    seed_everything,
+    set_rng_state,
+    stop_on_interrupts,
+    use_bf16,
+    write_csv,
+    write_json,
+)
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("epochs", "device", "max_minutes", "data_root", "resume")
@@ -109,8 +127,8 @@ def validate(model, data, cfg, device, amp) -> dict:
 
 def open_run_folder(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, train_data, val_data, device,
                     start_epoch: int):
-    """Reserve and lock the run folder (engine.reserve_run_folder), write config.json and say what the run is;
-    only once the data and the model are known to work, so a bad flag or file leaves nothing behind."""
+    """Reserve and lock the run folder (training/runs.py), write config.json and say what the run is; only once
+    the data and the model are known to work, so a bad flag or file leaves nothing behind."""
     folder, lock = reserve_run_folder(cfg.out, Path("runs"), f"segmenter-{cfg.dataset}", "segment.py",
                                       resuming=cfg.resume is not None)
     cfg = replace(cfg, out=str(folder))
@@ -133,85 +151,73 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
     steps_per_epoch = slices // cfg.batch_size
 
     # Model, optimiser and schedule; a resumed run's state
-    model, opt, scheduler, start_epoch, best_dice = build_training(cfg, model_cfg, device, steps_per_epoch, state)
-    amp = autocast(cfg.precision, device)
+    model, opt, scheduler = segmenter_and_optimiser(cfg, model_cfg, device, cfg.epochs * steps_per_epoch)
+    start_epoch, best_dice = 1, None
+    if state is not None:
+        restore_training(state, model, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
+        set_rng_state(state["rng"])
+        start_epoch, best_dice = state["epoch"] + 1, state["best_val_dice"]
 
     # Run folder, reserved and locked only now
     cfg, lock = open_run_folder(cfg, model_cfg, train_data, val_data, device, start_epoch)
-    run_dir = Path(cfg.out)
 
-    # Loop
-    saved = SavedEpochs("segment.py train", run_dir, start_epoch, cfg.resume)
-    budget = TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=True)
-    epoch = start_epoch - 1
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            row, timing = run_epoch(model, opt, scheduler, train_data, val_data, cfg, device, amp, budget, saved,
-                                    epoch, steps_per_epoch)
-            best, best_dice = row["val_dice_mean"] > best_dice, max(best_dice, row["val_dice_mean"])
-            stopping = schedule_done(scheduler) or budget.up(device)
-            if not stopping:  # before the save: a resumed run continues this plan
-                budget.replan(scheduler, steps_per_epoch, *timing, cfg.epochs * steps_per_epoch, device)
-            saved.save(checkpoint_state(model, opt, scheduler, best_dice, cfg, model_cfg, row, budget, stopping),
-                       epoch, best, {"metrics.csv": row})
-            if stopping or epoch == cfg.epochs:
-                plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
-                            {f"val_dice_{t.lower()}": t for t in TISSUES} | {"val_dice_mean": "mean"},
-                            run_dir / "dice.png", "Validation Dice", "Dice")
-            tqdm.write(f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} | val Dice CSF "
-                       f"{row['val_dice_csf']:.4f} GM {row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean "
-                       f"{row['val_dice_mean']:.4f} | lr "
-                       f"{row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
-                       + (" *" if best else ""))
-            if stopping:
-                print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes:g}")
-                break
-    except KeyboardInterrupt:
-        ignore_further_interrupts()
-        print(saved.interrupted(epoch), file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        lock.release()
-    return run_dir
+    # Loop: the epoch protocol
+    run_epochs(SegmenterRun(cfg, model_cfg, model, opt, train_data, val_data, device,
+                            saved=SavedEpochs("segment.py train", Path(cfg.out), start_epoch, cfg.resume),
+                            lock=lock, budget=TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=True),
+                            best=best_dice, scheduler=scheduler, steps_per_epoch=steps_per_epoch))
+    return Path(cfg.out)
 
 
-def build_training(cfg, model_cfg, device, steps_per_epoch: int, state: dict | None):
-    """The U-Net (channels_last unless --no-channels-last), its Adam optimiser and LR schedule, and the first epoch
-    and best validation Dice so far; a resumed run's weights, optimiser, schedule and random streams restored."""
-    model = UNet(model_cfg).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    if state is None:
-        return model, opt, scheduler, 1, -math.inf
-    restore_training(state, model, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
-    set_rng_state(state["rng"])
-    return model, opt, scheduler, state["epoch"] + 1, state["best_val_dice"]
+def segmenter_and_optimiser(cfg, model_cfg: SegmenterConfig, device, total_steps: int):
+    """A new U-Net (on `device`, channels_last unless --no-channels-last), its Adam optimiser and LR schedule."""
+    model = on_device(UNet(model_cfg), device, cfg.channels_last)
+    return (model, *adam_and_schedule(model, cfg, total_steps))
 
 
-def run_epoch(model, opt, scheduler, train_data, val_data, cfg, device, amp, budget, saved, epoch: int,
-              steps_per_epoch: int) -> dict:
-    """Train one epoch and validate; returns its metrics.csv row and (seconds per training step, seconds of
-    validation), which --max-minutes plans with."""
-    t0, first_step = time.perf_counter(), scheduler.last_epoch
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True) as progress:
-        loss, seen = train_epoch(model, opt, scheduler, train_data, cfg, device, amp, budget, progress)
-    train_seconds = time.perf_counter() - t0
-    saved.check_finite(epoch, "train loss", loss, cfg)  # before anything of it is saved
-    t_val = time.perf_counter()
-    scores = validate(model, val_data, cfg, device, amp)
-    timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
-    return {"epoch": epoch, "train_loss": loss, **scores, "lr": scheduler.get_last_lr()[0],
-            "epoch_seconds": time.perf_counter() - t0, "train_img_per_s": seen / train_seconds}, timing
+class SegmenterRun(EpochRun):
+    """The segmenter's epochs, as the epoch protocol (training/protocol.py) runs them: best.pt has the highest
+    validation mean Dice."""
+    BEST_COLUMN, HIGHER_IS_BETTER = "val_dice_mean", True
 
+    def __init__(self, cfg, model_cfg, model, opt, train_data, val_data, device, **protocol):
+        super().__init__(device=device, epochs=cfg.epochs, **protocol)
+        self.cfg, self.model_cfg, self.model, self.opt = cfg, model_cfg, model, opt
+        self.train_data, self.val_data, self.amp = train_data, val_data, autocast(cfg.precision, device)
 
-def checkpoint_state(model, opt, scheduler, best_dice, cfg, model_cfg, row, budget, stopping) -> dict:
-    """What a checkpoint holds besides the epoch and the random streams (SavedEpochs.save adds those)."""
-    return {"kind": "segmenter", "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": scheduler.state_dict(), "best_val_dice": best_dice, "model_config": asdict(model_cfg),
-            "train_config": asdict(cfg), "metrics": row, "time_budget": budget.state(done=stopping),
-            "demo_settings": demo_settings(cfg.data_root) if cfg.dataset == "demo" else None}
+    def train_and_validate(self, epoch: int):
+        cfg, scheduler = self.cfg, self.scheduler
+        t0, first_step = time.perf_counter(), scheduler.last_epoch
+        with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                  dynamic_ncols=True) as progress:
+            loss, seen = train_epoch(self.model, self.opt, scheduler, self.train_data, cfg, self.device, self.amp,
+                                     self.budget, progress)
+        train_seconds = time.perf_counter() - t0
+        self.saved.check_finite(epoch, "train loss", loss, cfg)  # before anything of it is saved
+        t_val = time.perf_counter()
+        scores = validate(self.model, self.val_data, cfg, self.device, self.amp)
+        timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
+        return {"epoch": epoch, "train_loss": loss, **scores, "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": time.perf_counter() - t0, "train_img_per_s": seen / train_seconds}, timing
+
+    def checkpoint(self, row: dict, stopping: bool) -> dict:
+        cfg = self.cfg
+        return {"kind": "segmenter", "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "best_val_dice": self.best,
+                "model_config": asdict(self.model_cfg), "train_config": asdict(cfg), "metrics": row,
+                "time_budget": self.budget.state(done=stopping),
+                "demo_settings": demo_settings(cfg.data_root) if cfg.dataset == "demo" else None}
+
+    def report(self, row: dict, best: bool, stopping: bool):
+        """dice.png when the run ends; the epoch's log line."""
+        if stopping or row["epoch"] == self.epochs:
+            plot_curves(read_csv(self.saved.run_dir / "metrics.csv"), "epoch",
+                        {f"val_dice_{t.lower()}": t for t in TISSUES} | {"val_dice_mean": "mean"},
+                        self.saved.run_dir / "dice.png", "Validation Dice", "Dice")
+        tqdm.write(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} | val Dice CSF "
+                   f"{row['val_dice_csf']:.4f} GM {row['val_dice_gm']:.4f} WM {row['val_dice_wm']:.4f} mean "
+                   f"{row['val_dice_mean']:.4f} | lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s "
+                   f"{row['train_img_per_s']:.1f} img/s" + (" *" if best else ""))
 
 
 def configs_from_args(run_args: dict, model_args: dict):
@@ -232,10 +238,10 @@ def parse_score_args(argv):
                        "and their mean, per slice and summarised, and figures.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by segment.py train, or its run "
                    "folder (its best.pt)")
-    p.add_argument("--split", default="test", choices=SPLITS, help="the split to score (default: test)")
-    p.add_argument("--data-root", help="where the dataset is now, if not where training read it")
+    add_shared_flag(p, "--split", "the one scored (default: test)", default="test")
+    add_shared_flag(p, "--data-root")
     p.add_argument("--skip-bad", action="store_true", help="skip slices whose image or mask is missing or bad")
-    p.add_argument("--out", type=Path, help="output folder (default: <run>/score_<split>)")
+    add_shared_flag(p, "--out", "default: <run>/score_<split>")
     add_runtime_flags(p, batch_size=32)
     return p.parse_args(argv)
 

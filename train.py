@@ -11,31 +11,62 @@ A run folder holds config.json, metrics.csv, code_usage.csv, checkpoints/epoch_N
 validation loss), last.pt, loss.png, ssim.png, codebook.png, code_usage.png and recon/epoch_NNN.png.
 """
 import math
-import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from training.checkpoints import TrainConfig, rebuild_vqvae
 from dataset import build_dataset, check_compatible, demo_settings, random_crops
 from denoising.noise import Noise, add_noise, parse_noise
-from training.engine import (SavedEpochs, TensorBoardLog, TimeBudget, batches, build_training, compile_model,
-    config_or_error, parse_config_flags, require_compiler, reserve_run_folder, restore_training, resume_checkpoint,
-    resumed_config, schedule_done, speed_settings, stage_images, tensorboard_writer_class, train_step)
 from evaluation.metrics import score_split
-from modules import PRESETS, VQVAEConfig, all_reduce_sum
-from utils import (UserError, autocast, choose_device, distributed_env, exits_with_one_line, fail_together,
-                   ignore_further_interrupts, is_distributed, one_line_reason, plot_bars,
-                   plot_training_curves, save_side_by_side, seed_everything, set_rng_state, stop_on_interrupts, unwrap,
-                   use_bf16, write_json)
+from modules import PRESETS, VQVAEConfig
+from training.checkpoints import TrainConfig, rebuild_vqvae
+from training.distributed import (
+    RankPlace,
+    all_reduce_sum,
+    average_batchnorm_stats,
+    check_same_flags,
+    ddp_model,
+    distributed_env,
+    diverged_anywhere,
+    fail_together,
+    join_process_group,
+    leave_process_group,
+    rank0_value,
+)
+from training.flags import config_or_error, parse_config_flags
+from training.protocol import EpochRun, SavedEpochs, TensorBoardLog, run_epochs, tensorboard_writer_class
+from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
+from training.schedule import TimeBudget, schedule_done
+from training.steps import (
+    batches,
+    compile_model,
+    require_compiler,
+    speed_settings,
+    stage_images,
+    train_step,
+    vqvae_and_optimiser,
+)
+from utils import (
+    UserError,
+    autocast,
+    choose_device,
+    exits_with_one_line,
+    one_line_reason,
+    plot_bars,
+    plot_training_curves,
+    save_side_by_side,
+    seed_everything,
+    set_rng_state,
+    stop_on_interrupts,
+    unwrap,
+    use_bf16,
+    write_json,
+)
 
 # The figures (curves, code usage, reconstructions) take ~1 s to draw: with short epochs (a GPU) they are drawn
 # for an epoch that ends at least this long after the last drawing, and always for the last epoch.
@@ -46,23 +77,13 @@ LOSS_NAMES = ("reconstruction", "codebook", "commitment")
 CROP_STREAM = 1  # --train-crop's corners are drawn from (seed, epoch, CROP_STREAM, image), apart from the noise's
 
 
-class Process(NamedTuple):
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Setup
 # ---------------------------------------------------------------------------------------------------------
 
-def setup_process(cfg: TrainConfig) -> Process:
-    """The device, the process-wide speed settings and, under torchrun, the process group."""
+def setup_rank(cfg: TrainConfig) -> RankPlace:
+    """This process's place in the run, its device, the process-wide speed settings and, under torchrun, the
+    process group."""
     rank, world, local_rank = distributed_env()
     device = choose_device(cfg.device, local_rank)
     if cfg.compile:
@@ -70,49 +91,37 @@ def setup_process(cfg: TrainConfig) -> Process:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     speed_settings(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return Process(rank, world, local_rank, device)
+    place = RankPlace(rank, world, local_rank, device)
+    join_process_group(place)
+    return place
 
 
-def check_same_config(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process):
-    """Under DDP every rank must have been started with the same flags: rank 0's configs are broadcast and compared,
-    and a rank that differs stops every rank with one line (instead of a collective failing later)."""
-    if proc.world == 1:
-        return
-    mine = {**asdict(cfg), "out": None, **{f"model.{k}": v for k, v in asdict(model_cfg).items()}}
-    theirs = [mine]
-    dist.broadcast_object_list(theirs, src=0)
-    differ = sorted(k for k in mine if mine[k] != theirs[0].get(k))
-    with fail_together(proc.device):
-        if differ:
-            raise UserError(f"rank {proc.rank} was started with other flags than rank 0 ({differ[0]}: "
-                            f"{mine[differ[0]]!r} here, {theirs[0].get(differ[0])!r} there); start every process "
-                            f"with the same command")
+def check_same_config(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace):
+    """Under DDP: every rank started with rank 0's flags, or every rank stops (distributed.check_same_flags)."""
+    check_same_flags({**asdict(cfg), "out": None, **{f"model.{k}": v for k, v in asdict(model_cfg).items()}}, place)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
 
-def load_data(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process):
+def load_data(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace):
     """The train and validation splits, every rank holding both whole, checked against the model before anything
     is trained: same image size in both, divisible by the downsampling, at least one batch."""
     # Demo data: rank 0 first, as it may have to write the files.
-    first = proc.main or cfg.dataset != "demo"
+    first = place.main or cfg.dataset != "demo"
     for turn in (True, False):
-        with fail_together(proc.device):
+        with fail_together(place.device):
             if first == turn:
-                kwargs = dict(**cfg.data_options(), verbose=proc.main)
+                kwargs = dict(**cfg.data_options(), verbose=place.main)
                 train_data = build_dataset(cfg.dataset, cfg.data_root, "train", **kwargs)
                 val_data = build_dataset(cfg.dataset, cfg.data_root, "validate", **kwargs)
                 check_compatible(train_data.image_shape, val_data)
-                check_fits_model(cfg, model_cfg, train_data.image_shape, proc.world)
-                if len(train_data) < cfg.batch_size * proc.world:
+                check_fits_model(cfg, model_cfg, train_data.image_shape, place.world)
+                if len(train_data) < cfg.batch_size * place.world:
                     raise UserError(f"the train split has {len(train_data)} images, fewer than one batch "
-                                    f"({cfg.batch_size} x {proc.world} processes); lower --batch-size")
-    stage_images(cfg, proc.device, train_data, val_data, verbose=proc.main)
+                                    f"({cfg.batch_size} x {place.world} processes); lower --batch-size")
+    stage_images(cfg, place.device, train_data, val_data, verbose=place.main)
     return train_data, val_data
 
 
@@ -142,32 +151,17 @@ def crop_side(cfg: TrainConfig, image_shape) -> int | None:
 # Model
 # ---------------------------------------------------------------------------------------------------------
 
-def parallel_model(model: torch.nn.Module, cfg: TrainConfig, proc: Process) -> torch.nn.Module:
+def parallel_model(model: torch.nn.Module, cfg: TrainConfig, place: RankPlace) -> torch.nn.Module:
     """The model as the loop runs it: DDP over several processes, then torch.compile if asked for."""
-    if proc.world > 1:
-        if cfg.sync_bn and proc.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[proc.local_rank] if proc.device.type == "cuda" else None)
-        # Buffers are broadcast from rank 0 once, here, but not before every forward: the quantiser keeps its
-        # buffers identical on every rank itself (all-reduced EMA statistics, restarts broadcast from rank 0), and
-        # BatchNorm running statistics are averaged over the ranks once per epoch (average_batchnorm_stats).
-        # (Set as an attribute: the constructor argument is deprecated in newer torch and would also skip the
-        # broadcast at construction.)
-        model.broadcast_buffers = False
+    model = ddp_model(model, place, cfg.sync_bn)
     if cfg.compile:
-        model = compile_model(model, proc.device, distributed=proc.world > 1)
+        model = compile_model(model, place.device, distributed=place.world > 1)
     return model
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One epoch
+# One epoch: batches, the step (training/steps.py: bench.py times the same one), the loop
 # ---------------------------------------------------------------------------------------------------------
-
-def diverged_anywhere(loss_value: float, device: torch.device) -> bool:
-    """Whether the loss is NaN or infinite on any rank; every rank gets the same answer, so all stop together."""
-    bad = torch.tensor([float(not math.isfinite(loss_value))], device=device)
-    return bool(all_reduce_sum(bad).item())
-
 
 def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, budget, progress, tensorboard=None):
     """One pass over the training split; returns epoch-mean losses over all ranks, the code counts, the images seen
@@ -198,9 +192,9 @@ def train_epoch(model, opt, scheduler, data, sampler, cfg, device, autocast, bud
             if tensorboard is not None:
                 tensorboard.step_loss(scheduler.last_epoch, value)
             if diverged_anywhere(value, device):
-                break  # a NaN/inf loss: stop now rather than at the end of the epoch; train() reports it
+                break  # a NaN/inf loss: stop now rather than at the end of the epoch; the epoch's check reports it
         budget.observe(scheduler, len(sampler) // cfg.batch_size, device)
-        if schedule_done(scheduler) or (budget and step % 10 == 9 and budget.up(device)):  # a collective: not every step
+        if schedule_done(scheduler) or (budget and step % 10 == 9 and budget.up(device)):  # up(): a collective
             break
     all_reduce_sum(sums)
     all_reduce_sum(counts)
@@ -219,11 +213,11 @@ def training_noise(cfg: TrainConfig) -> Noise | None:
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, autocast, keep: int = 0):
+def evaluate(model, data, cfg, place: RankPlace, autocast, keep: int = 0):
     """Validation losses, SSIM and PSNR over every validation image exactly once (split across ranks), scored by
     metrics.score_split as predict.py scores; also the first `keep` inputs and reconstructions of this rank. With
     --train-noise: the denoising of fixed noisy validation slices, scored against the clean ones."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    rank, world, device = place.rank, place.world, place.device
     noise = training_noise(cfg)
     corrupt = None if noise is None else lambda x, rows: add_noise(x, noise, (cfg.seed,),  # noqa: E731
                                                                     [rank + world * r for r in rows])
@@ -241,18 +235,6 @@ def evaluate(model, data, cfg, device, autocast, keep: int = 0):
     return metrics, scores
 
 
-@torch.no_grad()
-def average_batchnorm_stats(model: torch.nn.Module):
-    """Average BatchNorm running statistics over the ranks (each rank's saw only its own batches), so that every
-    rank validates, and rank 0 saves, the same model."""
-    if not is_distributed():
-        return
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):  # SyncBatchNorm is not a BatchNorm2d: its statistics agree already
-            for t in (m.running_mean, m.running_var):
-                all_reduce_sum(t).div_(dist.get_world_size())
-
-
 def codebook_stats(counts: torch.Tensor, quantizer) -> dict:
     """Usage of the K codes over an epoch, from per-code assignment counts (K,), and the codes the quantiser counts
     as dead (EMA usage under its restart threshold)."""
@@ -264,27 +246,60 @@ def codebook_stats(counts: torch.Tensor, quantizer) -> dict:
             "dead_codes": dead, "dead_codes_pct": 100.0 * dead / counts.numel()}
 
 
-def run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg, proc, autocast, budget, saved, epoch,
-              tensorboard):
-    """Train one epoch and validate; returns its metrics.csv row, its code counts, the kept validation images and
-    (seconds per training step, seconds of validation), which --max-minutes plans with."""
-    sampler.set_epoch(epoch)
-    t0, first_step = time.perf_counter(), scheduler.last_epoch
-    with tqdm(total=len(sampler) // cfg.batch_size, desc=f"epoch {epoch}/{cfg.epochs}", disable=not proc.main,
-              leave=False, dynamic_ncols=True) as progress:
-        train_metrics, counts, seen, wait = train_epoch(model, opt, scheduler, train_data, sampler, cfg, proc.device,
-                                                        autocast, budget, progress, tensorboard)
-    train_seconds = time.perf_counter() - t0
-    saved.check_finite(epoch, "train loss", train_metrics["train_loss"], cfg)  # before anything of it is saved
-    average_batchnorm_stats(unwrap(model))
-    t_val = time.perf_counter()
-    val_metrics, val_scores = evaluate(unwrap(model), val_data, cfg, proc.device, autocast, keep=8)
-    timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
-    saved.check_finite(epoch, "validation loss", val_metrics["val_loss"], cfg)  # e.g. the very last step broke it
-    row = {"epoch": epoch, **train_metrics, **val_metrics, **codebook_stats(counts.cpu(), unwrap(model).quantizer),
-           "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
-           "train_img_per_s": seen / train_seconds, "data_wait_pct": 100 * wait / train_seconds}
-    return row, counts.cpu(), val_scores, timing
+# ---------------------------------------------------------------------------------------------------------
+# The run, as the epoch protocol (training/protocol.py) runs it
+# ---------------------------------------------------------------------------------------------------------
+
+class VQVAERun(EpochRun):
+    """The VQ-VAE's epochs: train and validate on every rank; rank 0 saves, draws and logs."""
+    BEST_COLUMN = "val_loss"
+
+    def __init__(self, cfg, model_cfg, place, model, opt, scheduler, sampler, train_data, val_data, **protocol):
+        super().__init__(scheduler=scheduler, steps_per_epoch=len(sampler) // cfg.batch_size, device=place.device,
+                         epochs=cfg.epochs, main=place.main, **protocol)
+        self.cfg, self.model_cfg, self.place, self.model, self.opt = cfg, model_cfg, place, model, opt
+        self.sampler, self.train_data, self.val_data = sampler, train_data, val_data
+        self.amp, self.figures_at = autocast(cfg.precision, place.device), -math.inf
+
+    def train_and_validate(self, epoch: int):
+        cfg, model, scheduler = self.cfg, self.model, self.scheduler
+        self.sampler.set_epoch(epoch)
+        t0, first_step = time.perf_counter(), scheduler.last_epoch
+        with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not self.main,
+                  leave=False, dynamic_ncols=True) as progress:
+            train_metrics, counts, seen, wait = train_epoch(model, self.opt, scheduler, self.train_data, self.sampler,
+                                                            cfg, self.device, self.amp, self.budget, progress,
+                                                            self.tensorboard)
+        train_seconds = time.perf_counter() - t0
+        self.saved.check_finite(epoch, "train loss", train_metrics["train_loss"], cfg)  # before anything is saved
+        average_batchnorm_stats(unwrap(model))
+        t_val = time.perf_counter()
+        val_metrics, self.val_scores = evaluate(unwrap(model), self.val_data, cfg, self.place, self.amp, keep=8)
+        timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
+        self.saved.check_finite(epoch, "validation loss", val_metrics["val_loss"], cfg)  # the last step broke it
+        self.counts = counts.cpu()
+        row = {"epoch": epoch, **train_metrics, **val_metrics, **codebook_stats(self.counts, unwrap(model).quantizer),
+               "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
+               "train_img_per_s": seen / train_seconds, "data_wait_pct": 100 * wait / train_seconds}
+        return row, timing
+
+    def checkpoint(self, row: dict, stopping: bool) -> dict:
+        cfg = self.cfg
+        return {"kind": "vqvae", "model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "best_val_loss": self.best,
+                "model_config": asdict(self.model_cfg), "train_config": asdict(cfg), "world_size": self.place.world,
+                "metrics": row, "time_budget": self.budget.state(done=stopping),
+                "demo_settings": demo_settings(cfg.data_root) if cfg.dataset == "demo" else None}
+
+    def csv_rows(self, row: dict) -> dict:
+        return {"metrics.csv": row,
+                "code_usage.csv": {"epoch": row["epoch"], **{f"code_{i}": int(c) for i, c in enumerate(self.counts)}}}
+
+    def report(self, row: dict, best: bool, stopping: bool):
+        if stopping or row["epoch"] == self.epochs or time.monotonic() - self.figures_at >= FIGURES_EVERY_S:
+            draw_figures(self.saved.run_dir, row, self.counts, self.val_scores, self.saved, self.tensorboard)
+            self.figures_at = time.monotonic()
+        log_epoch(row, self.model_cfg.codebook_size, best, self.tensorboard)
 
 
 def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, saved: SavedEpochs, tensorboard):
@@ -315,19 +330,17 @@ def log_epoch(row: dict, codebook_size: int, best: bool, tensorboard):
 # Training
 # ---------------------------------------------------------------------------------------------------------
 
-def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process, train_data, val_data, start_epoch: int):
-    """Rank 0 reserves and locks the run folder (engine.reserve_run_folder), writes config.json and says what the
+def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace, train_data, val_data, start_epoch: int):
+    """Rank 0 reserves and locks the run folder (training/runs.py), writes config.json and says what the
     run is; every rank gets the folder's name. Done only once data and model are known to work, so a bad flag or
     file leaves nothing behind. Returns the config with its folder, the lock and the TensorBoard log."""
-    writer_class = tensorboard_writer_class(cfg.tensorboard and proc.main)  # checked before the folder is made
-    with fail_together(proc.device):
+    writer_class = tensorboard_writer_class(cfg.tensorboard and place.main)  # checked before the folder is made
+    with fail_together(place.device):
         folder, lock = (reserve_run_folder(cfg.out, Path("runs"), f"{cfg.dataset}-{cfg.preset}", "train.py",
-                                           resuming=cfg.resume is not None) if proc.main else (None, None))
-    name = [str(folder)]
-    if proc.world > 1:  # ranks that looked at runs/ at different moments could disagree: rank 0's name holds
-        dist.broadcast_object_list(name, src=0)
-    cfg = replace(cfg, out=name[0])
-    if proc.main:
+                                           resuming=cfg.resume is not None) if place.main else (None, None))
+    # ranks that looked at runs/ at different moments could disagree: rank 0's name holds
+    cfg = replace(cfg, out=rank0_value(str(folder)))
+    if place.main:
         (Path(cfg.out) / "checkpoints").mkdir(exist_ok=True)
         (Path(cfg.out) / "recon").mkdir(exist_ok=True)
         write_json(Path(cfg.out) / "config.json", {"train": asdict(cfg), "model": asdict(model_cfg)})
@@ -335,118 +348,71 @@ def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, proc: Process, tra
         h, w = model_cfg.latent_grid(*shape)
         print(f"run {cfg.out}: {cfg.dataset} {'x'.join(map(str, shape))}, train {len(train_data)} / validate "
               f"{len(val_data)} slices; preset {cfg.preset}, latent grid {h}x{w}, K={model_cfg.codebook_size} "
-              f"({model_cfg.bits_per_image(*shape):.0f} bits/slice); {proc.device} x {proc.world}, "
-              f"{'bf16' if use_bf16(cfg.precision, proc.device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
+              f"({model_cfg.bits_per_image(*shape):.0f} bits/slice); {place.device} x {place.world}, "
+              f"{'bf16' if use_bf16(cfg.precision, place.device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
     return cfg, lock, TensorBoardLog(writer_class, cfg.out)
 
 
 def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = None) -> Path:
-    proc = setup_process(cfg)
-    check_same_config(cfg, model_cfg, proc)
+    place = setup_rank(cfg)
+    check_same_config(cfg, model_cfg, place)
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
     # Data
-    train_data, val_data = load_data(cfg, model_cfg, proc)
-    sampler = DistributedSampler(train_data, num_replicas=proc.world, rank=proc.rank, shuffle=True, seed=cfg.seed,
+    train_data, val_data = load_data(cfg, model_cfg, place)
+    sampler = DistributedSampler(train_data, num_replicas=place.world, rank=place.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     steps_per_epoch = len(sampler) // cfg.batch_size
 
     # Model, optimiser and schedule; a resumed run's state
-    model, opt, scheduler = build_training(cfg, model_cfg, proc.device, cfg.epochs * steps_per_epoch)
-    start_epoch, best_val = resume(resume_state, model, opt, scheduler, cfg, proc, steps_per_epoch)
-    model = parallel_model(model, cfg, proc)
-    amp = autocast(cfg.precision, proc.device)
+    model, opt, scheduler = vqvae_and_optimiser(cfg, model_cfg, place.device, cfg.epochs * steps_per_epoch)
+    start_epoch, best_val = resume(resume_state, model, opt, scheduler, cfg, place, steps_per_epoch)
+    model = parallel_model(model, cfg, place)
 
     # Run folder, reserved and locked only now
-    cfg, lock, tensorboard = open_run_folder(cfg, model_cfg, proc, train_data, val_data, start_epoch)
-    run_dir = Path(cfg.out)
+    cfg, lock, tensorboard = open_run_folder(cfg, model_cfg, place, train_data, val_data, start_epoch)
 
-    # Loop
-    saved = SavedEpochs("train.py", run_dir, start_epoch, cfg.resume,
-                        "(under the same torchrun command)" if proc.world > 1 else "")
-    budget = TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=proc.main)
-    figures_at, epoch = -math.inf, start_epoch - 1
+    # Loop: the epoch protocol
+    saved = SavedEpochs("train.py", Path(cfg.out), start_epoch, cfg.resume,
+                        "(under the same torchrun command)" if place.world > 1 else "")
+    budget = TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=place.main)
+    run = VQVAERun(cfg, model_cfg, place, model, opt, scheduler, sampler, train_data, val_data, saved=saved,
+                   lock=lock, budget=budget, best=best_val, tensorboard=tensorboard)
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            row, counts, val_scores, timing = run_epoch(model, opt, scheduler, train_data, val_data, sampler, cfg,
-                                                        proc, amp, budget, saved, epoch, tensorboard)
-            best, best_val = row["val_loss"] < best_val, min(best_val, row["val_loss"])
-            stopping = schedule_done(scheduler) or budget.up(proc.device)
-            if not stopping:  # before the save: a resumed run continues this plan
-                budget.replan(scheduler, steps_per_epoch, *timing, cfg.epochs * steps_per_epoch, proc.device)
-            with fail_together(proc.device):  # also the barrier: no rank goes on before rank 0 has saved
-                if proc.main:
-                    saved.save(checkpoint_state(model, opt, scheduler, best_val, cfg, model_cfg, proc, row, budget,
-                                                stopping), epoch,
-                               best, {"metrics.csv": row,
-                                      "code_usage.csv": {"epoch": epoch, **{f"code_{i}": int(c) for i, c in
-                                                                            enumerate(counts)}}})
-                    if stopping or epoch == cfg.epochs or time.monotonic() - figures_at >= FIGURES_EVERY_S:
-                        draw_figures(run_dir, row, counts, val_scores, saved, tensorboard)
-                        figures_at = time.monotonic()
-                    log_epoch(row, model_cfg.codebook_size, best, tensorboard)
-            saved.epoch = epoch  # on every rank: fail_together returned, so rank 0 has saved
-            if stopping:
-                say_why_stopped(epoch, cfg, scheduler, proc)
-                break
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
-        ignore_further_interrupts()
-        if proc.main:
-            print(saved.interrupted(epoch), file=sys.stderr)
-        raise SystemExit(130)
+        run_epochs(run)
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        raise UserError(runtime_failure(e, cfg, proc, saved)) from None
-    finally:
-        tensorboard.close()
-        if lock is not None:
-            lock.release()
-    return run_dir
+        raise UserError(runtime_failure(e, cfg, place, saved)) from None
+    return Path(cfg.out)
 
 
-def say_why_stopped(epoch: int, cfg: TrainConfig, scheduler, proc: Process):
-    if proc.main:
-        print(f"stopping after epoch {epoch}: " + (f"the steps planned for --max-minutes {cfg.max_minutes:g} are done"
-                                                   if schedule_done(scheduler) else
-                                                   f"--max-minutes {cfg.max_minutes:g} reached"))
-
-
-def resume(state: dict | None, model, opt, scheduler, cfg: TrainConfig, proc: Process, steps_per_epoch: int):
+def resume(state: dict | None, model, opt, scheduler, cfg: TrainConfig, place: RankPlace, steps_per_epoch: int):
     """(first epoch, best validation loss so far), the resumed run's weights, optimiser, schedule and random
     streams restored when `state` is a checkpoint."""
     if state is None:
         return 1, math.inf
     restore_training(state, model, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
     start_epoch = state["epoch"] + 1
-    if proc.main:
+    if place.main:
         set_rng_state(state["rng"])
-        if state["world_size"] != proc.world:
+        if state["world_size"] != place.world:
             print(f"note: {cfg.resume} comes from a run of {state['world_size']} processes, this one has "
-                  f"{proc.world}: the global batch and the steps per epoch change, so the result will differ from "
+                  f"{place.world}: the global batch and the steps per epoch change, so the result will differ from "
                   f"an uninterrupted run")
     else:
         # Per-rank streams. Nothing a rank > 0 draws reaches the model: what the ranks must agree on (k-means
         # init, dead-code restarts) is broadcast from rank 0, whose RNG state is the one checkpoints keep.
-        seed_everything(cfg.seed + 1000 * proc.rank + start_epoch)
+        seed_everything(cfg.seed + 1000 * place.rank + start_epoch)
     return start_epoch, state["best_val_loss"]
 
 
-def checkpoint_state(model, opt, scheduler, best_val, cfg, model_cfg, proc, row, budget, stopping) -> dict:
-    """What a checkpoint holds besides the epoch and the random streams (SavedEpochs.save adds those)."""
-    return {"kind": "vqvae", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": scheduler.state_dict(), "best_val_loss": best_val, "model_config": asdict(model_cfg),
-            "train_config": asdict(cfg), "world_size": proc.world, "metrics": row,
-            "time_budget": budget.state(done=stopping),
-            "demo_settings": demo_settings(cfg.data_root) if cfg.dataset == "demo" else None}
-
-
-def runtime_failure(e: BaseException, cfg: TrainConfig, proc: Process, saved: SavedEpochs) -> str:
+def runtime_failure(e: BaseException, cfg: TrainConfig, place: RankPlace, saved: SavedEpochs) -> str:
     """One line for what can stop a step from outside the code: memory, or a lost peer process under DDP."""
     text = str(e)
     if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text:
-        return (f"out of memory on {proc.device} ({one_line_reason(e, 120)}); {saved.kept()}; lower --batch-size "
+        return (f"out of memory on {place.device} ({one_line_reason(e, 120)}); {saved.kept()}; lower --batch-size "
                 f"(now {cfg.batch_size}), --image-size or the model's widths")
-    if proc.world > 1:
-        return (f"rank {proc.rank} lost contact with the other processes ({one_line_reason(e, 120)}), most likely "
+    if place.world > 1:
+        return (f"rank {place.rank} lost contact with the other processes ({one_line_reason(e, 120)}), most likely "
                 f"one of them died; {saved.kept()}")
     raise e
 
@@ -482,10 +448,7 @@ def main(argv=None):
             train(cfg, model_cfg, state)
             finished = True
     finally:
-        if dist.is_initialized():
-            if finished:  # all ranks reach teardown together: a rank tearing down while another still sends aborts
-                dist.barrier()
-            dist.destroy_process_group()
+        leave_process_group(finished)
 
 
 if __name__ == "__main__":

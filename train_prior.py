@@ -13,10 +13,9 @@ to code maps once; --mirror adds the train slices' mirror images across the brai
 the maps, for a prior that would otherwise overfit them. The run folder (default: prior/ in the VQ-VAE's run folder)
 holds config.json, metrics.csv (train and validation NLL in bits per code), loss.png, best.pt (lowest validation
 NLL), last.pt and samples/epoch_NNN.png (slices decoded from maps drawn with the same seed every epoch).
-Then sample and score with: python predict.py --sample 64 --prior <run folder>/best.pt
+Then sample and score with: python sample.py --num-samples 64 --prior <run folder>/best.pt
 """
 import math
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -24,15 +23,37 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.checkpoints import (MIRRORS, PriorTrainConfig, check_prior_fits, default_prior, load_split, load_vqvae,
-    rebuild_prior)
-from training.engine import (SavedEpochs, TensorBoardLog, TimeBudget, compile_model, config_or_error, lr_scheduler,
-    parse_config_flags, prior_train_step, require_compiler, reserve_run_folder, restore_training, resume_checkpoint,
-    resumed_config, schedule_done, tensorboard_writer_class)
-from evaluation.metrics import batched, encode_images, prior_bits
+from evaluation.generation import prior_bits
+from evaluation.metrics import apply_in_batches, encode_images
 from modules import PriorConfig, build_prior, prior_config
-from utils import (UserError, autocast, choose_device, exits_with_one_line, ignore_further_interrupts, plot_curves,
-                   read_csv, save_image_grid, seed_everything, set_rng_state, stop_on_interrupts, use_bf16, write_json)
+from training.checkpoints import (
+    MIRRORS,
+    PriorTrainConfig,
+    check_prior_fits,
+    default_prior,
+    load_split,
+    load_vqvae,
+    rebuild_prior,
+)
+from training.flags import config_or_error, parse_config_flags
+from training.protocol import EpochRun, SavedEpochs, TensorBoardLog, run_epochs, tensorboard_writer_class
+from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
+from training.schedule import TimeBudget, schedule_done
+from training.steps import adam_and_schedule, compile_model, prior_train_step, require_compiler
+from utils import (
+    UserError,
+    autocast,
+    choose_device,
+    exits_with_one_line,
+    plot_curves,
+    read_csv,
+    save_image_grid,
+    seed_everything,
+    set_rng_state,
+    stop_on_interrupts,
+    use_bf16,
+    write_json,
+)
 
 
 def train_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, progress) -> tuple[float, int]:
@@ -64,7 +85,7 @@ def save_samples(prior, vqvae, shape, cfg, device, path: Path, title: str):
     prior.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed)
     codes = prior.sample(cfg.epoch_samples, shape, prior.labels_for(cfg.epoch_samples), generator=generator)
-    samples = batched(vqvae.decode_indices, codes, device)
+    samples = apply_in_batches(vqvae.decode_indices, codes, device)
     save_image_grid(samples, path, nrow=8, title=title)
     return samples
 
@@ -102,15 +123,9 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dic
 
     # Prior, optimiser and schedule; a resumed run's state
     prior_cfg = replace(prior_cfg, codebook_size=k, num_classes=len(class_names) if cfg.conditional else 0)
-    prior = build_prior(prior_cfg).to(device)
-    if not prior.fits(*shape):
-        raise UserError(f"the code maps are {shape[0]}x{shape[1]}, but --max-grid {prior_cfg.max_grid} covers at most "
-                        f"{prior_cfg.max_grid} a side; pass --max-grid {max(shape)}")
-    stepped = compile_model(prior, device, distributed=False) if cfg.compile else prior
-    opt = torch.optim.Adam(prior.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(codes["train"]) / cfg.batch_size)
-    scheduler = lr_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
-    start_epoch, best_val = 1, math.inf
+    prior, opt, scheduler = prior_and_optimiser(cfg, prior_cfg, shape, device, cfg.epochs * steps_per_epoch)
+    start_epoch, best_val = 1, None
     if resume_state is not None:
         check_prior_fits(resume_state, vqvae, cfg.resume, cfg.vqvae)  # the VQ-VAE may have been trained further
         restore_training(resume_state, prior, opt, scheduler, cfg.epochs * steps_per_epoch, cfg.resume)
@@ -119,84 +134,96 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dic
 
     # Run folder, reserved and locked only now
     writer_class = tensorboard_writer_class(cfg.tensorboard)  # checked before the folder is made
+    cfg, lock = open_run_folder(cfg, prior, vqvae_state, codes, device, start_epoch)
+
+    # Loop: the epoch protocol
+    run = PriorRun(cfg, prior, opt, scheduler, vqvae, vqvae_state, class_names, codes, labels, amp,
+                   saved=SavedEpochs("train_prior.py", Path(cfg.out), start_epoch, cfg.resume),
+                   lock=lock, budget=TimeBudget(cfg.max_minutes, len(codes["validate"]), cfg.batch_size, verbose=True),
+                   best=best_val, tensorboard=TensorBoardLog(writer_class, cfg.out))
+    run_epochs(run)
+    return Path(cfg.out)
+
+
+def prior_and_optimiser(cfg: PriorTrainConfig, prior_cfg: PriorConfig, shape, device, total_steps: int):
+    """A new prior on `device` (UserError if it cannot model maps of `shape`), its Adam optimiser and LR schedule."""
+    prior = build_prior(prior_cfg).to(device)
+    if not prior.fits(*shape):
+        raise UserError(f"the code maps are {shape[0]}x{shape[1]}, but --max-grid {prior_cfg.max_grid} covers at most "
+                        f"{prior_cfg.max_grid} a side; pass --max-grid {max(shape)}")
+    return (prior, *adam_and_schedule(prior, cfg, total_steps))
+
+
+def open_run_folder(cfg: PriorTrainConfig, prior, vqvae_state: dict, codes: dict, device, start_epoch: int):
+    """Reserve and lock the run folder (training/runs.py; default: prior/ in the VQ-VAE's run folder), write
+    config.json and say what the run is. Returns the config with its folder, and the lock."""
     run_dir, lock = reserve_run_folder(cfg.out or str(default_prior(cfg.vqvae).parent), Path("runs"), "prior",
-                                       "train_prior.py", resuming=resume_state is not None)
+                                       "train_prior.py", resuming=cfg.resume is not None)
     cfg = replace(cfg, out=str(run_dir))
     (run_dir / "samples").mkdir(exist_ok=True)
-    write_json(run_dir / "config.json", {"train": asdict(cfg), "prior": asdict(prior_cfg),
+    write_json(run_dir / "config.json", {"train": asdict(cfg), "prior": asdict(prior.config),
                                          "vqvae_model": vqvae_state["model_config"]})
+    (h, w), k = codes["train"].shape[1:], prior.config.codebook_size
     print(f"prior run {run_dir}: {len(codes['train'])} train / {len(codes['validate'])} validate code maps of "
-          f"{shape[0]}x{shape[1]}, K={k} (uniform: {math.log2(k):.2f} bits/code); "
+          f"{h}x{w}, K={k} (uniform: {math.log2(k):.2f} bits/code); "
           f"{sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters; {device}, "
           f"{'bf16' if use_bf16(cfg.precision, device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
-
-    # Loop
-    tensorboard = TensorBoardLog(writer_class, run_dir)
-    saved = SavedEpochs("train_prior.py", run_dir, start_epoch, cfg.resume)
-    budget = TimeBudget(cfg.max_minutes, len(codes["validate"]), cfg.batch_size, verbose=True)
-    epoch = start_epoch - 1
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            row, timing = run_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch,
-                                    steps_per_epoch)
-            best, best_val = row["val_bits_per_code"] < best_val, min(best_val, row["val_bits_per_code"])
-            stopping = schedule_done(scheduler) or budget.up(device)
-            if not stopping:  # before the save: a resumed run continues this plan
-                budget.replan(scheduler, steps_per_epoch, *timing, cfg.epochs * steps_per_epoch, device)
-            saved.save(checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row,
-                                        budget, stopping), epoch, best, {"metrics.csv": row})
-            tensorboard.epoch(row)
-            plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
-                        {"train_bits_per_code": "train", "val_bits_per_code": "validation"}, run_dir / "loss.png",
-                        f"Prior NLL (uniform over K={k}: {math.log2(k):.2f} bits/code)", "bits / code")
-            if cfg.epoch_samples:
-                samples = save_samples(prior, vqvae, shape, cfg, device, run_dir / "samples" / f"epoch_{epoch:03d}.png",
-                                       f"epoch {epoch}: validation NLL {row['val_bits_per_code']:.3f} bits/code")
-                tensorboard.image("samples", samples, epoch, nrow=8)
-            tqdm.write(f"epoch {epoch:3d} | train {row['train_bits_per_code']:.4f} | val {row['val_bits_per_code']:.4f} "
-                       f"bits/code | lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s "
-                       f"{row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
-            if stopping:
-                print(f"stopping after epoch {epoch}: --max-minutes {cfg.max_minutes:g}")
-                break
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see __main__)
-        ignore_further_interrupts()
-        print(saved.interrupted(epoch), file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        tensorboard.close()
-        lock.release()
-    return run_dir
+    return cfg, lock
 
 
-def checkpoint_state(prior, opt, scheduler, best_val, cfg, vqvae, vqvae_state, class_names, row, budget,
-                     stopping) -> dict:
-    """What a prior checkpoint holds besides the epoch and the random streams (SavedEpochs.save adds those),
-    the VQ-VAE's codebook among it: a prior models the codes of that one VQ-VAE only."""
-    return {"kind": "prior", "model": prior.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": scheduler.state_dict(), "best_val_bits": best_val, "model_config": asdict(prior.config),
-            "train_config": asdict(cfg), "vqvae_checkpoint": str(cfg.vqvae), "vqvae_epoch": vqvae_state["epoch"],
-            "vqvae_model_config": vqvae_state["model_config"],
-            "vqvae_codebook": vqvae.quantizer.codebook.detach().cpu(), "class_names": list(class_names),
-            "metrics": row, "time_budget": budget.state(done=stopping)}
+class PriorRun(EpochRun):
+    """The prior's epochs, as the epoch protocol (training/protocol.py) runs them."""
+    BEST_COLUMN = "val_bits_per_code"
 
+    def __init__(self, cfg, prior, opt, scheduler, vqvae, vqvae_state, class_names, codes, labels, amp, **protocol):
+        super().__init__(scheduler=scheduler, steps_per_epoch=math.ceil(len(codes["train"]) / cfg.batch_size),
+                         device=codes["train"].device, epochs=cfg.epochs, **protocol)
+        self.cfg, self.prior, self.opt, self.amp = cfg, prior, opt, amp
+        self.stepped = compile_model(prior, self.device, distributed=False) if cfg.compile else prior
+        self.vqvae, self.vqvae_state, self.class_names, self.codes, self.labels = (vqvae, vqvae_state, class_names,
+                                                                                   codes, labels)
 
-def run_epoch(prior, stepped, opt, scheduler, codes, labels, cfg, amp, budget, saved, epoch, steps_per_epoch):
-    """Train one epoch and validate; returns its metrics.csv row and (seconds per training step, seconds of
-    validation), which --max-minutes plans with."""
-    t0, first_step = time.perf_counter(), scheduler.last_epoch
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True) as progress:
-        train_bits, seen = train_epoch(prior, stepped, opt, scheduler, codes["train"], labels["train"], cfg, amp,
-                                       budget, progress)
-    train_seconds = time.perf_counter() - t0
-    saved.check_finite(epoch, "train NLL", train_bits, cfg)  # before anything of this epoch is saved
-    t_val = time.perf_counter()
-    val_bits = prior_bits(prior, codes["validate"], labels["validate"], amp=amp)
-    saved.check_finite(epoch, "validation NLL", val_bits, cfg)
-    timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
-    return {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
-            "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
-            "train_codes_per_s": seen * codes["train"][0].numel() / train_seconds}, timing
+    def train_and_validate(self, epoch: int):
+        cfg, scheduler, codes, labels = self.cfg, self.scheduler, self.codes, self.labels
+        t0, first_step = time.perf_counter(), scheduler.last_epoch
+        with tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                  dynamic_ncols=True) as progress:
+            train_bits, seen = train_epoch(self.prior, self.stepped, self.opt, scheduler, codes["train"],
+                                           labels["train"], cfg, self.amp, self.budget, progress)
+        train_seconds = time.perf_counter() - t0
+        self.saved.check_finite(epoch, "train NLL", train_bits, cfg)  # before anything of this epoch is saved
+        t_val = time.perf_counter()
+        val_bits = prior_bits(self.prior, codes["validate"], labels["validate"], amp=self.amp)
+        self.saved.check_finite(epoch, "validation NLL", val_bits, cfg)
+        timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
+        return {"epoch": epoch, "train_bits_per_code": train_bits, "val_bits_per_code": val_bits,
+                "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
+                "train_codes_per_s": seen * codes["train"][0].numel() / train_seconds}, timing
+
+    def checkpoint(self, row: dict, stopping: bool) -> dict:
+        """The VQ-VAE's codebook among it: a prior models the codes of that one VQ-VAE only."""
+        return {"kind": "prior", "model": self.prior.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "best_val_bits": self.best,
+                "model_config": asdict(self.prior.config), "train_config": asdict(self.cfg),
+                "vqvae_checkpoint": str(self.cfg.vqvae), "vqvae_epoch": self.vqvae_state["epoch"],
+                "vqvae_model_config": self.vqvae_state["model_config"],
+                "vqvae_codebook": self.vqvae.quantizer.codebook.detach().cpu(), "class_names": list(self.class_names),
+                "metrics": row, "time_budget": self.budget.state(done=stopping)}
+
+    def report(self, row: dict, best: bool, stopping: bool):
+        epoch, run_dir, k = row["epoch"], self.saved.run_dir, self.prior.config.codebook_size
+        self.tensorboard.epoch(row)
+        plot_curves(read_csv(run_dir / "metrics.csv"), "epoch",
+                    {"train_bits_per_code": "train", "val_bits_per_code": "validation"}, run_dir / "loss.png",
+                    f"Prior NLL (uniform over K={k}: {math.log2(k):.2f} bits/code)", "bits / code")
+        if self.cfg.epoch_samples:
+            samples = save_samples(self.prior, self.vqvae, tuple(self.codes["train"].shape[1:]), self.cfg,
+                                   self.device, run_dir / "samples" / f"epoch_{epoch:03d}.png",
+                                   f"epoch {epoch}: validation NLL {row['val_bits_per_code']:.3f} bits/code")
+            self.tensorboard.image("samples", samples, epoch, nrow=8)
+        tqdm.write(f"epoch {epoch:3d} | train {row['train_bits_per_code']:.4f} | val {row['val_bits_per_code']:.4f} "
+                   f"bits/code | lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s "
+                   f"{row['train_codes_per_s']:.0f} codes/s" + (" *" if best else ""))
 
 
 # Flags that may change when a run is resumed; everything else comes from the checkpoint.

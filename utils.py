@@ -1,7 +1,7 @@
 """Shared plumbing of every command: the errors a user can fix (UserError, DataError) and the one-line way they end a
-command; the flags every model-running command shares (add_runtime_flags); seeding, devices, bf16 autocast and
-torchrun processes; Ctrl-C and SIGTERM handling; files written atomically, CSV (one writer, one appender, one
-reader) and JSON; and the plots and image grids."""
+command; the flags every model-running command shares (add_runtime_flags); seeding, devices and bf16 autocast
+(torchrun's processes: training/distributed.py); Ctrl-C and SIGTERM handling; files written atomically, CSV (one
+writer, one appender, one reader) and JSON; and the plots and image grids."""
 import argparse
 import csv
 import ctypes
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from anatomy.vocabulary import TISSUE_COLOURS
 from imaging.slices import SPLITS, to_unit
 
 
@@ -34,7 +34,7 @@ class DataError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Seeding, devices, distributed
+# Seeding and devices
 # ---------------------------------------------------------------------------------------------------------
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,7 +59,7 @@ SHARED_FLAGS = {  # the flags several commands take, each with one help text (ad
     "--prior": dict(type=Path, help="a prior .pt written by train_prior.py, or its run folder (its best.pt)"),
     "--split": dict(choices=SPLITS, help="the split of the checkpoint's dataset to read"),
     "--data-root": dict(help="where the dataset is now, if it moved since training"),
-    "--out": dict(type=Path, help="output folder (files already there are never overwritten)"),
+    "--out": dict(type=Path, help="output folder"),
 }
 
 
@@ -115,38 +115,6 @@ def keep_freed_memory():
         return
     libc.mallopt(-4, 0)        # M_MMAP_MAX: serve large blocks from the heap, where freed ones are reused
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of returning it
-
-
-def distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain `python` run."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-@contextmanager
-def fail_together(device: torch.device):
-    """Around a block that may fail on some ranks only (rank 0 saving, loading data): if it raises on any rank,
-    every rank raises, instead of the others waiting forever in their next collective. Also a barrier; a
-    no-op in a single process. Ctrl-C and SIGTERM pass straight through: they reach every rank anyway."""
-    def anyone(failed: bool) -> bool:
-        if not is_distributed():
-            return failed
-        flag = torch.tensor([float(failed)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    try:
-        yield
-    except Exception:
-        anyone(True)
-        raise
-    if anyone(False):
-        raise UserError("another rank failed (its error is printed above), so this one stops too")
 
 
 def rng_state() -> dict:
@@ -528,9 +496,6 @@ def plot_bars(values, path: Path, title: str, xlabel: str, ylabel: str):
     ax.bar(np.arange(len(values)), np.asarray(values), width=1.0, color="steelblue")
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     save_chart(fig, path)
-
-
-TISSUE_COLOURS = ("black", "tab:blue", "tab:orange", "white")  # background, CSF, grey matter, white matter
 
 
 def plot_image_rows(rows: list[list[tuple]], path: Path):

@@ -1,14 +1,16 @@
 """The tissue segmenter as an independent judge: segment slices, score the segmentations with Dice against the true
-masks (or each other), and the tissue measures of a set of slices (segment.py, predict.py and compress.py use
-these). Images are uint8 (N, H, W) slices unless said otherwise; masks are uint8 (N, H, W) tissue classes 0..3."""
+masks (or each other), and the tissue measures of a set of slices (segment.py, predict.py, sample.py and compress.py
+use these); judge_reconstructions is predict.py --segmenter. Images are uint8 (N, H, W) slices unless said otherwise;
+masks are uint8 (N, H, W) tissue classes 0..3 (anatomy/vocabulary.py names them)."""
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from dataset import TISSUES
-from imaging.slices import to_float
-from evaluation.metrics import batched, dice_per_class
-
-DICE_COLUMNS = tuple(f"dice_{t.lower()}" for t in TISSUES) + ("dice_mean",)
+from anatomy.vocabulary import DICE_COLUMNS, TISSUE_CLASSES
+from evaluation.metrics import apply_in_batches
+from imaging.slices import to_float, to_uint8
+from utils import autocast, plot_image_rows
 
 
 @torch.no_grad()
@@ -19,12 +21,27 @@ def segment_images(model, images: torch.Tensor, device: torch.device, amp, batch
         x = to_float(x.unsqueeze(1)).contiguous(memory_format=torch.channels_last)
         with amp:
             return model(x).argmax(1).to(torch.uint8)
-    return batched(segment, images, device, batch_size, desc)
+    return apply_in_batches(segment, images, device, batch_size, desc)
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, classes=TISSUE_CLASSES) -> torch.Tensor:
+    """Per-image Dice 2|P & T| / (|P| + |T|) of each class in `classes`, from integer label maps (B, H, W) ->
+    (B, len(classes)). A class absent from both the prediction and the truth of an image scores 1: nothing was
+    there and nothing was found, which is perfect agreement (0/0 would be undefined, and 0 would punish a
+    segmenter for a slice that simply has no such tissue). Present in one of them only, it scores 0."""
+    pred, target = pred.flatten(1), target.flatten(1)
+    scores = []
+    for c in classes:
+        p, t = pred == c, target == c
+        both = (p & t).sum(1).double()
+        total = (p.sum(1) + t.sum(1)).double()
+        scores.append(torch.where(total > 0, 2 * both / total.clamp(min=1), torch.ones_like(total)))
+    return torch.stack(scores, 1)
 
 
 def dice_table(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(N, 4) per slice: Dice of CSF, GM and WM (metrics.dice_per_class) and their mean."""
-    dice = dice_per_class(pred, target, classes=(1, 2, 3))
+    """(N, 4) per slice: Dice of CSF, GM and WM (dice_per_class) and their mean."""
+    dice = dice_per_class(pred, target)
     return torch.cat([dice, dice.mean(1, keepdim=True)], 1)
 
 
@@ -47,7 +64,7 @@ def dice_summary(table: torch.Tensor, pred: torch.Tensor | None = None, target: 
 def tissue_fractions(masks: torch.Tensor) -> torch.Tensor:
     """(N, 3): each tissue's (CSF, GM, WM) share of the brain pixels (classes 1..3) of each slice; a slice without
     brain pixels gets zeros."""
-    counts = torch.stack([(masks == c).flatten(1).sum(1) for c in (1, 2, 3)], 1).double()
+    counts = torch.stack([(masks == c).flatten(1).sum(1) for c in TISSUE_CLASSES], 1).double()
     return counts / counts.sum(1, keepdim=True).clamp(min=1)
 
 
@@ -67,9 +84,34 @@ def segmenter_features(model, images: torch.Tensor, device: torch.device, batch_
     def pooled(x):
         z = model.skips(x)[-1].float().flatten(2)  # (B, C, h*w)
         return torch.cat([z.mean(2), z.std(2)], 1)
-    return batched(pooled, images, device, batch_size, desc)
+    return apply_in_batches(pooled, images, device, batch_size, desc)
 
 
 def worst_first(table: torch.Tensor, n: int) -> list[int]:
     """Indices of the `n` slices with the lowest mean Dice (last column), worst first."""
     return table[:, -1].argsort()[:n].tolist()
+
+
+def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> tuple[list[dict], dict]:
+    """The segmenter's tissues on each original and on its reconstruction (as the 8-bit image it would be saved
+    as), scored against the true masks and against each other; the per-image columns, the summary and
+    worst_anatomy.png (the 6 reconstructions that segment worst)."""
+    model, _, state = segmenter
+    amp = autocast(args.precision, device)
+    recon = to_uint8(scores.outputs[:, 0])  # (N, H, W)
+    seg_original = segment_images(model, data.images, device, amp, args.batch_size, desc="segmenting originals")
+    seg_recon = segment_images(model, recon, device, amp, args.batch_size, desc="segmenting reconstructions")
+    tables = {"original": dice_table(seg_original, data.masks), "reconstruction": dice_table(seg_recon, data.masks),
+              "between": dice_table(seg_recon, seg_original)}
+    columns = [{k: v for t in row for k, v in t.items()}
+               for row in zip(*(dice_columns(table, f"{name}_") for name, table in tables.items()))]
+    anatomy = {"segmenter": str(args.segmenter), "segmenter_epoch": state["epoch"],
+               **{name: dice_summary(table) for name, table in tables.items()},
+               "reconstruction_minus_original": float(tables["reconstruction"][:, -1].mean()
+                                                      - tables["original"][:, -1].mean())}
+    rows = [[(to_float(data.images[i]), Path(data.files[i]).name[:24]), (to_float(recon[i]), "reconstruction"),
+             (data.masks[i], "true mask"), (seg_original[i], f"of original ({tables['original'][i, -1]:.3f})"),
+             (seg_recon[i], f"of reconstruction ({tables['reconstruction'][i, -1]:.3f})")]
+            for i in worst_first(tables["reconstruction"], min(6, len(data)))]
+    plot_image_rows(rows, out / "worst_anatomy.png")
+    return columns, anatomy

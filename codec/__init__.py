@@ -1,1 +1,2 @@
-"""The .vqz codec: its file format and entropy coders, the classical codecs, the rate ladder and the rate-distortion study."""
+"""The .vqz codec: its file format and entropy coders (vqz), the classical codecs it is compared with
+(classical), the rate ladder (ladder) and the rate-distortion study (study)."""

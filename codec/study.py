@@ -1,12 +1,14 @@
-"""The rate-distortion study's measurements, written once for every study that compares codecs on slices: the
-classical codecs searched per slice at every byte budget (in worker processes), each VQ-VAE measured as a
-codec (its files under every coder, decoded again, their speed), the rows of rd.csv, mean SSIM / PSNR, the targets
-and BD-rates as measured, and the figures (rd.png: every curve; rd_slice.png: one slice under every codec at
-equal bytes). compress.py rd runs it.
+"""The rate-distortion study, written once for every study that compares codecs on slices: `rate_distortion` runs
+it (each VQ-VAE measured as a codec: its files under every coder, decoded again, their speed; per budget the best
+VQ-VAE file of each slice that fits, as a ladder encodes; the classical codecs searched per slice at every byte
+budget, in worker processes) and returns plain rows of rd.csv with what the figures need; then the tissue Dice per
+codec and budget, the targets and BD-rates as measured, and the figures (rd.png: every curve; rd_slice.png: one
+slice under every codec at equal bytes). compress.py rd is its command line.
 """
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +16,112 @@ import torch
 from tqdm import tqdm
 
 from anatomy.tissues import DICE_COLUMNS, dice_table
-from codec.vqz import HEADER, BudgetSearch, Codec, classical_decode
+from codec.classical import BudgetSearch, classical_codec
+from codec.vqz import HEADER, Codec
 from imaging.quality import psnr, ssim
+from imaging.slices import uint8_to_unit
 from utils import UserError, one_line_reason, pyplot
 
 
 def scores(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
-    x = torch.from_numpy(np.array(decoded)).float()[None, None] / 255
-    y = torch.from_numpy(np.array(original)).float()[None, None] / 255
+    x = uint8_to_unit(torch.from_numpy(np.array(decoded)))[None, None]
+    y = uint8_to_unit(torch.from_numpy(np.array(original)))[None, None]
     return float(ssim(x, y)[0]), float(psnr(x, y)[0])
 
 
+def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    s, p = [], []
+    for a, b in zip(decoded.split(64), originals.split(64)):
+        x, y = uint8_to_unit(a)[:, None], uint8_to_unit(b)[:, None]
+        s.append(ssim(x, y))
+        p.append(psnr(x, y))
+    return torch.cat(s).numpy(), torch.cat(p).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the study measures
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VqvaeFiles:
+    """A VQ-VAE's files under one coder, per slice: the file's size and its reconstruction's SSIM and PSNR (one
+    reconstruction under every coder). The ladder picks among these, and the classical codecs are measured at these
+    sizes."""
+    codec: str          # its row's codec: "VQ-VAE <label>"
+    coder: str          # its row's setting
+    sizes: np.ndarray   # (N,) bytes
+    ssim: np.ndarray    # (N,)
+    psnr: np.ndarray    # (N,)
+
+    @property
+    def name(self) -> str:
+        return f"{self.codec} {self.coder}"
+
+
+@dataclass
+class MeasuredVqvae:
+    """One VQ-VAE measured as a codec."""
+    rows: list[dict]          # its rows of rd.csv, one per coder
+    files: list[VqvaeFiles]   # the same, per slice
+    speed: dict               # slices per second of its encoder, decoder and prior coding
+    figure: dict              # {"coder": its coder of the smallest files, "files": those files, "recon": its images}
+    model: dict               # its grid, K and weights hashes, and what the caller records of it
+
+
+@dataclass
+class RdStudy:
+    """What `rate_distortion` measured."""
+    images: torch.Tensor                # uint8 (N, H, W): the slices measured
+    files: list[str]                    # their file names
+    codecs: list[str]                   # the classical codecs compared
+    budgets: list[int]
+    rows: list[dict]                    # rd.csv: the VQ-VAEs, the classical codecs, the ladder, the learned peers
+    models: dict[str, MeasuredVqvae]    # by label
+    ladder_picks: dict                  # budget -> per slice the label of the VQ-VAE the ladder picked, or None
+
+    def figures(self) -> dict:
+        return {label: m.figure for label, m in self.models.items()}
+
+    def summary(self) -> dict:
+        """rd.json, less what the command adds."""
+        return {"images": len(self.images), "image_size": list(self.images.shape[1:]), "header_bytes": HEADER.size,
+                "budgets": self.budgets, "codecs": self.codecs,
+                "models": {label: m.model for label, m in self.models.items()}, "rows": self.rows,
+                "speed": {label: m.speed for label, m in self.models.items()}, "targets": targets(self.rows),
+                "about": "bytes are whole .vqz files (38-byte header included) and whole classical files "
+                         "(JPEG 2000 as a raw codestream, without the JP2 container); classical means are over the "
+                         "images that fit the budget, images_over_budget counts the others"}
+
+
+def rate_distortion(models, slices: tuple, codecs: list[str], budgets: list[int], workers: int = 1,
+                    verify: bool = True, peers=()) -> RdStudy:
+    """The study on `slices` (rd_slices' images, labels, files): each of `models` ((label, Codec, what rd.json
+    records of it)) measured as a codec; per budget the ladder over their files; each classical codec of `codecs`
+    searched per slice at each budget and at the size of each slice's file under each VQ-VAE and coder; the rate
+    points of each learned peer (`peers`: rd_hyperprior.json files, read first)."""
+    images, labels, files = slices
+    peer = [row for path in peers for row in peer_rows(path, files)]
+    measured = {}
+    for label, codec, record in models:
+        if label in measured:  # the same run twice (e.g. with and without its prior)
+            label = f"{label} #{len(measured) + 1}"
+        measured[label] = measure_vqvae(codec, images, labels, files, label, verify)
+        measured[label].model.update(record)
+    candidates = [f for m in measured.values() for f in m.files]
+    ladder, picks = ladder_rows(candidates, budgets)
+    rows = [row for m in measured.values() for row in m.rows]
+    rows += classical_rows(images, codecs, budgets, candidates, workers)
+    return RdStudy(images, files, codecs, budgets, rows + ladder + peer, measured, picks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VQ-VAEs
+# ---------------------------------------------------------------------------------------------------------
+
 def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, names: list[str], label: str,
-                  verify: bool) -> dict:
+                  verify: bool) -> MeasuredVqvae:
     """One VQ-VAE as a codec: its reconstructions' scores, its files under every coder it has (the prior-coded ones
-    decoded again with `verify`), their speed; -> {"rows": rows of rd.csv, "speed", "figure", "model"}."""
+    decoded again with `verify`), their speed."""
     n, (height, width) = len(images), images.shape[1:]
     t0 = time.perf_counter()
     codes = codec.codes(images)
@@ -50,13 +143,13 @@ def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, name
             speed["prior_decode_slices_per_s"] = verify_decoding(codec, coded["prior"], codes, recon, names, label)
     s, p = mean_scores(recon, images)
     h, w = codes.shape[1:]
-    rows = [vqvae_row(label, coder, blobs, s, p, (h, w), codec.k, ideal if coder == "prior" else None)
-            for coder, blobs in coded.items()]
+    files = [VqvaeFiles(f"VQ-VAE {label}", coder, np.array([len(b) for b in blobs], dtype=np.float64), s, p)
+             for coder, blobs in coded.items()]
+    rows = [vqvae_row(f, (h, w), codec.k, ideal if f.coder == "prior" else None) for f in files]
     best = min(coded, key=lambda c: np.mean([len(b) for b in coded[c]]))
     model = {"latent_grid": [h, w], "K": codec.k, "vqvae_hash": codec.vqvae_hash.hex(),
              "prior_hash": codec.prior_hash.hex()}
-    return {"rows": rows, "speed": speed, "figure": {"coder": best, "files": coded[best], "recon": recon},
-            "model": model}
+    return MeasuredVqvae(rows, files, speed, {"coder": best, "files": coded[best], "recon": recon}, model)
 
 
 def verify_decoding(codec: Codec, files: list[bytes], codes: torch.Tensor, recon: torch.Tensor, names: list[str],
@@ -71,34 +164,32 @@ def verify_decoding(codec: Codec, files: list[bytes], codes: torch.Tensor, recon
     return len(files) / (time.perf_counter() - t0)
 
 
-def vqvae_row(label: str, coder: str, blobs: list[bytes], s: np.ndarray, p: np.ndarray, grid: tuple[int, int],
-              k: int, ideal: list | None) -> dict:
+def vqvae_row(files: VqvaeFiles, grid: tuple[int, int], k: int, ideal: list | None) -> dict:
     """One row of rd.csv for a VQ-VAE's files under one coder (SSIM and PSNR are its reconstructions', whatever
-    the coder); "_sizes" holds each slice's file size, the classical codecs' budgets at equal bytes."""
-    sizes = np.array([len(b) for b in blobs], dtype=np.float64)
+    the coder)."""
+    sizes, s, p = files.sizes, files.ssim, files.psnr
     h, w = grid
-    row = {"codec": f"VQ-VAE {label}", "setting": coder, "budget_bytes": "", "images": len(blobs),
-           "images_fit": len(blobs), "images_over_budget": 0, "mean_bytes": sizes.mean(),
+    row = {"codec": files.codec, "setting": files.coder, "budget_bytes": "", "images": len(sizes),
+           "images_fit": len(sizes), "images_over_budget": 0, "mean_bytes": sizes.mean(),
            "mean_payload_bytes": sizes.mean() - HEADER.size, "bits_per_slice": sizes.mean() * 8,
            "payload_bits_per_code": (sizes.mean() - HEADER.size) * 8 / (h * w),
            "mean_ssim": float(s.mean()), "std_ssim": float(s.std()), "mean_psnr": float(p.mean()),
            "latent_grid": f"{h}x{w}", "K": k}
     if ideal is not None:
         row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
-    row.update(_sizes=sizes, _ssim=s, _psnr=p)
     return row
 
 
 LADDER = "ladder"  # the codec of the rows that pick, per slice, the best VQ-VAE file within a budget
 
 
-def ladder_rows(vq: list[dict], budgets: list[int]) -> tuple[list[dict], dict]:
-    """What encoding with a byte budget gives over these VQ-VAE rows (each model under each coder): per slice, of
+def ladder_rows(vq: list[VqvaeFiles], budgets: list[int]) -> tuple[list[dict], dict]:
+    """What encoding with a byte budget gives over these VQ-VAE files (each model under each coder): per slice, of
     the files within the budget the one whose reconstruction has the best SSIM, the smaller on a tie (Ladder's
     rule); means over the slices where some file fits, the others counted, as for the classical codecs.
     -> (one row per budget, {budget: per slice the label of the VQ-VAE picked, None where none fits})."""
-    sizes = np.stack([r["_sizes"] for r in vq])  # (candidates, slices)
-    ssims, psnrs = np.stack([r["_ssim"] for r in vq]), np.stack([r["_psnr"] for r in vq])
+    sizes = np.stack([f.sizes for f in vq])  # (candidates, slices)
+    ssims, psnrs = np.stack([f.ssim for f in vq]), np.stack([f.psnr for f in vq])
     rows, picks = [], {}
     for budget in budgets:
         # best SSIM among the files that fit, then the smallest: lexicographic argmax over (ssim, -size)
@@ -108,7 +199,7 @@ def ladder_rows(vq: list[dict], budgets: list[int]) -> tuple[list[dict], dict]:
         fit = np.isfinite(score[order, picked])
         chosen = lambda a: a[order, picked][fit]  # noqa: E731
         mean = lambda a: float(chosen(a).mean()) if fit.any() else float("nan")  # noqa: E731
-        counts = "; ".join(f"{vq[c]['codec']} {vq[c]['setting']}: {n}" for c, n in
+        counts = "; ".join(f"{vq[c].codec} {vq[c].coder}: {n}" for c, n in
                            zip(*np.unique(order[fit], return_counts=True)))
         rows.append({"codec": LADDER, "setting": "best VQ-VAE file per slice within the budget",
                      "budget_bytes": budget, "images": sizes.shape[1], "images_fit": int(fit.sum()),
@@ -118,9 +209,13 @@ def ladder_rows(vq: list[dict], budgets: list[int]) -> tuple[list[dict], dict]:
                      "bits_per_slice": mean(sizes) * 8, "payload_bits_per_code": "", "mean_ssim": mean(ssims),
                      "std_ssim": float(chosen(ssims).std()) if fit.any() else float("nan"), "mean_psnr": mean(psnrs),
                      "latent_grid": "", "K": "", "files_chosen": counts})
-        picks[budget] = [vq[c]["codec"].removeprefix("VQ-VAE ") if f else None for c, f in zip(order, fit)]
+        picks[budget] = [vq[c].codec.removeprefix("VQ-VAE ") if f else None for c, f in zip(order, fit)]
     return rows, picks
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The slices and the learned peers
+# ---------------------------------------------------------------------------------------------------------
 
 RATE_POINT = "rate point"  # the budget_bytes of a learned peer's row: one trained model, not a byte budget
 
@@ -151,19 +246,24 @@ def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor,
     return data.images[pick], data.labels[pick], [data.files[i] for i in pick.tolist()]
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The classical codecs
+# ---------------------------------------------------------------------------------------------------------
+
 def classical_one_image(job):
     """One image through every codec at every budget: (image, codecs, budgets, matched) -> {codec: {budget or
     ("matched", name): (bytes, ssim, psnr) or None, "smallest": bytes}}. `matched` maps a name to this image's own
     budget (the size of its .vqz file under one VQ-VAE and coder). A worker's unit of work."""
     image, codecs, budgets, matched = job
     result = {}
-    for codec in codecs:
+    for name in codecs:
+        codec = classical_codec(name)
         search = BudgetSearch(image, codec)
-        result[codec] = {"smallest": search.smallest()}
-        wanted = [(b, b) for b in budgets] + [(("matched", name), b) for name, b in matched.items()]
+        result[name] = {"smallest": search.smallest()}
+        wanted = [(b, b) for b in budgets] + [(("matched", key), b) for key, b in matched.items()]
         for key, budget in wanted:
             data = search.fit(budget)
-            result[codec][key] = None if data is None else (len(data), *scores(classical_decode(data), image))
+            result[name][key] = None if data is None else (len(data), *scores(codec.decode(data), image))
     return result
 
 
@@ -184,6 +284,20 @@ def classical_study(images: np.ndarray, codecs, budgets, matched: dict, workers:
                          unit="slice", leave=False))
 
 
+def classical_rows(images: torch.Tensor, codecs: list[str], budgets: list[int], vq: list[VqvaeFiles],
+                   workers: int) -> list[dict]:
+    """The rows of rd.csv of each classical codec: at each fixed budget, and at each slice's own file size under
+    each VQ-VAE and coder."""
+    matched = {f.name: f.sizes for f in vq}
+    results = classical_study(images.numpy(), codecs, budgets, matched, workers)
+    rows = []
+    for codec in codecs:
+        rows += [classical_row(results, codec, b, "quality searched per slice", b) for b in budgets]
+        rows += [classical_row(results, codec, ("matched", name), f"at the size of each {name} file", "per slice")
+                 for name in matched]
+    return rows
+
+
 def classical_row(results: list, codec: str, key, setting: str, budget) -> dict:
     """One row of rd.csv from classical_one_image results: means over the images that fit, the others counted."""
     fit = [r[codec][key] for r in results if r[codec][key] is not None]
@@ -198,21 +312,16 @@ def classical_row(results: list, codec: str, key, setting: str, budget) -> dict:
             "latent_grid": "", "K": ""}
 
 
-def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    s, p = [], []
-    for a, b in zip(decoded.split(64), originals.split(64)):
-        x, y = a.float()[:, None] / 255, b.float()[:, None] / 255
-        s.append(ssim(x, y))
-        p.append(psnr(x, y))
-    return torch.cat(s).numpy(), torch.cat(p).numpy()
+# ---------------------------------------------------------------------------------------------------------
+# Tissue Dice per codec and budget
+# ---------------------------------------------------------------------------------------------------------
 
-
-def dice_rows(segment, masks: torch.Tensor, originals: torch.Tensor, rows: list[dict], figure: dict, codecs,
-              budgets, ladder_picks: dict) -> list[dict]:
+def dice_rows(segment, masks: torch.Tensor, study: RdStudy) -> list[dict]:
     """The rows of rd_anatomy.csv: `segment` (uint8 (N, H, W) slices -> (N, H, W) tissue labels) scored against
-    `masks` on the originals, on each VQ-VAE's reconstruction (one per VQ-VAE, listed at the mean file size of each
-    of its coders), on the ladder's at each budget (each slice the reconstruction of the VQ-VAE `ladder_picks`
-    names) and on each classical codec at each budget (the slices that fit in no file left out and counted)."""
+    `masks` on the study's originals, on each VQ-VAE's reconstruction (one per VQ-VAE, listed at the mean file size
+    of each of its coders), on the ladder's at each budget (each slice the reconstruction of the VQ-VAE the ladder
+    picked) and on each classical codec at each budget (the slices that fit in no file left out and counted)."""
+    originals, rows, figure, ladder_picks = study.images, study.rows, study.figures(), study.ladder_picks
     def dice_row(codec, setting, budget, images, picked, mean_bytes):
         dice = dice_table(segment(images), masks[picked]).mean(0)
         return {"codec": codec, "setting": setting, "budget_bytes": budget, "images": len(masks),
@@ -229,17 +338,18 @@ def dice_rows(segment, masks: torch.Tensor, originals: torch.Tensor, rows: list[
         if fit := [i for i, label in enumerate(picked or ()) if label]:
             images = torch.stack([figure[picked[i]]["recon"][i] for i in fit])
             table.append(dice_row(LADDER, r["setting"], r["budget_bytes"], images, fit, r["mean_bytes"]))
-    for codec in codecs:
-        fits = {b: [] for b in budgets}  # budget -> (slice index, file) of the slices that fit
-        for i, image in enumerate(tqdm(originals.numpy(), desc=f"{codec}: Dice per budget", leave=False)):
+    for name in study.codecs:
+        codec = classical_codec(name)
+        fits = {b: [] for b in study.budgets}  # budget -> (slice index, file) of the slices that fit
+        for i, image in enumerate(tqdm(originals.numpy(), desc=f"{name}: Dice per budget", leave=False)):
             search = BudgetSearch(image, codec)
-            for b in budgets:
+            for b in study.budgets:
                 if (data_bytes := search.fit(b)) is not None:
                     fits[b].append((i, data_bytes))
         for b, fit in fits.items():
             if fit:
-                decoded = torch.from_numpy(np.stack([classical_decode(f) for _, f in fit]))
-                table.append(dice_row(codec, "quality searched per slice", b, decoded, [i for i, _ in fit],
+                decoded = torch.from_numpy(np.stack([codec.decode(f) for _, f in fit]))
+                table.append(dice_row(name, "quality searched per slice", b, decoded, [i for i, _ in fit],
                                       float(np.mean([len(f) for _, f in fit]))))
     return table
 
@@ -252,6 +362,10 @@ def dice_against(table: list[dict], codec: str, budget: int) -> dict:
     return {f"{r['codec']} {r['setting']} ({r['mean_bytes']:.0f} B)": r["dice_mean"] - reference[0]["dice_mean"]
             for r in table if r["codec"].startswith("VQ-VAE") and r["mean_bytes"] <= budget}
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Targets and BD-rates
+# ---------------------------------------------------------------------------------------------------------
 
 def targets(rows: list[dict]) -> dict:
     """The codec's targets as measured: SSIM against JPEG 2000 at 640 bytes and at equal bytes per slice, the
@@ -357,6 +471,10 @@ def bd_rate(rates, qualities, reference_rates, reference_qualities) -> float | N
     return float(100 * (np.exp(mean_log_ratio) - 1))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------
+
 def plot_rd(rows: list[dict], path: Path, title: str):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -400,11 +518,11 @@ def plot_rd(rows: list[dict], path: Path, title: str):
     plt.close(fig)
 
 
-def slice_figure(originals: np.ndarray, figure: dict, codecs, path: Path, index: int, files):
+def slice_figure(study: RdStudy, path: Path, index: int):
     """Slice `index`: the original, then per VQ-VAE its decoded file beside every classical codec at the same
     bytes."""
     plt = pyplot()
-    original = originals[index]
+    original, codecs, figure = study.images[index].numpy(), study.codecs, study.figures()
     rows = list(figure.items())
     cols = 2 + len(codecs)
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.5 * len(rows)), squeeze=False)
@@ -413,21 +531,21 @@ def slice_figure(originals: np.ndarray, figure: dict, codecs, path: Path, index:
         vq = entry["recon"][index].numpy()
         panels = [("original", original), (f"VQ-VAE {label}\n{entry['coder']}, {budget} B, SSIM "
                                            f"{scores(vq, original)[0]:.3f}", vq)]
-        for codec in codecs:
-            search = BudgetSearch(original, codec)
+        for name in codecs:
+            search = BudgetSearch(original, classical_codec(name))
             data = search.fit(budget)
             if data is None:
-                panels.append((f"{codec}: does not fit in {budget} B\n(its smallest file: {search.smallest()} B)",
+                panels.append((f"{name}: does not fit in {budget} B\n(its smallest file: {search.smallest()} B)",
                                None))
             else:
-                decoded = classical_decode(data)
-                panels.append((f"{codec}, {len(data)} B\nSSIM {scores(decoded, original)[0]:.3f}", decoded))
+                decoded = search.codec.decode(data)
+                panels.append((f"{name}, {len(data)} B\nSSIM {scores(decoded, original)[0]:.3f}", decoded))
         for ax, (title, image) in zip(axes[r], panels):
             if image is not None:
                 ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             ax.set_title(title, fontsize=7)
             ax.axis("off")
-    fig.suptitle(f"{Path(str(files[index])).name}: every codec at (at most) the VQ-VAE file's bytes", fontsize=8)
+    fig.suptitle(f"{Path(str(study.files[index])).name}: every codec at (at most) the VQ-VAE file's bytes", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,8 +1,6 @@
-"""The .vqz codec as a library: a slice's code map under a trained VQ-VAE, written to a small file and read back,
-entropy-coded with the prior's conditionals or without a prior; and the classical codecs it is compared with (JPEG,
-WebP, JPEG 2000, AVIF through Pillow; JPEG XL through imagecodecs, libjxl's maintained binding, where it is
-installed), each searched per image for the best quality that fits a byte budget.
-compress.py is its command line.
+"""The .vqz format and its entropy coders: a slice's code map under a trained VQ-VAE, written to a small file and
+read back, entropy-coded with the prior's conditionals or without a prior. compress.py is its command line;
+codec/classical.py holds the classical codecs it is compared with, codec/ladder.py several VQ-VAEs as one encoder.
 
 File format (.vqz, version 1; little-endian; a 38-byte header, then the payload):
 
@@ -33,8 +31,6 @@ corner cases are a classic source of encoder/decoder mismatch. Its cost over the
 frequencies is about one 32-bit word per slice (0.03 to 4.1 bytes, mean 2.1, over 3000 random streams).
 """
 import hashlib
-import io
-import json
 import math
 import struct
 import zlib
@@ -44,10 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.checkpoints import check_prior_fits, load_prior, load_vqvae
 from imaging.slices import MAX_IMAGE_SIDE, to_float, to_uint8
-from imaging.quality import ssim
-from modules import drive
+from modules import fill_in_raster_order
+from training.checkpoints import check_prior_fits, load_prior, load_vqvae
 from utils import UserError, autocast
 
 MAGIC = b"VQZ"
@@ -269,7 +264,7 @@ class Codec:
                 out.append(to_uint8(self.vqvae.decode_indices(batch.to(self.device)))[:, 0].cpu())  # (B, H, W)
         return torch.cat(out)
 
-    def grid_of(self, image_shape) -> tuple:
+    def code_grid(self, image_shape) -> tuple:
         try:
             grid = tuple(self.vqvae.config.latent_grid(*image_shape))
         except ValueError as e:
@@ -282,7 +277,7 @@ class Codec:
     # -- encoding -----------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, labels=None, coder: str = "auto", progress=None) -> list[bytes]:
         """uint8 (N, H, W) slices of one size -> N .vqz file contents."""
-        self.grid_of(images.shape[1:])
+        self.code_grid(images.shape[1:])
         return self.encode_codes(self.codes(images), tuple(images.shape[1:]), labels, coder, progress)
 
     def encode_codes(self, codes: torch.Tensor, image_shape, labels=None, coder: str = "auto",
@@ -291,7 +286,7 @@ class Codec:
         "prior", or "auto" (per slice the smallest of prior-coded (when there is a prior) and fixed-length, or of
         static and fixed-length without one). `ideal`: see prior_payloads."""
         n, h, w = codes.shape
-        if self.grid_of(image_shape) != (h, w):
+        if self.code_grid(image_shape) != (h, w):
             raise UserError(f"{h}x{w} code maps are not what this VQ-VAE makes of {image_shape[0]}x{image_shape[1]} "
                             f"images")
         flat = codes.reshape(n, -1).numpy()
@@ -359,7 +354,7 @@ class Codec:
                     progress.set_postfix_str(f"row {pos // w + 1}/{h} of slices {start + 1}-{start + n}")
                 return batch[:, pos // w, pos % w]
 
-            drive(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
+            fill_in_raster_order(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
             payloads += [words_to_bytes(e.get_compressed()) for e in encoders]
             if progress is not None:
                 progress.update(n)
@@ -374,7 +369,7 @@ class Codec:
             raise UserError(f"{name} was encoded with other VQ-VAE weights (hash {header.vqvae_hash.hex()}, this "
                             f"checkpoint's is {self.vqvae_hash.hex()}); decode it with the VQ-VAE it was "
                             f"encoded with")
-        grid = self.grid_of(header.image_shape)
+        grid = self.code_grid(header.image_shape)
         if tuple(header.grid) != tuple(grid):
             raise UserError(f"{name} declares a {header.grid[0]}x{header.grid[1]} code grid, but this VQ-VAE makes "
                             f"{grid[0]}x{grid[1]} of a {header.image_shape[0]}x{header.image_shape[1]} image "
@@ -463,7 +458,7 @@ class Codec:
                 progress.set_postfix_str(f"row {pos // w + 1}/{h} of {n} slices")
             return torch.from_numpy(out[:, pos])
 
-        drive(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
+        fill_in_raster_order(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
         if progress is not None:
             progress.update(n)
         return list(out)
@@ -485,170 +480,3 @@ def load_codec(checkpoint: Path, prior_path: Path | None, device, batch_size: in
                             f"{prior.config.num_classes} classes")
         class_names = prior_state.get("class_names", ())
     return Codec(vqvae, prior, class_names, device, batch_size, precision), cfg, state
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Several operating points
-# ---------------------------------------------------------------------------------------------------------
-
-LADDER_FILE = "ladder.json"  # in a ladder.py folder: its points, smallest files first
-
-
-def read_ladder(folder: Path) -> list[tuple[Path, Path | None]]:
-    """The (VQ-VAE checkpoint, prior or None) of each point of a ladder folder (ladder.py's: <folder>/<point>/best.pt
-    and <folder>/<point>/prior/best.pt), smallest first; a point whose prior was not trained yet has none."""
-    path = Path(folder) / LADDER_FILE
-    try:
-        names = [p["name"] for p in json.loads(path.read_text())["points"]]
-        if not names or not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")
-                                for n in names):
-            raise ValueError("the points must be folder names")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a ladder's list of points ({type(e).__name__}: {e}); pass a folder that "
-                        f"ladder.py trained") from None
-    runs = [Path(folder) / name for name in names]
-    return [(run / "best.pt", run / "prior" / "best.pt" if (run / "prior" / "best.pt").is_file() else None)
-            for run in runs]
-
-
-class Ladder:
-    """Several codecs (VQ-VAEs at different rates, each with its prior or none) as the operating points of one
-    encoder: per slice, the file of the point whose reconstruction has the highest SSIM among those whose file fits
-    a byte budget. A decoder finds each file's codec by the weights hashes in its header, so any mix of points
-    decodes."""
-
-    def __init__(self, codecs: list[Codec]):
-        self.codecs = codecs
-
-    def encode_within(self, images: torch.Tensor, max_bytes: int, labels=None,
-                      progress=None) -> tuple[list[bytes], list[int]]:
-        """uint8 (N, H, W) slices of one size -> (N .vqz file contents, the index of each one's codec)."""
-        shape = tuple(images.shape[1:])
-        target = images.unsqueeze(1).float() / 255
-        best, picked, quality = [None] * len(images), [None] * len(images), torch.full((len(images),), -math.inf)
-        smallest = torch.full((len(images),), math.inf)
-        for index, codec in enumerate(self.codecs):
-            codec.grid_of(shape)
-            codes = codec.codes(images)
-            conditional = codec.prior is not None and codec.prior.config.num_classes
-            files = codec.encode_codes(codes, shape, labels if conditional else None, progress=progress)
-            scores = ssim(codec.reconstruct(codes).unsqueeze(1).float() / 255, target)
-            for i, data in enumerate(files):
-                smallest[i] = min(smallest[i], len(data))
-                if len(data) <= max_bytes and scores[i] > quality[i]:
-                    best[i], picked[i], quality[i] = data, index, scores[i]
-        if None in best:
-            i = best.index(None)
-            raise UserError(f"slice {i} fits no operating point in {max_bytes} bytes (its smallest file: "
-                            f"{int(smallest[i])} bytes); allow more bytes or add a smaller model")
-        return best, picked
-
-    def codec_for(self, header: Header, name: str) -> Codec:
-        """The codec with the VQ-VAE (and prior) that wrote a file with this header, or UserError; the only codec
-        of a ladder of one, whose Codec.check then says what does not match."""
-        for codec in self.codecs:
-            if codec.vqvae_hash == header.vqvae_hash and (header.coder != PRIOR or codec.prior is None
-                                                          or codec.prior_hash == header.prior_hash):
-                return codec
-        if len(self.codecs) == 1:
-            return self.codecs[0]
-        raise UserError(f"{name} was encoded with VQ-VAE weights (hash {header.vqvae_hash.hex()}) that none of the "
-                        f"{len(self.codecs)} given VQ-VAEs has; decode it with the VQ-VAE it was encoded with")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Classical codecs, searched per image to fit a byte budget
-# ---------------------------------------------------------------------------------------------------------
-
-CLASSICAL = ("jpeg", "webp", "jpeg2000", "avif", "jpegxl")
-J2K_RATES = tuple(float(r) for r in np.geomspace(4000, 2, 120))  # compression ratios, worst quality first
-JXL_DISTANCES = tuple(float(d) for d in np.geomspace(25, 0.05, 90))  # butteraugli distances (25: libjxl's worst)
-JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")  # a bare codestream, the ISO BMFF container
-
-
-def imagecodecs():
-    """The optional imagecodecs package (JPEG XL only), or a one-line error saying how to install it."""
-    try:
-        import imagecodecs as module
-    except ImportError:
-        raise UserError("JPEG XL needs the imagecodecs package, an optional dependency of the study: "
-                        "pip install imagecodecs") from None
-    return module
-
-
-def available_classical() -> list[str]:
-    """The classical codecs this installation can run: all but JPEG XL without imagecodecs."""
-    try:
-        imagecodecs()
-    except UserError:
-        return [c for c in CLASSICAL if c != "jpegxl"]
-    return list(CLASSICAL)
-
-
-def classical_settings(codec: str, pixels: int) -> list:
-    """Each codec's quality settings, from the worst (smallest file) to the best."""
-    if codec == "jpeg":
-        return list(range(1, 96))
-    if codec in ("webp", "avif"):
-        return list(range(0, 101))
-    if codec == "jpeg2000":
-        return [r for r in J2K_RATES if pixels / r >= 40]  # below ~40 bytes OpenJPEG writes only markers
-    if codec == "jpegxl":
-        imagecodecs()
-        return list(JXL_DISTANCES)
-    raise UserError(f"unknown codec {codec!r}; choose from {', '.join(CLASSICAL)}")
-
-
-def classical_encode(image: np.ndarray, codec: str, setting) -> bytes:
-    if codec == "jpegxl":  # one thread: the same bytes on every machine, and workers share the cores
-        return bytes(imagecodecs().jpegxl_encode(image, distance=setting, effort=7, numthreads=1))
-    from PIL import Image
-    buffer = io.BytesIO()
-    im = Image.fromarray(image, "L")
-    if codec == "jpeg":
-        im.save(buffer, "JPEG", quality=setting, optimize=True)
-    elif codec == "webp":
-        im.save(buffer, "WEBP", quality=setting, method=6)
-    elif codec == "avif":
-        im.save(buffer, "AVIF", quality=setting, speed=6)
-    else:
-        im.save(buffer, "JPEG2000", quality_mode="rates", quality_layers=[setting], irreversible=True, no_jp2=True)
-    return buffer.getvalue()
-
-
-def classical_decode(data: bytes) -> np.ndarray:
-    if data.startswith(JXL_SIGNATURES):
-        return np.asarray(imagecodecs().jpegxl_decode(data, numthreads=1))
-    from PIL import Image
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L"))
-
-
-class BudgetSearch:
-    """The best quality setting of one codec whose file fits a byte budget, for one image; every setting is encoded
-    at most once, whatever the budgets asked."""
-
-    def __init__(self, image: np.ndarray, codec: str):
-        self.image, self.codec = image, codec
-        self.settings = classical_settings(codec, image.size)
-        self.cache = {}
-
-    def encoded(self, index: int) -> bytes:
-        if index not in self.cache:
-            self.cache[index] = classical_encode(self.image, self.codec, self.settings[index])
-        return self.cache[index]
-
-    def fit(self, budget: int) -> bytes | None:
-        """The file of the best setting at most `budget` bytes (by bisection: sizes grow with quality), or None."""
-        lo, hi = 0, len(self.settings) - 1
-        if len(self.encoded(lo)) > budget:
-            return None
-        if len(self.encoded(hi)) <= budget:
-            return self.encoded(hi)
-        while hi - lo > 1:  # encoded(lo) fits, encoded(hi) does not
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if len(self.encoded(mid)) <= budget else (lo, mid)
-        return self.encoded(lo)
-
-    def smallest(self) -> int:
-        return len(self.encoded(0))

@@ -1,1 +1,1 @@
-"""Noise models and the classical denoisers the learned ones are compared with."""
+"""Noise models, the classical denoisers, and the benchmark of a denoising VQ-VAE against them (predict.py --noise)."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imaging.slices import to_unit
+from imaging.slices import to_unit, unit_to_float
 from utils import UserError
 
 NOISE_MODELS = ("rician", "gaussian")
@@ -90,7 +90,7 @@ def add_noise(x: torch.Tensor, noise: Noise, seed: Sequence[int], keys: Sequence
     seeded with (*seed, keys[b]), so it is the same in any batch, order or device."""
     clean = to_unit(x.detach()).cpu().numpy()  # (B, 1, H, W) in [0, 1]
     noisy = np.stack([noise.apply(c[0], np.random.default_rng([*seed, int(k)]))[None] for c, k in zip(clean, keys)])
-    return torch.from_numpy(noisy * 2 - 1).to(x.device, x.dtype)
+    return unit_to_float(torch.from_numpy(noisy)).to(x.device, x.dtype)
 
 
 def is_noise_spec(spec: str) -> bool:
@@ -107,7 +107,7 @@ def is_noise_spec(spec: str) -> bool:
 # Each denoises one float64 (H, W) slice in [0, 1] at a strength s = factor x the noise level the slice's own
 # wavelet estimate gives (skimage.restoration.estimate_sigma). On MRI slices that estimate runs low (most of a slice
 # is background, where Rician noise is Rayleigh and shrunk), so the factor is chosen on validation slices carrying
-# the same noise (predict.py: choose_factor), from FACTORS.
+# the same noise (denoising.benchmark.choose_factor), from FACTORS.
 
 FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 SLOW_FACTORS = (1.0, 1.5, 2.0)  # BM3D: ~10 s per 256x256 slice on one core, so a shorter search
@@ -135,7 +135,7 @@ def _bm3d(noisy: np.ndarray, s: float) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Classical:
+class ClassicalDenoiser:
     name: str
     label: str
     run: Callable[[np.ndarray, float], np.ndarray]  # (noisy slice, strength) -> denoised slice
@@ -158,15 +158,15 @@ class Classical:
         return np.clip(self.run(noisy, strength), 0, 1).astype(np.float32)
 
 
-CLASSICAL = {c.name: c for c in (Classical("nlm", "non-local means", _nl_means),
-                                 Classical("tv", "total variation", _total_variation),
-                                 Classical("wavelet", "wavelet (BayesShrink)", _wavelet),
-                                 Classical("bm3d", "BM3D", _bm3d, slow=True))}
+CLASSICAL_DENOISERS = {c.name: c for c in (ClassicalDenoiser("nlm", "non-local means", _nl_means),
+                                           ClassicalDenoiser("tv", "total variation", _total_variation),
+                                           ClassicalDenoiser("wavelet", "wavelet (BayesShrink)", _wavelet),
+                                           ClassicalDenoiser("bm3d", "BM3D", _bm3d, slow=True))}
 
 
-def available_classical(names: Sequence[str]) -> list[Classical]:
+def available_denoisers(names: Sequence[str]) -> list[ClassicalDenoiser]:
     """The classical denoisers of `names` that can run here; one line says so where bm3d is not installed."""
-    chosen = [CLASSICAL[n] for n in names]
+    chosen = [CLASSICAL_DENOISERS[n] for n in names]
     if any(c.name == "bm3d" for c in chosen):
         try:
             import bm3d  # noqa: F401
@@ -176,8 +176,8 @@ def available_classical(names: Sequence[str]) -> list[Classical]:
     return chosen
 
 
-def run_classical(method: Classical, noisy: np.ndarray, factor: float, desc: str | None = None
-                  ) -> tuple[np.ndarray, float]:
+def run_denoiser(method: ClassicalDenoiser, noisy: np.ndarray, factor: float, desc: str | None = None
+                 ) -> tuple[np.ndarray, float]:
     """float32 (N, H, W) noisy slices in [0, 1] -> (denoised (N, H, W), mean seconds per slice)."""
     out, start = np.empty_like(noisy), time.perf_counter()
     for i in tqdm(range(len(noisy)), desc=desc, leave=False, disable=desc is None):

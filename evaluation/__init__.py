@@ -1,1 +1,1 @@
-"""Scores of reconstructions and samples: per-split quality, prior bits, feature distances."""
+"""Scores of reconstructions (metrics.py) and of a prior and its samples (generation.py)."""

@@ -1,10 +1,11 @@
 """What every module agrees on about a slice image, in torch only (nothing of this project is imported here):
 
 - pixel conventions: uint8 (N, H, W) as decoded, float in [-1, 1] as the models see it, [0, 1] as it is scored,
-  and the conversions between them (to_float, to_unit, to_uint8);
+  and the conversions between them (to_float, to_unit, to_uint8; uint8_to_unit, unit_to_uint8, unit_to_float);
 - SliceDataset, one split's decoded slices in memory, and the names shared by every loader (SPLITS, SLICE_AXES,
-  IMAGE_SUFFIXES, the image-size limits, natural_key);
-- SSIM and PSNR, batched in torch: the scores of every command and the SSIM term of the training loss.
+  IMAGE_SUFFIXES, the image-size limits, natural_key).
+
+SSIM and PSNR, the scores of every command, are in imaging/quality.py.
 """
 import re
 
@@ -39,7 +40,22 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> uint8 in 0..255, rounded: the 8-bit image a reconstruction is when written to a file."""
-    return torch.round(to_unit(x) * 255).to(torch.uint8)
+    return unit_to_uint8(to_unit(x))
+
+
+def uint8_to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W) -> float32 in [0, 1], as SSIM and PSNR score images."""
+    return images_uint8.float() / 255
+
+
+def unit_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> uint8 in 0..255, clamped and rounded."""
+    return torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+
+
+def unit_to_float(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [-1, 1], the models' range."""
+    return x * 2 - 1
 
 
 class SliceDataset(torch.utils.data.Dataset):

@@ -34,9 +34,9 @@ def trained_models(tmp_path_factory):
     look for it. Tests read them or copy them; none changes them."""
     import train
     import train_prior
-    from training.checkpoints import load_checkpoint, load_split, rebuild_prior, save_checkpoint
     from codec.vqz import load_codec
     from helpers import tiny_args
+    from training.checkpoints import load_checkpoint, load_split, rebuild_prior, save_checkpoint
     root = tmp_path_factory.mktemp("trained")
     data = generate_demo(root / "demo", size=32, n_patients=10, slices_per_patient=4)
     vqvae, prior = root / "vq" / "best.pt", root / "vq" / "prior" / "best.pt"
@@ -61,8 +61,8 @@ def trained_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_codec(trained_models):
     """The session's tiny models as a Codec on the CPU, with their demo test and train slices (uint8) attached."""
-    from training.checkpoints import load_split
     from codec.vqz import load_codec
+    from training.checkpoints import load_split
     c, cfg, state = load_codec(*trained_models, torch.device("cpu"), 64, "auto")
     c.test_images = load_split(cfg, "test", None, demo=state["demo_settings"], verbose=False).images
     c.train_images = load_split(cfg, "train", None, demo=state["demo_settings"], verbose=False).images

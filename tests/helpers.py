@@ -45,7 +45,7 @@ def held(*args, **kwargs):
 
 def tiny_args(data_root, out, *extra, dataset="demo"):
     """train.py flags for a TINY_MODEL (batch 8) on the slices at `data_root`, writing to `out`."""
-    from training.engine import command_flags
+    from training.flags import command_flags
     return [*command_flags({"dataset": dataset, "data_root": data_root, "batch_size": 8, **TINY_MODEL, "out": out}),
             *map(str, extra)]
 
@@ -95,13 +95,14 @@ def nan_weights_on_second_call(real_epoch):
 def vqvae_state(epoch=1, **train_config):
     """A complete VQ-VAE checkpoint state of a tiny untrained model, as train.py saves it (without format)."""
     from dataclasses import asdict
-    from training.checkpoints import TrainConfig
-    from training.engine import build_training
+
     from modules import VQVAEConfig
+    from training.checkpoints import TrainConfig
+    from training.steps import vqvae_and_optimiser
     from utils import rng_state
     cfg = TrainConfig(dataset="demo", **train_config).resolved()
     model_cfg = VQVAEConfig(**TINY_MODEL, codebook_size=16)
-    model, opt, scheduler = build_training(cfg, model_cfg, torch.device("cpu"), 10)
+    model, opt, scheduler = vqvae_and_optimiser(cfg, model_cfg, torch.device("cpu"), 10)
     model(torch.zeros(2, 1, 16, 16)).losses["reconstruction"].backward()
     opt.step()
     return {"kind": "vqvae", "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -139,7 +140,7 @@ def run_main(main, argv, capsys):
 
 def incremental_logits(prior, codes, labels=None, dtype=torch.float64):
     """Teacher forcing through prior.incremental: (n, h, w) codes -> (n, K, h, w) logits in `dtype`."""
-    from modules import drive
+    from modules import fill_in_raster_order
     n, h, w = codes.shape
     out = torch.empty(n, prior.config.codebook_size, h, w, dtype=dtype)
 
@@ -147,5 +148,5 @@ def incremental_logits(prior, codes, labels=None, dtype=torch.float64):
         out[:, :, pos // w, pos % w] = logits
         return codes[:, pos // w, pos % w]
     with torch.no_grad():
-        drive(prior.incremental(n, h, w, labels, dtype), h * w, record)
+        fill_in_raster_order(prior.incremental(n, h, w, labels, dtype), h * w, record)
     return out

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 import ablate
-from training import engine
 from helpers import assert_one_line_error, run_main
+from training import families
 
 
 def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path, capsys):
@@ -41,7 +41,7 @@ def test_unknown_variant_and_an_out_that_is_a_file_are_one_line_errors(tmp_path,
 
 def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(engine.subprocess, "run",
+    monkeypatch.setattr(families.subprocess, "run",
                         lambda cmd, **kwargs: commands.append(cmd) or SimpleNamespace(returncode=0))
     args = SimpleNamespace(dataset="OASIS", data_root="/data", image_size=None, max_minutes=10.0, epochs=40,
                            batch_size=16, precision="auto", threads=None, seed=0, device="cpu")
@@ -55,7 +55,8 @@ def test_a_variant_runs_train_py_with_the_shared_budget_and_its_own_overrides(tm
 
 
 def test_a_variant_stopped_by_its_deadline_is_finished_and_an_interrupted_one_is_resumed():
-    assert engine.training_finished({"epoch": 40}, epochs=40)
-    assert engine.training_finished({"epoch": 3, "time_budget": {"seconds_left": 0.0, "done": True}}, epochs=40)
-    assert not engine.training_finished({"epoch": 3, "time_budget": {"seconds_left": 412.0, "done": False}}, epochs=40)
-    assert not engine.training_finished({"epoch": 3}, epochs=40)  # no budget recorded: resumed
+    assert families.training_finished({"epoch": 40}, epochs=40)
+    assert families.training_finished({"epoch": 3, "time_budget": {"seconds_left": 0.0, "done": True}}, epochs=40)
+    assert not families.training_finished({"epoch": 3, "time_budget": {"seconds_left": 412.0, "done": False}},
+                                          epochs=40)
+    assert not families.training_finished({"epoch": 3}, epochs=40)  # no budget recorded: resumed

@@ -1,7 +1,9 @@
 """bench.py end to end at a tiny size, and the fast path's promises: the speed-ups change no result, and a
 training step never waits for the GPU."""
+import ast
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +11,10 @@ import torch.nn as nn
 
 import bench
 from dataset import generate_demo
-from training.checkpoints import TrainConfig
-from training.engine import build_training, train_step
 from helpers import INDUCTOR, TINY_MODEL, run_main
 from modules import PRESETS, ConvTranspose2d, count_codes
+from training.checkpoints import TrainConfig
+from training.steps import train_step, vqvae_and_optimiser
 
 TINY = ["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
 
@@ -22,10 +24,10 @@ def run_bench(capsys, *args):
 
 
 @INDUCTOR
-def test_bench_measures_everything_it_promises(tmp_path, capsys):
+def test_bench_measures_everything_it_promises_against_the_yardstick_in_the_repo(tmp_path, capsys):
+    assert bench.REFERENCE.is_file() and bench.REFERENCE.parent.parent == Path(bench.__file__).resolve().parent
     out = tmp_path / "bench.json"
-    have_reference = bench.REFERENCE.is_file()
-    r = run_bench(capsys, "--json", out, *([] if have_reference else ["--skip-reference"]))
+    r = run_bench(capsys, "--json", out)
     assert r.returncode == 0, r.stderr
     results = json.loads(out.read_text())
     expected = {
@@ -45,7 +47,9 @@ def test_bench_measures_everything_it_promises(tmp_path, capsys):
     assert {k: set(v) for k, v in results.items()} == expected
     assert results["train"]["project_img_per_s"] > 0 and results["flops"]["per_step"] > 0
     assert results["ssim"]["max_abs_diff"] <= 1e-4 and results["ssim"]["compiled_max_abs_diff"] <= 1e-4
-    assert (results["train"]["speedup"] is not None) == have_reference
+    assert results["train"]["reference_img_per_s"] > 0 and results["loader"]["reference_batch_s"] > 0
+    assert results["train"]["speedup"] == pytest.approx(results["train"]["project_img_per_s"]
+                                                        / results["train"]["reference_img_per_s"])
     assert "training (img/s)" in r.stdout
 
 
@@ -99,6 +103,26 @@ def test_a_missing_yardstick_is_named_with_the_fix(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_the_yardstick_is_independent_of_the_project_and_trains(tmp_path):
+    nodes = list(ast.walk(ast.parse(bench.REFERENCE.read_text())))
+    imported = {node.module for node in nodes if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    imported = {name.split(".")[0] for name in imported}
+    assert imported <= {"pathlib", "numpy", "torch", "torchvision", "PIL"}, imported
+    yardstick = bench.load_reference(bench.REFERENCE)
+    generate_demo(tmp_path, size=32, n_patients=3, slices_per_patient=1)
+    folder = yardstick.Folder(tmp_path / "keras_png_slices_train", 16)
+    x = torch.stack([folder[0], folder[0]])
+    assert x.shape == (2, 1, 16, 16) and -1 <= x.min() < x.max() <= 1
+    torch.manual_seed(0)
+    model = yardstick.SeedVQVAE()
+    reconstruction, vq_loss = model(x)
+    assert reconstruction.shape == x.shape and vq_loss.ndim == 0
+    optimizer = torch.optim.Adam(model.parameters(), yardstick.LR)
+    losses = [yardstick.step(model, optimizer, x) for _ in range(5)]
+    assert losses[-1] < losses[0]
+
+
 def test_conv_transpose_with_the_bias_outside_equals_torchs():
     torch.manual_seed(0)
     ours, theirs = ConvTranspose2d(8, 4, 4, stride=2, padding=1), nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
@@ -124,7 +148,7 @@ def test_a_training_step_never_waits_for_the_gpu(name):
     device = torch.device("cuda")
     cfg = TrainConfig(preset=name, batch_size=4, grad_clip=1.0).resolved()
     model_cfg = replace(PRESETS[name].model, **TINY_MODEL)
-    model, opt, scheduler = build_training(cfg, model_cfg, device, 10)
+    model, opt, scheduler = vqvae_and_optimiser(cfg, model_cfg, device, 10)
     x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     train_step(model, opt, scheduler, x, cfg, autocast)  # the first step may read the k-means flag, once

@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
-from training.checkpoints import TrainConfig, load_checkpoint, load_vqvae, save_checkpoint
 from helpers import vqvae_state
 from modules import PRESETS
+from training.checkpoints import TrainConfig, load_checkpoint, load_vqvae, save_checkpoint
 from utils import UserError
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""codec.py: the .vqz codec as a library -- the prior's incremental float64 conditionals, integer frequencies that
+"""codec/vqz.py: the .vqz codec as a library -- the prior's incremental float64 conditionals, integer frequencies that
 do not depend on the thread count, exact round trips under every coder, coded size against the prior's NLL, class
 labels in the header -- on the session's tiny models (conftest.trained_models)."""
 import sys
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from codec import vqz as codec
+from codec.classical import CLASSICAL_CODECS, BudgetSearch, available_codecs
+from evaluation.generation import prior_bits
 from helpers import incremental_logits
-from evaluation.metrics import prior_bits
 from modules import PriorConfig, build_prior
 
 CPU = torch.device("cpu")
@@ -179,18 +180,18 @@ def smooth_slice(size: int = 64) -> np.ndarray:
     return (127 + 100 * np.sin(6 * x) * np.cos(4 * y)).astype(np.uint8)
 
 
-@pytest.mark.parametrize("name", codec.CLASSICAL)
+@pytest.mark.parametrize("name", CLASSICAL_CODECS)
 def test_each_classical_codec_fits_a_budget_with_its_best_setting_and_decodes(name):
     if name == "jpegxl":
         pytest.importorskip("imagecodecs")
     image = smooth_slice()
-    search = codec.BudgetSearch(image, name)
+    search = BudgetSearch(image, CLASSICAL_CODECS[name])
     budget = search.smallest() + 300
     data = search.fit(budget)
     assert len(data) <= budget
     better = [s for s in range(len(search.settings)) if len(search.encoded(s)) <= budget]
     assert data == search.encoded(max(better))  # sizes grow with quality, so the best that fits is the last
-    decoded = codec.classical_decode(data)
+    decoded = CLASSICAL_CODECS[name].decode(data)
     assert decoded.shape == image.shape and decoded.dtype == np.uint8
     assert np.abs(decoded.astype(int) - image).mean() < 20
     assert search.fit(search.smallest() - 1) is None
@@ -199,5 +200,5 @@ def test_each_classical_codec_fits_a_budget_with_its_best_setting_and_decodes(na
 def test_jpeg_xl_without_imagecodecs_is_one_line_and_left_out_of_the_available_codecs(monkeypatch):
     monkeypatch.setitem(sys.modules, "imagecodecs", None)  # import imagecodecs now raises ImportError
     with pytest.raises(codec.UserError, match="pip install imagecodecs"):
-        codec.classical_settings("jpegxl", 64 * 64)
-    assert codec.available_classical() == ["jpeg", "webp", "jpeg2000", "avif"]
+        CLASSICAL_CODECS["jpegxl"].settings(64 * 64)
+    assert available_codecs() == ["jpeg", "webp", "jpeg2000", "avif"]

@@ -11,14 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from codec import vqz as codec
 import compress
-from codec import study as rate_distortion
 import train
-from helpers import tiny_args, write_image
-from imaging.slices import natural_key, to_uint8
-from imaging.quality import ssim
+from codec import study
+from codec import vqz as codec
+from codec.classical import available_codecs
+from codec.ladder import read_ladder
 from evaluation.metrics import score_split
+from helpers import tiny_args, write_image
+from imaging.quality import ssim
+from imaging.slices import natural_key, to_uint8
 from utils import autocast
 
 CPU = torch.device("cpu")
@@ -41,7 +43,8 @@ def fails_with(capsys, argv, *fragments):
 # Round trips
 # ---------------------------------------------------------------------------------------------------------
 
-def test_encode_decode_round_trip_gives_the_same_codes_and_predicts_reconstruction(trained_codec, trained_models, tmp_path):
+def test_encode_decode_round_trip_gives_the_same_codes_and_predicts_reconstruction(trained_codec, trained_models,
+                                                                                    tmp_path):
     """Files -> .vqz -> PNG: the decoded codes are the encoder's, and each PNG is the VQ-VAE's reconstruction as
     predict.py computes it (metrics.score_split, same precision), to the 8-bit pixel."""
     checkpoint, prior = trained_models
@@ -180,7 +183,8 @@ def test_max_bytes_picks_per_slice_the_best_file_that_fits_and_decode_reads_any_
             assert np.array_equal(png, points[k].decode([files[k][i]], [f.name])[1][0].numpy())
     smallest = min(len(f) for f in files[0] + files[1])
     fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), "--checkpoint", str(coarse), "--max-bytes",
-                        str(smallest - 1), "--split", "test", "--out", str(tmp_path / "none")], "fits no operating point")
+                        str(smallest - 1), "--split", "test", "--out", str(tmp_path / "none")],
+               "fits no operating point")
     fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), "--checkpoint", str(coarse), "--split", "test",
                         "--out", str(tmp_path / "none")], "pass --max-bytes")
     (tmp_path / "fine.vqz").write_bytes(files[0][0])
@@ -198,7 +202,7 @@ def test_a_ladder_folder_stands_for_its_points_with_their_priors(trained_models,
     shutil.copytree(checkpoint.parent, ladder / "fine")
     shutil.copytree(coarse_run, ladder / "coarse")
     (ladder / "ladder.json").write_text(json.dumps({"points": [{"name": "coarse"}, {"name": "fine"}]}))
-    assert codec.read_ladder(ladder) == [(ladder / "coarse" / "best.pt", None),
+    assert read_ladder(ladder) == [(ladder / "coarse" / "best.pt", None),
                                          (ladder / "fine" / "best.pt", ladder / "fine" / "prior" / "best.pt")]
     budget = "400"
     compress.main(["encode", "--ladder", str(ladder), "--max-bytes", budget, "--split", "test", "--out",
@@ -216,7 +220,8 @@ def test_a_ladder_folder_stands_for_its_points_with_their_priors(trained_models,
     fails_with(capsys, ["rd", "--ladder", str(tmp_path), "--out", str(tmp_path / "c")], "ladder.json")
 
 
-def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(trained_models, trained_codec, tmp_path, capsys):
+def test_encode_without_a_prior_writes_static_or_fixed_length_files_of_a_split(trained_models, trained_codec, tmp_path,
+                                                                               capsys):
     checkpoint, _ = trained_models
     compress.main(["encode", "--checkpoint", str(checkpoint), "--split", "test", "--out", str(tmp_path / "s")])
     files = sorted((tmp_path / "s").glob("*.vqz"))
@@ -254,14 +259,15 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_mo
     vq = [r for r in rows if r["codec"].startswith("VQ-VAE")]
     assert sorted(r["setting"] for r in vq) == ["fixed", "prior", "static"]
     assert len({r["mean_ssim"] for r in vq}) == 1  # one reconstruction, three sizes
-    ladder = {r["budget_bytes"]: r for r in rows if r["codec"] == rate_distortion.LADDER}
+    ladder = {r["budget_bytes"]: r for r in rows if r["codec"] == study.LADDER}
     assert sorted(ladder) == ["3000", "400", "50"]
     assert ladder["50"]["images_over_budget"] == "4"  # smaller than any .vqz file
     assert ladder["3000"]["images_over_budget"] == "0" and ladder["3000"]["mean_ssim"] == vq[0]["mean_ssim"]
     assert float(ladder["3000"]["mean_bytes"]) == min(float(r["mean_bytes"]) for r in vq)  # same image: the smallest
-    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE") and r["codec"] != rate_distortion.LADDER]
-    assert sorted({r["codec"] for r in classical}) == sorted(codec.available_classical())
-    assert len(classical) == len(codec.available_classical()) * (3 + 3)  # each trained_codec at 3 budgets, and at the sizes of the 3 VQ-VAE rows' files
+    classical = [r for r in rows if not r["codec"].startswith("VQ-VAE") and r["codec"] != study.LADDER]
+    assert sorted({r["codec"] for r in classical}) == sorted(available_codecs())
+    # each classical codec at 3 budgets, and at the sizes of the 3 VQ-VAE rows' files
+    assert len(classical) == len(available_codecs()) * (3 + 3)
     for r in classical:
         assert int(r["images_fit"]) + int(r["images_over_budget"]) == int(r["images"]) == 4
         if int(r["images_fit"]) and r["budget_bytes"] != "per slice":
@@ -273,7 +279,7 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_mo
     assert {"prior_coded_mean_bytes", "vqvae_above_classical_below_1536_bytes",
             "ssim_minus_classical_at_equal_bytes_per_slice", "bd_rate_percent"} <= set(summary["targets"])
     bd = summary["targets"]["bd_rate_percent"]
-    assert set(codec.available_classical()) <= set(bd) and bd["jpeg"] == {"ssim": None, "psnr": None}  # one VQ point
+    assert set(available_codecs()) <= set(bd) and bd["jpeg"] == {"ssim": None, "psnr": None}  # one VQ point
     speed = next(iter(summary["speed"].values()))
     assert speed["prior_encode_slices_per_s"] > 0 and speed["prior_decode_slices_per_s"] > 0
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--out", str(out)], "already exists")
@@ -294,21 +300,36 @@ def test_rd_compares_several_checkpoints(trained_models, tmp_path, capsys):
                "unknown codec 'gif'")
 
 
+def test_the_study_returns_plain_rows_and_what_its_figures_need(trained_codec):
+    """codec.study.rate_distortion, the library behind compress.py rd: rows of plain values only (what rd.csv and
+    rd.json hold), the per-slice measurements kept apart from them."""
+    images = trained_codec.test_images
+    slices = (images, torch.zeros(len(images), dtype=torch.long), [f"{i}.png" for i in range(len(images))])
+    result = study.rate_distortion([("tiny", trained_codec, {"checkpoint": "x"})], slices, ["jpeg"], [400],
+                                   verify=False)
+    assert all(not key.startswith("_") and isinstance(value, (str, int, float))
+               for row in result.rows for key, value in row.items())
+    json.dumps(result.summary())
+    assert result.models["tiny"].model["checkpoint"] == "x" and set(result.figures()) == {"tiny"}
+    assert [f.coder for f in result.models["tiny"].files] == ["fixed", "static", "prior"]
+    assert list(result.ladder_picks) == [400] and len(result.ladder_picks[400]) == len(images)
+
+
 def test_the_ladder_row_of_a_budget_takes_per_slice_the_best_file_within_it():
     """Two models' files of three slices: per slice the best SSIM among the files within the budget, the smaller
     file on a tie; a slice with no file that small is counted, not averaged."""
     def row(name, sizes, ssims):
-        return {"codec": f"VQ-VAE {name}", "setting": "prior", "_sizes": np.array(sizes, float),
-                "_ssim": np.array(ssims), "_psnr": np.array(ssims) * 40}
+        return study.VqvaeFiles(f"VQ-VAE {name}", "prior", np.array(sizes, float), np.array(ssims),
+                                          np.array(ssims) * 40)
     small = row("small", [100, 120, 300], [0.80, 0.70, 0.90])
     large = row("large", [500, 110, 900], [0.95, 0.70, 0.99])
-    (at_200, at_600), picks = rate_distortion.ladder_rows([small, large], [200, 600])
+    (at_200, at_600), picks = study.ladder_rows([small, large], [200, 600])
     assert picks == {200: ["small", "large", None], 600: ["large", "large", "small"]}
     assert at_200["images_fit"] == 2 and at_200["images_over_budget"] == 1
     assert at_200["mean_ssim"] == pytest.approx((0.80 + 0.70) / 2)
     assert at_200["mean_bytes"] == pytest.approx((100 + 110) / 2)  # slice 1: equal SSIM, the smaller file
     assert at_600["images_over_budget"] == 0 and at_600["mean_ssim"] == pytest.approx((0.95 + 0.70 + 0.90) / 3)
-    gains = rate_distortion.ladder_gains({600: at_600}, [
+    gains = study.ladder_gains({600: at_600}, [
         {"codec": "avif", "budget_bytes": 600, "images_over_budget": 0, "mean_ssim": 0.80},
         {"codec": "jpeg", "budget_bytes": 600, "images_over_budget": 2, "mean_ssim": 0.99}])
     assert gains["600 B"]["ssim_gain_over"] == {"avif": pytest.approx(0.85 - 0.80)}
@@ -318,8 +339,8 @@ def test_the_ladder_row_of_a_budget_takes_per_slice_the_best_file_within_it():
 def test_bd_rate_is_the_mean_byte_change_at_equal_quality_over_the_shared_range():
     rates = np.array([200.0, 400, 800, 1600, 3200])
     quality = np.log(rates) / 10  # any increasing curve
-    assert rate_distortion.bd_rate(rates / 2, quality, rates, quality) == pytest.approx(-50)
-    assert rate_distortion.bd_rate(rates[:3] * 1.25, quality[:3], rates, quality) == pytest.approx(25)  # 3 points
-    assert rate_distortion.bd_rate(rates, quality, rates, quality) == pytest.approx(0, abs=1e-9)
-    assert rate_distortion.bd_rate(rates[:2], quality[:2] + 5, rates, quality) is None  # no shared quality
-    assert rate_distortion.bd_rate(rates[:1], quality[:1], rates, quality) is None  # one point is no curve
+    assert study.bd_rate(rates / 2, quality, rates, quality) == pytest.approx(-50)
+    assert study.bd_rate(rates[:3] * 1.25, quality[:3], rates, quality) == pytest.approx(25)  # 3 points
+    assert study.bd_rate(rates, quality, rates, quality) == pytest.approx(0, abs=1e-9)
+    assert study.bd_rate(rates[:2], quality[:2] + 5, rates, quality) is None  # no shared quality
+    assert study.bd_rate(rates[:1], quality[:1], rates, quality) is None  # one point is no curve

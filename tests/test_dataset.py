@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import dataset
-from imaging import slices as images
 from dataset import build_dataset, generate_demo, read_slice
+from helpers import assert_one_line_error, make_adni, write_image
+from imaging import slices as images
 from imaging.slices import to_float
 from utils import DataError
-from helpers import assert_one_line_error, make_adni, write_image
 
 # -----------------------------------------------------------------------------
 # helpers: tiny OASIS / ADNI trees (make_adni is in helpers.py, shared with test_prior.py)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import dataset
-from imaging import slices as images
 from dataset import DEMO_MANIFEST, DEMO_MARKER, check_compatible, demo_settings, generate_demo, patient_id, read_slice
-from utils import DataError
 from helpers import assert_one_line_error, make_adni, write_image
+from imaging import slices as images
 from test_dataset import encode, load, make_oasis, noise, zip_tree
+from utils import DataError
 
 SMALL_DEMO = dict(size=16, n_patients=10, slices_per_patient=2)
 

@@ -17,11 +17,12 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import train
-from training.checkpoints import TrainConfig, load_checkpoint, load_split
-from training.engine import LRSchedule, TimeBudget
-from modules import VQVAE, VQVAEConfig
 from helpers import TINY_MODEL, run_script, tiny_args
-from utils import UserError, fail_together, seed_everything, unwrap
+from modules import VQVAE, VQVAEConfig
+from training.checkpoints import TrainConfig, load_checkpoint, load_split
+from training.distributed import RankPlace, average_batchnorm_stats, fail_together
+from training.schedule import LRSchedule, TimeBudget
+from utils import UserError, seed_everything, unwrap
 
 pytestmark = pytest.mark.xdist_group("ddp")  # one worker, so the module's torchrun run (ddp_run) happens once
 
@@ -59,7 +60,7 @@ def test_torchrun_writes_one_set_of_outputs(ddp_run, demo_root):
     assert all(sum(map(int, row.split(",")[1:])) == 32 * 4 * 4 for row in usage[1:])
     cfg = TrainConfig.from_dict(state["train_config"])
     val = load_split(cfg, "validate", verbose=False)
-    single, _ = train.evaluate(model, val, cfg, torch.device("cpu"), nullcontext())
+    single, _ = train.evaluate(model, val, cfg, RankPlace(0, 1, 0, torch.device("cpu")), nullcontext())
     for key in ("val_loss", "val_ssim", "val_psnr"):
         assert single[key] == pytest.approx(state["metrics"][key], rel=1e-5), key
 
@@ -106,7 +107,7 @@ def epoch(model_cfg, images, batch_size, rank=0, world=1, shuffle=False, deadlin
     data = SimpleNamespace(images=images, image_shape=tuple(images.shape[1:]))
     result = train.train_epoch(model, opt, scheduler, data, sampler, cfg, torch.device("cpu"), nullcontext(), budget,
                                tqdm(disable=True))
-    train.average_batchnorm_stats(unwrap(model))
+    average_batchnorm_stats(unwrap(model))
     return unwrap(model), result
 
 
@@ -138,7 +139,7 @@ def worker(rank, world, init_file, images):
                     raise UserError("rank 0 only")
 
         # Ranks started with other flags: every rank stops, the one that differs saying how.
-        process = train.Process(rank, world, 0, torch.device("cpu"))
+        process = RankPlace(rank, world, 0, torch.device("cpu"))
         with pytest.raises(UserError, match="another rank failed" if rank == 0 else
                            "rank 1 was started with other flags than rank 0 \\(epochs: 5 here, 40 there\\)"):
             train.check_same_config(TrainConfig(epochs=5 if rank else 40), VQVAEConfig(), process)

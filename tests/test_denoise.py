@@ -10,12 +10,12 @@ import pytest
 import torch
 from scipy.special import i0e, i1e
 
-from denoising import noise as denoise
 import predict
 import train
-from training.checkpoints import load_checkpoint
+from denoising import noise as denoise
 from denoising.noise import Noise, add_noise, parse_noise
 from helpers import assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
+from training.checkpoints import load_checkpoint
 from utils import read_csv
 
 
@@ -102,7 +102,7 @@ def test_bad_noise_flags_exit_with_one_line(spec, message, demo_root, tmp_path, 
 
 
 def test_noise_goes_with_a_split_only(tmp_path, capsys):
-    r = run_main(predict.main, ["--noise", "rician:0.1", "--sample", "4"], capsys)
+    r = run_main(predict.main, ["--noise", "rician:0.1", "--volumes", "scan.nii.gz"], capsys)
     assert_one_line_error(r, "--noise corrupts and scores a split")
 
 
@@ -171,7 +171,7 @@ def test_predict_noise_scores_the_model_beside_the_noisy_input_and_classical_den
 
     # A slow denoiser (BM3D's kind, here total variation marked slow: BM3D takes >1 s even on a 32x32 slice) runs
     # on the seeded subset only, on the same noisy slices.
-    monkeypatch.setitem(denoise.CLASSICAL, "tv", replace(denoise.CLASSICAL["tv"], slow=True))
+    monkeypatch.setitem(denoise.CLASSICAL_DENOISERS, "tv", replace(denoise.CLASSICAL_DENOISERS["tv"], slow=True))
     predict.main([str(a) for a in argv[:-1]] + [str(tmp_path / "b"), "--baselines", "tv"])
     again = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert again["noisy"]["ssim"] == summary["noisy"]["ssim"] and again["ours"]["ssim"] == summary["ours"]["ssim"]

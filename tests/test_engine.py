@@ -1,38 +1,38 @@
-"""The pieces both trainers run on: the LR schedule and --max-minutes, run folders with one writer, flags."""
+"""The training kit every trainer runs on: the LR schedule and --max-minutes, run folders with one writer, flags."""
 import subprocess
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from training import engine
-from training.checkpoints import PriorTrainConfig, TrainConfig
-from training.engine import reserve_run_folder
 from modules import PriorConfig, VQVAEConfig
+from training import flags, runs, schedule
+from training.checkpoints import PriorTrainConfig, TrainConfig
+from training.runs import reserve_run_folder
 from utils import UserError
 
 
 def test_steps_that_fit_count_each_begun_epochs_validation():
     # 10 steps of 1 s per epoch, 5 s of validation per epoch: 15 s per epoch
-    assert engine.steps_that_fit(30, 1.0, 10, 0, 5.0, 1000) == 20
-    assert engine.steps_that_fit(37, 1.0, 10, 0, 5.0, 1000) == 22  # 2 epochs, then 2 steps and a validation
-    assert engine.steps_that_fit(33, 1.0, 10, 4, 5.0, 1000) == 18  # the current epoch has 6 steps left: 6 + 10 + 2
-    assert engine.steps_that_fit(3, 1.0, 10, 0, 5.0, 1000) == 0
-    assert engine.steps_that_fit(1e9, 1.0, 10, 0, 5.0, 123) == 123
+    assert schedule.steps_that_fit(30, 1.0, 10, 0, 5.0, 1000) == 20
+    assert schedule.steps_that_fit(37, 1.0, 10, 0, 5.0, 1000) == 22  # 2 epochs, then 2 steps and a validation
+    assert schedule.steps_that_fit(33, 1.0, 10, 4, 5.0, 1000) == 18  # the current epoch has 6 steps left: 6 + 10 + 2
+    assert schedule.steps_that_fit(3, 1.0, 10, 0, 5.0, 1000) == 0
+    assert schedule.steps_that_fit(1e9, 1.0, 10, 0, 5.0, 123) == 123
 
 
 def test_a_schedule_fitted_to_the_deadline_is_restored_on_resume_and_others_stretch_to_new_epochs():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    fitted = engine.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 100)
+    fitted = schedule.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 100)
     fitted.lr_lambdas[0].total_steps, fitted.lr_lambdas[0].fitted_to_deadline = 37, True
-    plain = engine.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 100)
+    plain = schedule.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 100)
     for saved, expected in ((fitted, 37), (plain, 200)):
-        resumed = engine.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 999)
-        engine.restore_scheduler(resumed, saved.state_dict(), total_steps=200)
+        resumed = schedule.lr_scheduler(opt, TrainConfig(lr_schedule="cosine").resolved(), 999)
+        schedule.restore_scheduler(resumed, saved.state_dict(), total_steps=200)
         assert resumed.lr_lambdas[0].total_steps == expected
-    assert engine.LRSchedule("cosine", 0, 37)(37) == pytest.approx(0.0)
+    assert schedule.LRSchedule("cosine", 0, 37)(37) == pytest.approx(0.0)
 
 
 def planned(seconds_left, step, step_seconds, warmup=100, steps_per_epoch=1000, eval_seconds=0.0, most=10000,
@@ -40,9 +40,9 @@ def planned(seconds_left, step, step_seconds, warmup=100, steps_per_epoch=1000, 
     """A cosine schedule at `step` planned by a TimeBudget with `seconds_left` before its deadline."""
     if scheduler is None:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, engine.LRSchedule("cosine", warmup, most))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule.LRSchedule("cosine", warmup, most))
         scheduler.last_epoch = step
-    budget = engine.TimeBudget(1.0, 0, 16, verbose=False)
+    budget = schedule.TimeBudget(1.0, 0, 16, verbose=False)
     budget.deadline = time.monotonic() + seconds_left
     budget.plan(scheduler, steps_per_epoch, step_seconds, eval_seconds, most, torch.device("cpu"))
     return scheduler
@@ -61,7 +61,7 @@ def test_the_plan_is_made_again_at_each_epoch_end_from_that_epochs_step_time():
     scheduler = planned(seconds_left=1000, step=40, step_seconds=1.0, steps_per_epoch=100)
     first = scheduler.lr_lambdas[0].total_steps
     scheduler.last_epoch = 100  # the end of epoch 1: the host got twice as slow
-    budget = engine.TimeBudget(1.0, 0, 16, verbose=False)
+    budget = schedule.TimeBudget(1.0, 0, 16, verbose=False)
     budget.deadline = time.monotonic() + 1000 - 60 - 100
     budget.replan(scheduler, 100, 2.0, 5.0, 10000, torch.device("cpu"))
     slower = scheduler.lr_lambdas[0].total_steps
@@ -73,8 +73,8 @@ def test_the_plan_is_made_again_at_each_epoch_end_from_that_epochs_step_time():
 
 def test_a_schedule_not_yet_planned_is_left_at_an_epoch_end():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, engine.LRSchedule("cosine", 100, 600))
-    budget = engine.TimeBudget(1.0, 0, 16, verbose=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule.LRSchedule("cosine", 100, 600))
+    budget = schedule.TimeBudget(1.0, 0, 16, verbose=False)
     budget.replan(scheduler, 20, 1.0, 1.0, 600, torch.device("cpu"))
     assert scheduler.lr_lambdas[0].total_steps == 600 and not scheduler.lr_lambdas[0].fitted_to_deadline
 
@@ -82,18 +82,18 @@ def test_a_schedule_not_yet_planned_is_left_at_an_epoch_end():
 def test_a_resumed_run_gets_the_rest_of_its_budget_and_a_spent_one_is_refused(tmp_path):
     saved = TrainConfig(dataset="demo", epochs=10, max_minutes=30.0)
     state = {"epoch": 2, "time_budget": {"seconds_left": 600.0, "done": False}}
-    assert engine.resumed_config(saved, {}, tmp_path / "last.pt", state).max_minutes == pytest.approx(10.0)
-    assert engine.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", state).max_minutes == 5.0
+    assert runs.resumed_config(saved, {}, tmp_path / "last.pt", state).max_minutes == pytest.approx(10.0)
+    assert runs.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", state).max_minutes == 5.0
     spent = {"epoch": 2, "time_budget": {"seconds_left": 0.0, "done": True}}
     with pytest.raises(UserError, match="stopped when its --max-minutes 30 were spent; pass --max-minutes M"):
-        engine.resumed_config(saved, {}, tmp_path / "last.pt", spent)
-    assert engine.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", spent).max_minutes == 5.0
+        runs.resumed_config(saved, {}, tmp_path / "last.pt", spent)
+    assert runs.resumed_config(saved, {"max_minutes": 5.0}, tmp_path / "last.pt", spent).max_minutes == 5.0
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, VQVAEConfig, PriorTrainConfig, PriorConfig])
 def test_every_config_field_has_a_one_line_help_string(cls):
-    helps = engine.field_help(cls)
-    assert set(helps) == {f.name for f in engine.fields(cls)}
+    helps = flags.field_help(cls)
+    assert set(helps) == {f.name for f in flags.fields(cls)}
     assert all(text.strip() and "\n" not in text for text in helps.values())
 
 
@@ -102,8 +102,8 @@ def test_two_runs_without_out_get_two_folders_and_a_second_writer_of_one_folder_
     second, lock2 = reserve_run_folder(None, tmp_path / "runs", "OASIS-default", "train.py")
     assert (first.name, second.name) == ("OASIS-default-000", "OASIS-default-001")
     other = subprocess.run([sys.executable, "-c", f"""
-import sys; sys.path.insert(0, {str(Path(engine.__file__).resolve().parent.parent)!r})
-from training.engine import reserve_run_folder
+import sys; sys.path.insert(0, {str(Path(runs.__file__).resolve().parent.parent)!r})
+from training.runs import reserve_run_folder
 from utils import UserError
 try:
     reserve_run_folder({str(first)!r}, None, None, "train.py", resuming=True)
@@ -116,8 +116,8 @@ except UserError as e:
 def test_a_lock_is_released_when_its_process_ends_however_it_ends(tmp_path):
     folder = tmp_path / "run"
     subprocess.run([sys.executable, "-c", f"""
-import os, sys; sys.path.insert(0, {str(Path(engine.__file__).resolve().parent.parent)!r})
-from training.engine import reserve_run_folder
+import os, sys; sys.path.insert(0, {str(Path(runs.__file__).resolve().parent.parent)!r})
+from training.runs import reserve_run_folder
 reserve_run_folder({str(folder)!r}, None, None, "train.py")
 os._exit(9)  # no clean-up runs: as after a crash or kill -9
 """], check=False, timeout=60)
@@ -171,6 +171,7 @@ def test_tensorboard_logs_every_metrics_column_the_step_loss_and_the_reconstruct
                                                                                      monkeypatch):
     import csv
     import types
+
     import train
     from helpers import tiny_args
     module = types.ModuleType("torch.utils.tensorboard")

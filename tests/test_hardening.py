@@ -24,13 +24,26 @@ import pytest
 import torch
 from PIL import Image
 
-from training import engine
+import hyperprior
 import predict
+import sample
+import segment
 import train
-from helpers import (ONE_THREAD, REPO, assert_one_line_error, held_at_second_epoch, nan_weights_on_second_call, run_main,
-                     run_script, tiny_args)
+import train_prior
+from helpers import (
+    ONE_THREAD,
+    REPO,
+    assert_one_line_error,
+    held_at_second_epoch,
+    interrupted_in_second_call,
+    nan_weights_on_second_call,
+    run_main,
+    run_script,
+    tiny_args,
+)
+from training import protocol, steps
 from training.checkpoints import load_checkpoint, save_checkpoint
-from training.engine import reserve_run_folder
+from training.runs import reserve_run_folder
 
 SPLIT_DIRS = ("keras_png_slices_train", "keras_png_slices_validate", "keras_png_slices_test")
 EPOCHS = 3  # of the shared run
@@ -134,7 +147,8 @@ def web_page_named_jpeg(tree):
 def odd_sized_png(tree):
     odd = train_files(tree)[5]
     Image.fromarray(np.zeros((30, 32), np.uint8)).save(odd)
-    return f"image {odd} is 32x30 pixels but {train_files(tree)[0]}, the first", "is 32x32", "--image-size", "--skip-bad"
+    return (f"image {odd} is 32x30 pixels but {train_files(tree)[0]}, the first", "is 32x32", "--image-size",
+            "--skip-bad")
 
 
 def empty_split_folder(tree):
@@ -242,8 +256,8 @@ def test_bad_flags_exit_with_one_line(demo_root, shared, tmp_path, capsys):
         (predict, ["predict.py", "--checkpoint", checkpoint, "--device", "tpu"], "argument --device: invalid choice"),
         (predict, ["predict.py", "--checkpoint", checkpoint, "--batch-size", "0"], "--batch-size must be between 1"),
         (predict, ["predict.py", "--checkpoint", checkpoint, "--seed", 2**64], "--seed must be between 0"),
-        (predict, ["predict.py", "--checkpoint", checkpoint, "--sample", 1], "--sample must be between 2"),
-        (predict, ["predict.py", "--checkpoint", checkpoint, "--sample", 4, "--temperature", "nan"],
+        (sample, ["sample.py", "--checkpoint", checkpoint, "--num-samples", 1], "--num-samples must be between 2"),
+        (sample, ["sample.py", "--checkpoint", checkpoint, "--num-samples", 4, "--temperature", "nan"],
          "--temperature must be a positive number, got nan"),
     ]
     for script_module, args, message in cases:
@@ -380,13 +394,13 @@ def test_resuming_from_an_earlier_epoch_replaces_the_later_csv_rows(shared, tmp_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_while_an_epoch_is_saved_lands_after_its_checkpoints_and_csv_rows(
         demo_root, tmp_path, monkeypatch, capsys, signum):
-    real_save = engine.save_checkpoint
+    real_save = protocol.save_checkpoint
 
     def save_after_an_interrupt(state, path, *also):
         os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
         real_save(state, path, *also)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_after_an_interrupt)
+    monkeypatch.setattr(protocol, "save_checkpoint", save_after_an_interrupt)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.main(train_args(demo_root, run, "--epochs", EPOCHS)[1:])
@@ -394,6 +408,49 @@ def test_interrupt_while_an_epoch_is_saved_lands_after_its_checkpoints_and_csv_r
     assert load_checkpoint(run / "last.pt")["epoch"] == load_checkpoint(run / "best.pt")["epoch"] == 1
     assert metrics_epochs(run) == [1]
     assert f"holds epoch 1. Resume with: python train.py --resume {run / 'last.pt'}" in capsys.readouterr().err
+
+
+def trainer_commands(vqvae, demo_root, run) -> dict:
+    """Each trainer: (its script module, the arguments of a tiny run of 3 epochs writing to `run`, checkpoint kind,
+    the command that resumes it)."""
+    return {
+        "vqvae": (train, train_args(demo_root, run, "--epochs", EPOCHS)[1:], "vqvae", "train.py"),
+        "prior": (train_prior, ["--vqvae", vqvae, "--epochs", EPOCHS, "--batch-size", 8, "--channels", 8, "--layers",
+                                2, "--kernel-size", 3, "--epoch-samples", 0, "--out", run], "prior", "train_prior.py"),
+        "segmenter": (segment, ["train", "--dataset", "demo", "--data-root", demo_root, "--base-channels", 4,
+                                "--levels", 3, "--batch-size", 4, "--epoch-slices", 8, "--epochs", EPOCHS,
+                                "--out", run], "segmenter", "segment.py train"),
+        "hyperprior": (hyperprior, ["train", "--dataset", "demo", "--data-root", demo_root, "--n", 8, "--m", 8,
+                                    "--batch-size", 4, "--save-minutes", 0.002, "--epochs", EPOCHS, "--out", run],
+                       "hyperprior", "hyperprior.py train"),
+    }
+
+
+@pytest.mark.parametrize("trainer", ["vqvae", "prior", "segmenter", "hyperprior"])
+def test_ctrl_c_in_every_trainer_keeps_the_last_epoch_resumable_and_releases_the_folder(
+        trainer, shared, demo_root, tmp_path, monkeypatch, capsys):
+    """The epoch protocol (training/protocol.py) as each trainer runs it: Ctrl-C in epoch 2 exits with 130 and one
+    line saying what is kept and how to resume, epoch 1's checkpoint loads for a resume, the run folder is free
+    for that resume in this same process, and the resume finishes the run."""
+    if trainer == "hyperprior":
+        pytest.importorskip("compressai")
+    run = tmp_path / "run"
+    module, argv, kind, script = trainer_commands(shared[1] / "best.pt", demo_root, run)[trainer]
+    real_epoch = module.train_epoch
+    monkeypatch.setattr(module, "train_epoch", interrupted_in_second_call(real_epoch))
+    r = run_main(module.main, argv, capsys)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    said = [line for line in r.stderr.splitlines() if "interrupted" in line]
+    assert said == [f"interrupted during epoch 2; {run / 'last.pt'} holds epoch 1. Resume with: python {script} "
+                    f"--resume {run / 'last.pt'}"], r.stderr
+    assert load_checkpoint(run, kind, resume=True)["epoch"] == 1
+    reserve_run_folder(str(run), None, None, script, resuming=True)[1].release()  # the lock was released
+
+    monkeypatch.setattr(module, "train_epoch", real_epoch)
+    command = script.split()[1:]  # the subcommand, if any
+    r = run_main(module.main, [*command, "--resume", run, "--epochs", 2], capsys)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(run, kind, resume=True)["epoch"] == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the writer it kills")
@@ -480,7 +537,7 @@ def test_two_runs_started_together_in_one_out_folder_leave_one_run_and_one_error
 
 def test_a_second_ctrl_c_landing_before_the_first_is_handled_still_reports_what_was_saved(
         demo_root, tmp_path, monkeypatch, capsys):
-    real_epoch, real_ignore, calls = train.train_epoch, train.ignore_further_interrupts, []
+    real_epoch, real_ignore, calls = train.train_epoch, protocol.ignore_further_interrupts, []
 
     def ctrl_c_in_epoch_2(*a, **k):
         calls.append(1)
@@ -493,7 +550,7 @@ def test_a_second_ctrl_c_landing_before_the_first_is_handled_still_reports_what_
         real_ignore(*a)
 
     monkeypatch.setattr(train, "train_epoch", ctrl_c_in_epoch_2)
-    monkeypatch.setattr(train, "ignore_further_interrupts", second_ctrl_c_first)
+    monkeypatch.setattr(protocol, "ignore_further_interrupts", second_ctrl_c_first)
     run = tmp_path / "run"
     r = run_main(train.main, train_args(demo_root, run, "--epochs", EPOCHS)[1:], capsys)
     assert r.returncode == 130 and "Traceback" not in r.stderr
@@ -503,7 +560,7 @@ def test_a_second_ctrl_c_landing_before_the_first_is_handled_still_reports_what_
 
 
 def test_a_second_ctrl_c_while_the_first_is_handled_changes_nothing(demo_root, tmp_path, monkeypatch, capsys):
-    real_epoch, real_message, calls = train.train_epoch, engine.SavedEpochs.interrupted, []
+    real_epoch, real_message, calls = train.train_epoch, protocol.SavedEpochs.interrupted, []
 
     def interrupted_in_epoch_2(*a, **k):
         calls.append(1)
@@ -516,7 +573,7 @@ def test_a_second_ctrl_c_while_the_first_is_handled_changes_nothing(demo_root, t
         return real_message(self, epoch)
 
     monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
-    monkeypatch.setattr(engine.SavedEpochs, "interrupted", impatient)
+    monkeypatch.setattr(protocol.SavedEpochs, "interrupted", impatient)
     run = tmp_path / "run"
     r = run_main(train.main, train_args(demo_root, run, "--epochs", EPOCHS)[1:], capsys)
     assert r.returncode == 130 and "Traceback" not in r.stderr
@@ -528,7 +585,7 @@ def test_flags_that_cannot_work_here_stop_before_the_run_folder_is_made(demo_roo
     odd = oasis_tree(demo_root, tmp_path / "odd")
     for path in (odd / SPLIT_DIRS[1]).iterdir():  # validation images of another size than train's
         Image.new("L", (40, 24)).save(path)
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    monkeypatch.setattr(steps.shutil, "which", lambda name: None)  # no C++ compiler on this machine
     cases = [
         (train_args(demo_root, tmp_path / "run", "--compile"), "--compile needs a C++ compiler"),
         (train_args(demo_root, tmp_path / "run", "--preset", "seed", "--image-size", 8, "--batch-size", 1,

@@ -3,6 +3,7 @@ slices, resumed, measured with its own entropy coder's bytes, and added to compr
 without it the script says so in one line (the other tests here need it and are skipped)."""
 import json
 import sys
+from dataclasses import fields
 
 import pytest
 
@@ -30,7 +31,7 @@ def test_the_peer_trains_resumes_and_joins_the_rd_study_on_the_same_slices(train
     hyperprior.main(["train", "--dataset", "demo", "--data-root", str(demo), *TINY, "--max-minutes", "0.01",
                      "--out", str(run)])
     first = load_checkpoint(run / "last.pt", kind="hyperprior")
-    assert first["step"] >= 1 and first["config"]["n"] == 8
+    assert first["step"] >= 1 and first["model_config"]["n"] == 8
     hyperprior.main(["train", "--resume", str(run), "--max-minutes", "0.01"])
     resumed = load_checkpoint(run / "last.pt", kind="hyperprior")
     assert resumed["step"] > first["step"] and resumed["seconds"] > first["seconds"]
@@ -42,8 +43,9 @@ def test_the_peer_trains_resumes_and_joins_the_rd_study_on_the_same_slices(train
     assert row["images"] == len(peer["files"]) == 4 and row["mean_bytes"] > hyperprior.HEADER_BYTES
     assert 0 < row["mean_psnr"] and -1 <= row["mean_ssim"] <= 1 and row["train_steps"] == resumed["step"]
 
-    compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", str(prior), "--budgets", "400", "--codecs", "jpeg",
-                   "--no-verify", "--peer", str(tmp_path / "peer" / "rd_hyperprior.json"), "--out", str(tmp_path / "rd")])
+    compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", str(prior), "--budgets", "400", "--codecs",
+                   "jpeg", "--no-verify", "--peer", str(tmp_path / "peer" / "rd_hyperprior.json"),
+                   "--out", str(tmp_path / "rd")])
     rows = read_csv(tmp_path / "rd" / "rd.csv")
     assert [r["setting"] for r in rows if r["codec"] == hyperprior.NAME] == [row["setting"]]
     bd = json.loads((tmp_path / "rd" / "rd.json").read_text())["targets"]["bd_rate_percent"]
@@ -54,3 +56,10 @@ def test_the_peer_trains_resumes_and_joins_the_rd_study_on_the_same_slices(train
         compress.main(["rd", "--checkpoint", str(checkpoint), "--max-images", "2", "--budgets", "400", "--codecs",
                        "jpeg", "--peer", str(tmp_path / "peer" / "rd_hyperprior.json"), "--out", str(tmp_path / "rd2")])
     assert "measured other slices" in capsys.readouterr().err
+
+
+def test_train_flags_come_from_the_config_dataclasses_each_with_one_line_of_help():
+    from training.flags import field_help
+    for cls in (hyperprior.HyperpriorTrainConfig, hyperprior.HyperpriorConfig):
+        helps = field_help(cls)
+        assert set(helps) == {f.name for f in fields(cls)} and all("\n" not in text for text in helps.values())

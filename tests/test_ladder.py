@@ -5,16 +5,16 @@ from types import SimpleNamespace
 
 import torch
 
-from training import engine
 import ladder
-from codec.vqz import read_ladder
+from codec.ladder import read_ladder
 from helpers import assert_one_line_error, run_main
+from training import families
 
 
 def fake_runs(monkeypatch):
     """Record each trainer command instead of running it."""
     commands = []
-    monkeypatch.setattr(engine.subprocess, "run",
+    monkeypatch.setattr(families.subprocess, "run",
                         lambda cmd, **kwargs: commands.append(" ".join(map(str, cmd))) or SimpleNamespace(returncode=0))
     return commands
 
@@ -52,6 +52,6 @@ def test_unknown_points_a_failed_trainer_and_an_out_that_is_a_file_are_one_line_
                           "unknown --points h2-k2")
     (tmp_path / "a file").write_text("")
     assert_one_line_error(run_main(ladder.main, ["--out", tmp_path / "a file"], capsys), "is a file, not a folder")
-    monkeypatch.setattr(engine.subprocess, "run", lambda cmd, **kwargs: SimpleNamespace(returncode=1))
+    monkeypatch.setattr(families.subprocess, "run", lambda cmd, **kwargs: SimpleNamespace(returncode=1))
     assert_one_line_error(run_main(ladder.main, ["--points", "h8-k32", "--out", tmp_path / "l"], capsys),
                           "train.py for ladder point h8-k32 failed")

@@ -3,10 +3,10 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from imaging import quality
-from helpers import INDUCTOR
-from imaging.quality import psnr, ssim
 from evaluation.metrics import score_split
+from helpers import INDUCTOR
+from imaging import quality
+from imaging.quality import psnr, ssim
 from modules import VQVAE, VQVAEConfig
 from utils import autocast
 

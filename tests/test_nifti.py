@@ -7,13 +7,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volumes import nifti
 import predict
 import train
-from training.checkpoints import TrainConfig, load_split
 from dataset import build_dataset
-from utils import DataError
 from helpers import assert_one_line_error, run_main, tiny_args
+from training.checkpoints import TrainConfig, load_split
+from utils import DataError
+from volumes import nifti
 
 RAS = np.diag([1.0, 1.0, 1.0, 1.0])
 LPS = np.diag([-1.0, -1.2, 0.9, 1.0])  # and anisotropic voxels

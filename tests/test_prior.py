@@ -1,6 +1,6 @@
 """The priors (gated PixelCNN and transformer): causality, sampling and completion through the incremental
 procedure, learning, conditioning; the Frechet
-distance and nearest-neighbour SSIM; train_prior.py and predict.py --sample end to end on tiny generated data."""
+distance and nearest-neighbour SSIM; train_prior.py and sample.py end to end on tiny generated data."""
 import json
 import os
 import shutil
@@ -14,18 +14,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import engine
-import predict
+import sample
 import train
 import train_prior
-from training.checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
-from modules import PriorConfig, build_prior
-from helpers import (INDUCTOR, ONE_THREAD, REPO, assert_one_line_error, interrupted_in_second_call, make_adni,
-                     nan_weights_on_second_call, run_main, tiny_args)
+from evaluation.generation import frechet_distance, nearest_ssim
+from evaluation.metrics import encode_images
+from helpers import (
+    INDUCTOR,
+    ONE_THREAD,
+    REPO,
+    assert_one_line_error,
+    interrupted_in_second_call,
+    make_adni,
+    nan_weights_on_second_call,
+    run_main,
+    tiny_args,
+)
 from imaging.quality import ssim
-from evaluation.metrics import encode_images, frechet_distance, nearest_ssim
+from modules import PriorConfig, build_prior
+from training import protocol, steps
+from training.checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
 from utils import autocast
-
 
 ARCHS = ["pixelcnn", "pixelcnn+positions", "transformer"]
 
@@ -136,7 +145,7 @@ def test_frechet_distance_matches_the_scipy_formula():
 
 
 def test_frechet_distance_of_a_small_set_from_the_same_distribution_is_biased_upwards():
-    """Why predict.py --sample compares the samples with as many real slices as there are samples."""
+    """Why sample.py compares the samples with as many real slices as there are samples."""
     population = torch.randn(20000, 16, generator=torch.Generator().manual_seed(0))
     small, large = population[:64], population[64:1184]
     assert frechet_distance(small, population) > 2 * frechet_distance(large, population)
@@ -159,7 +168,7 @@ def vqvae(trained_models):
 PRIOR_FLAGS = ["--batch-size", "8", "--channels", "8", "--layers", "2", "--kernel-size", "3", "--epoch-samples", "4"]
 
 
-def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_path, capsys):
+def test_train_prior_then_sample_write_every_promised_file(vqvae, tmp_path, capsys):
     out = tmp_path / "prior"
     r = run_main(train_prior.main, ["--vqvae", vqvae, "--epochs", "2", "--out", out, *PRIOR_FLAGS], capsys)
     assert r.returncode == 0, r.stderr
@@ -178,7 +187,7 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
     assert load_checkpoint(out / "last.pt", kind="prior")["epoch"] == 3
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 3
 
-    r = run_main(predict.main, ["--sample", "4", "--prior", out / "best.pt", "--out", tmp_path / "s"], capsys)
+    r = run_main(sample.main, ["--num-samples", "4", "--prior", out / "best.pt", "--out", tmp_path / "s"], capsys)
     assert r.returncode == 0, r.stderr
     for name in ("samples.png", "completions.png", "sample_scores.json"):
         assert (tmp_path / "s" / name).is_file(), name
@@ -191,10 +200,10 @@ def test_train_prior_then_predict_sample_write_every_promised_file(vqvae, tmp_pa
         assert scores["nearest_train_ssim"][name]["images"] == 4
     assert scores["reference_slices"]["validate"] == 4
     with pytest.raises(SystemExit):
-        predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--class", "AD"])
+        sample.main(["--num-samples", "2", "--prior", str(out / "best.pt"), "--class", "AD"])
     assert "--class needs a class-conditional prior" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        predict.main(["--sample", "2", "--prior", str(out / "best.pt"), "--reference-slices", "1"])
+        sample.main(["--num-samples", "2", "--prior", str(out / "best.pt"), "--reference-slices", "1"])
     err = capsys.readouterr().err
     assert "--reference-slices must be at least 2" in err and len(err.strip().splitlines()) == 1
 
@@ -231,7 +240,7 @@ def test_a_transformer_prior_trains_resumes_and_samples_through_the_commands(vqv
     state = load_checkpoint(out / "last.pt", kind="prior")
     assert state["epoch"] == 2 and state["model_config"]["arch"] == "transformer"
     assert (out / "samples" / "epoch_002.png").is_file()
-    r = run_main(predict.main, ["--sample", "2", "--prior", out, "--out", tmp_path / "s"], capsys)
+    r = run_main(sample.main, ["--num-samples", "2", "--prior", out, "--out", tmp_path / "s"], capsys)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "s" / "sample_scores.json").read_text())["validation_nll_bits_per_code"] > 0
 
@@ -244,12 +253,12 @@ def test_a_class_conditional_prior_trains_and_samples_the_asked_class(tmp_path, 
                       *PRIOR_FLAGS])
     state = load_checkpoint(tmp_path / "vqvae" / "prior" / "best.pt", kind="prior")
     assert state["model_config"]["num_classes"] == 2 and state["class_names"] == ["NC", "AD"]
-    predict.main(["--sample", "2", "--checkpoint", str(tmp_path / "vqvae" / "best.pt"), "--class", "ad"])
+    sample.main(["--num-samples", "2", "--checkpoint", str(tmp_path / "vqvae" / "best.pt"), "--class", "ad"])
     scores = json.loads((tmp_path / "vqvae" / "prior" / "predict_samples" / "sample_scores.json").read_text())
     assert scores["class"] == "AD" and scores["validation_nll_bits_per_code"] > 0
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        predict.main(["--sample", "2", "--checkpoint", str(tmp_path / "vqvae" / "best.pt"), "--class", "MCI"])
+        sample.main(["--num-samples", "2", "--checkpoint", str(tmp_path / "vqvae" / "best.pt"), "--class", "MCI"])
     err = capsys.readouterr().err
     assert "unknown --class 'MCI'; choose one of NC, AD" in err and len(err.strip().splitlines()) == 1
 
@@ -288,7 +297,7 @@ def test_a_compiled_prior_trains_to_the_eager_prior_weights_and_saves_them_unwra
 
 def test_compile_without_a_cpp_compiler_stops_before_the_prior_run_folder_is_made(vqvae, tmp_path, capsys,
                                                                                    monkeypatch):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    monkeypatch.setattr(steps.shutil, "which", lambda name: None)
     r = run_main(train_prior.main, ["--vqvae", vqvae, "--compile", "--out", tmp_path / "p", *PRIOR_FLAGS], capsys)
     assert_one_line_error(r, "--compile needs a C++ compiler")
     assert not (tmp_path / "p").exists()
@@ -314,7 +323,7 @@ def test_wrong_or_missing_checkpoints_exit_with_one_line(vqvae, tmp_path, capsys
             train_prior.main(argv)
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
-    assert_one_line_error(run_main(predict.main, ["--sample", "2", "--prior", vqvae], capsys),
+    assert_one_line_error(run_main(sample.main, ["--num-samples", "2", "--prior", vqvae], capsys),
                           "a prior checkpoint is needed")
 
 
@@ -329,13 +338,13 @@ def metrics_epochs(out):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_while_a_prior_epoch_is_saved_lands_after_its_checkpoints_and_csv_row(
         vqvae, tmp_path, monkeypatch, capsys, signum):
-    real_save = engine.save_checkpoint
+    real_save = protocol.save_checkpoint
 
     def save_after_an_interrupt(state, path, *also):
         os.kill(os.getpid(), signum)  # arrives as the epoch's checkpoints begin to be written
         real_save(state, path, *also)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_after_an_interrupt)
+    monkeypatch.setattr(protocol, "save_checkpoint", save_after_an_interrupt)
     out = tmp_path / "prior"
     with pytest.raises(SystemExit) as stop:
         train_prior.main(["--vqvae", str(vqvae), "--epochs", "3", "--out", str(out), *PRIOR_FLAGS])

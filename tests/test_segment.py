@@ -8,13 +8,13 @@ import torch
 
 import compress
 import predict
+import sample
 import segment
 import train
 import train_prior
-from anatomy.tissues import wasserstein_1d
+from anatomy.tissues import dice_per_class, wasserstein_1d
 from dataset import MASK_LEVELS, SEG_DIRS, build_dataset, mask_path
 from helpers import assert_one_line_error, make_adni, run_main, tiny_args, write_image
-from evaluation.metrics import dice_per_class
 from utils import DataError, read_csv
 
 TINY_UNET = ["--base-channels", "4", "--levels", "3", "--batch-size", "4", "--epoch-slices", "8"]
@@ -166,7 +166,7 @@ def test_samples_are_judged_by_the_segmenter_beside_real_references(judged, tmp_
     vqvae, segmenter, _ = judged
     train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--batch-size", "8", "--channels", "8", "--layers", "2",
                       "--kernel-size", "3", "--epoch-samples", "0", "--out", str(tmp_path / "prior")])
-    result = run_main(predict.main, ["--sample", "4", "--prior", tmp_path / "prior" / "best.pt", "--segmenter",
+    result = run_main(sample.main, ["--num-samples", "4", "--prior", tmp_path / "prior" / "best.pt", "--segmenter",
                                      segmenter, "--out", tmp_path / "s"], capsys)
     assert result.returncode == 0, result.stderr
     scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())
@@ -188,7 +188,7 @@ def test_class_conditional_samples_are_judged_per_class_beside_real_slices_of_ea
     train_prior.main(["--vqvae", str(tmp_path / "vqvae" / "best.pt"), "--conditional", "--epochs", "1",
                       "--batch-size", "8", "--channels", "8", "--layers", "2", "--kernel-size", "3",
                       "--epoch-samples", "0"])
-    result = run_main(predict.main, ["--sample", "4", "--checkpoint", tmp_path / "vqvae" / "best.pt", "--segmenter",
+    result = run_main(sample.main, ["--num-samples", "4", "--checkpoint", tmp_path / "vqvae" / "best.pt", "--segmenter",
                                      segmenter, "--reference-slices", "5", "--out", tmp_path / "s"], capsys)
     assert result.returncode == 0, result.stderr
     scores = json.loads((tmp_path / "s" / "sample_scores.json").read_text())

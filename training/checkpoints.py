@@ -16,8 +16,18 @@ import torch
 from dataset import DATASETS, DEMO_MARKER, build_dataset, default_demo_root, generate_demo
 from denoising.noise import is_noise_spec
 from imaging.slices import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, SLICE_AXES
-from modules import (PRESETS, Prior, PriorConfig, SegmenterConfig, build_prior, UNet, VQVAE, VQVAEConfig,
-                     config_from_dict, first_failure)
+from modules import (
+    PRESETS,
+    VQVAE,
+    Prior,
+    PriorConfig,
+    SegmenterConfig,
+    UNet,
+    VQVAEConfig,
+    build_prior,
+    config_from_dict,
+    first_failure,
+)
 from utils import DEVICES, MAX_BATCH_SIZE, PRECISIONS, DataError, UserError, one_line_reason, write_atomically
 
 CHECKPOINT_FORMAT = "vqvae-mri/1"
@@ -203,12 +213,12 @@ SCHEMA = {
               "vqvae_codebook": torch.Tensor, "class_names": list},
     "segmenter": {"model": dict, "model_config": dict, "train_config": dict, "epoch": int, "best_val_dice": NUMBER,
                   "metrics": dict, "demo_settings": (dict, type(None))},
-    "hyperprior": {"model": dict, "config": dict, "step": int, "seconds": NUMBER, "metrics": dict,
-                   "optimizer": dict, "aux_optimizer": dict},
+    "hyperprior": {"model": dict, "model_config": dict, "train_config": dict, "epoch": int, "step": int,
+                   "seconds": NUMBER, "metrics": dict, "optimizer": dict, "aux_optimizer": dict},
 }
 # kind -> key -> type of what a checkpoint of that kind may hold (newer keys; older files lack them), and its fields
 OPTIONAL_SCHEMA = {"vqvae": {"time_budget": dict}, "prior": {"time_budget": dict}, "segmenter": {"time_budget": dict},
-                   "hyperprior": {}}
+                   "hyperprior": {"time_budget": dict}}
 TIME_BUDGET_SCHEMA = {"seconds_left": (int, float, type(None)), "done": bool}
 # What a resume reads on top: the optimiser, its schedule and the random streams.
 RESUME_SCHEMA = {"optimizer": dict, "scheduler": dict, "rng": dict}
@@ -246,9 +256,9 @@ def default_prior(vqvae_checkpoint) -> Path:
 
 
 def load_checkpoint(path, kind: str = "vqvae", resume: bool = False) -> dict:
-    """A checkpoint of `kind` ("vqvae", "prior", "segmenter" or "hyperprior") loaded with weights_only=True and its keys' types
-    checked (with `resume`, also what a resume reads); UserError naming the file and the problem otherwise. `path`
-    as checkpoint_file reads it."""
+    """A checkpoint of `kind` ("vqvae", "prior", "segmenter" or "hyperprior") loaded with weights_only=True and its
+    keys' types checked (with `resume`, also what a resume reads); UserError naming the file and the problem
+    otherwise. `path` as checkpoint_file reads it."""
     path = checkpoint_file(path, resume)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder; pass a .pt file, or a run folder holding best.pt")

@@ -1,1 +1,1 @@
-"""NIfTI volumes: reading, slicing, placing slices on a canvas and writing reconstructions back."""
+"""NIfTI volumes: reading, slicing, placing slices on a canvas, and reconstructing and writing them back."""

@@ -1,0 +1,159 @@
+"""predict.py --noise: a VQ-VAE as a denoiser, scored beside the classical denoisers on the same noisy slices.
+
+The split's slices are corrupted (seeded by --seed), reconstructed by the model and by each classical denoiser (its
+strength factor chosen on validation slices carrying the same noise), and every output is scored against the clean
+slice, beside the noisy input's own score: per_image.csv, summary.json and denoising.png. The functions take
+predict.py's flags as `args` (noise, seed, baselines, slow_baseline_slices, the runtime and data flags)."""
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from denoising.noise import CLASSICAL_DENOISERS, add_noise, available_denoisers, run_denoiser
+from evaluation.metrics import score_split, summarise
+from imaging.quality import psnr, ssim
+from imaging.slices import to_float, to_unit, unit_to_float
+from training.checkpoints import load_split
+from utils import autocast, save_image_grid, use_bf16, write_csv, write_json
+
+
+def score_denoising(args, model, checkpoint, data, out: Path, device) -> dict:
+    """--noise: the split's slices corrupted (seeded by --seed), reconstructed by the model and by each classical
+    denoiser, every output scored against the clean slice, the noisy input's own score beside them; per_image.csv,
+    summary.json and denoising.png."""
+    path, cfg, state = checkpoint
+    amp = autocast(args.precision, device)
+    clean = to_unit(to_float(data.images.unsqueeze(1)))  # (N, 1, H, W) in [0, 1]
+    noisy = noisy_slices(data.images, args.noise, args.seed)  # (N, 1, H, W) in [-1, 1]
+
+    # The model, and the noisy input as it is
+    start = time.perf_counter()
+    ours = score_split(model, data.images, device, amp, args.batch_size, compiled_ssim=args.compile,
+                       progress="denoising", corrupt=lambda x, rows: noisy[rows.start:rows.stop].to(x.device))
+    results = {"noisy": image_scores(to_unit(noisy), clean), "ours": (ours.ssim.cpu(), ours.psnr.cpu())}
+    seconds = {"ours": (time.perf_counter() - start) / len(data)}
+
+    # Classical denoisers on the same noisy slices, each set on validation slices carrying the same noise
+    methods = available_denoisers(args.baselines)
+    common = slow_subset(len(data), args) if any(m.slow for m in methods) else torch.arange(len(data))
+    picks = common[torch.linspace(0, len(common) - 1, min(4, len(common))).long()]  # the figure's slices
+    val = load_split(cfg, "validate", args.data_root, args.skip_bad, state["demo_settings"], args.dataset)
+    tuning, shown = {}, {}
+    for method in methods:
+        rows = common if method.slow else torch.arange(len(data))
+        tuning[method.name] = choose_factor(method, val, args)
+        denoised, seconds[method.name] = run_denoiser(method, to_unit(noisy[rows, 0]).numpy(),
+                                                      tuning[method.name]["factor"],
+                                                      desc=f"{method.name} ({len(rows)} slices)")
+        denoised = torch.from_numpy(denoised).unsqueeze(1)  # (len(rows), 1, H, W) in [0, 1]
+        results[method.name] = scores_on_rows(denoised, clean, rows)
+        shown[method.name] = denoised[torch.searchsorted(rows, picks)]
+
+    # Tables and the figure
+    write_csv(out / "per_image.csv", per_image_rows(data.files, results))
+    bf16 = use_bf16(args.precision, device)
+    summary = denoising_summary(args, checkpoint, data, results, seconds, tuning, common, bf16)
+    write_json(out / "summary.json", summary)
+    best = summary["best_classical"]
+    best_label = CLASSICAL_DENOISERS[best].label if best else "no classical"
+    save_denoising_grid(model, noisy[picks], clean[picks], shown.get(best), amp, out / "denoising.png",
+                        f"{args.noise}: noisy | ours | {best_label} | clean")
+    print(denoising_line(summary, out))
+    return summary
+
+
+def noisy_slices(images: torch.Tensor, noise, seed: int, chunk: int = 64) -> torch.Tensor:
+    """uint8 (N, H, W) -> noisy (N, 1, H, W) in [-1, 1]; slice i's noise drawn from the seed (seed, i)."""
+    return torch.cat([add_noise(to_float(images[i:i + chunk].unsqueeze(1)), noise, (seed,), range(i, i + chunk))
+                      for i in range(0, len(images), chunk)])
+
+
+def image_scores(x: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image SSIM and PSNR of (N, 1, H, W) images in [0, 1] against the clean ones, as score_split scores."""
+    return ssim(x, clean), psnr(x, clean)
+
+
+def scores_on_rows(denoised: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor):
+    """SSIM and PSNR per slice of the split, NaN where the method did not run (outside `rows`)."""
+    ssims, psnrs = torch.full((len(clean),), math.nan), torch.full((len(clean),), math.nan)
+    ssims[rows], psnrs[rows] = image_scores(denoised, clean[rows])
+    return ssims, psnrs
+
+
+def slow_subset(n: int, args) -> torch.Tensor:
+    """The rows the slow denoisers run on: all, or --slow-baseline-slices of them drawn with --seed, in order."""
+    if args.slow_baseline_slices is None or args.slow_baseline_slices >= n:
+        return torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    return order[:args.slow_baseline_slices].sort().values
+
+
+def choose_factor(method, val, args) -> dict:
+    """The method's strength factor (of denoise.FACTORS) with the highest mean SSIM on a few validation slices
+    (drawn with --seed) carrying the same noise, and the mean SSIM of each factor tried."""
+    rows = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:method.tuning_slices]
+    clean = to_float(val.images[rows].unsqueeze(1))  # (n, 1, H, W) in [-1, 1]
+    noisy = to_unit(add_noise(clean, args.noise, (args.seed,), rows.tolist()))  # as predict --split validate adds it
+    clean = to_unit(clean)
+    tried = {}
+    for factor in method.factors:
+        denoised, _ = run_denoiser(method, noisy[:, 0].numpy(), factor)
+        tried[factor] = float(ssim(torch.from_numpy(denoised).unsqueeze(1), clean).mean())
+    return {"factor": max(tried, key=tried.get), "validation_slices": len(rows),
+            "validation_ssim_by_factor": tried}
+
+
+def per_image_rows(files, results: dict) -> list[dict]:
+    """One row per slice: SSIM and PSNR of the noisy input, the model and each classical denoiser (empty where it
+    did not run)."""
+    def cell(x: float, digits: int):
+        return None if math.isnan(x) else f"{x:.{digits}f}"
+    return [{"file": name, **{f"{key}_{metric}": cell(float(values[i]), digits) for key, pair in results.items()
+                              for (metric, digits), values in zip((("ssim", 6), ("psnr", 4)), pair)}}
+            for i, name in enumerate(files)]
+
+
+def denoising_summary(args, checkpoint, data, results: dict, seconds: dict, tuning: dict, common, bf16: bool
+                      ) -> dict:
+    """summary.json of --noise: each of noisy / ours / classical on the slices it ran on, beside ours on the same
+    slices; the best classical denoiser is the one with the highest mean SSIM on the slices every one ran on."""
+    path, cfg, state = checkpoint
+    ours_ssim = results["ours"][0]
+
+    def entry(key):
+        s, q = results[key]
+        ran = ~torch.isnan(s)
+        return {"slices": int(ran.sum()), "ssim": summarise(s[ran].numpy()), "psnr": summarise(q[ran].numpy()),
+                "ours_ssim_on_these_slices": float(ours_ssim[ran].mean()),
+                "ssim_on_common_slices": float(s[common].mean()), "seconds_per_slice": seconds.get(key)}
+    classical = {name: {"label": CLASSICAL_DENOISERS[name].label, **entry(name), **tuning[name]} for name in tuning}
+    return {"checkpoint": str(path), "epoch": state["epoch"], "trained_with_noise": cfg.train_noise,
+            "dataset": data.name, "split": args.split, "images": len(data), "noise": str(args.noise),
+            "noise_seed": args.seed, "precision": "bf16" if bf16 else "fp32",
+            "noisy": entry("noisy"), "ours": entry("ours"), "classical": classical,
+            "best_classical": max(classical, key=lambda k: classical[k]["ssim_on_common_slices"], default=None),
+            "common_slices": {"slices": len(common), "of": len(data), "drawn_with_seed": args.seed,
+                              "about": "the slices every denoiser ran on: all, or --slow-baseline-slices of them "
+                                       "for the slow ones (BM3D)"},
+            "about": "SSIM and PSNR against the clean slice; classical strength = factor x skimage estimate_sigma "
+                     "of the noisy slice, the factor chosen on validation slices with the same noise; seconds per "
+                     "slice on this machine's threads (ours includes scoring)"}
+
+
+def save_denoising_grid(model, noisy, clean, classical, amp, path: Path, title: str):
+    """Rows of noisy / ours / best classical / clean for a few slices; (k, 1, H, W) noisy in [-1, 1], clean and
+    classical in [0, 1] (classical None: that column left out)."""
+    with torch.no_grad(), amp:
+        device = next(model.parameters()).device
+        ours = model(noisy.to(device)).reconstruction.float().cpu()
+    columns = [noisy, ours] + ([unit_to_float(classical)] if classical is not None else []) + [unit_to_float(clean)]
+    save_image_grid(torch.stack(columns, 1).flatten(0, 1), path, nrow=len(columns), title=title)
+
+
+def denoising_line(summary: dict, out: Path) -> str:
+    parts = [f"{key} {summary[key]['ssim']['mean']:.4f}" for key in ("noisy", "ours")]
+    parts += [f"{name} {c['ssim']['mean']:.4f} ({c['slices']} slices, ours there {c['ours_ssim_on_these_slices']:.4f},"
+              f" {c['seconds_per_slice']:.2f} s/slice)" for name, c in summary["classical"].items()]
+    return (f"{summary['dataset']} {summary['split']} + {summary['noise']}: {summary['images']} images | SSIM "
+            + " | ".join(parts) + f" | written to {out}")

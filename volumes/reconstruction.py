@@ -1,0 +1,61 @@
+"""predict.py --volumes, and predict.py on a NIfTI dataset's split: reconstruct and score volume by volume, and write
+each reconstruction back as a volume on its input's affine and header (per_volume.csv, volumes/<name>_recon.nii.gz).
+The functions take predict.py's flags as `args` (volumes, skip_bad, the runtime flags)."""
+from pathlib import Path
+
+import torch
+
+from evaluation.metrics import SplitScores, score_split
+from imaging.slices import to_uint8
+from utils import autocast, write_csv
+from volumes.nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
+
+
+def load_volume_files(args, cfg):
+    """--volumes: the files, sliced as the model's training config says (a model trained on slice images: along
+    the default axial axis), with --skip-bad as given or as in training."""
+    options = SliceOptions(cfg.slice_axis, cfg.clip_percentile, cfg.min_brain_fraction, cfg.image_size)
+    return load_files(args.volumes, options, cfg.skip_bad if args.skip_bad is None else args.skip_bad)
+
+
+def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, list[dict]]:
+    """Reconstruct and score NIfTI slices volume by volume: each volume is written to out/volumes/ as a .nii.gz on
+    the input's affine and header (nifti.write_reconstruction), its mean SSIM and PSNR over its slices go to
+    per_volume.csv. Returns the slices' scores and the first 64 slices for the figures, as score_split would, and
+    the rows of per_volume.csv."""
+    amp = autocast(args.precision, device)
+    paths = [out / "volumes" / f"{name}_recon.nii.gz" for name in output_names(data.volumes)]
+    for path in paths:  # before the first is written
+        check_replaceable(path)
+    ssims, psnrs, codes, shown, rows = [], [], [], {"inputs": [], "outputs": []}, []
+    for volume, path in zip(data.volumes, paths):
+        scores = score_split(model, data.images[volume.rows], device, amp, args.batch_size,
+                             compiled_ssim=args.compile, keep=len(volume.kept), progress=f"reconstructing {path.name}")
+        images = to_uint8(scores.outputs[:, 0]).numpy()
+        write_reconstruction(volume, images, path)
+        ssims.append(scores.ssim.cpu())
+        psnrs.append(scores.psnr.cpu())
+        codes.append(scores.indices)
+        for key, kept in shown.items():
+            kept.append(getattr(scores, key)[:64 - sum(len(k) for k in kept)])
+        rows.append({"volume": volume.path, "subject": volume.subject, "slices": len(volume.kept),
+                     "ssim": float(ssims[-1].mean()), "psnr": float(psnrs[-1].mean()), "reconstruction": str(path)})
+        print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} | PSNR "
+              f"{rows[-1]['psnr']:.2f} dB | written to {path}")
+    write_csv(out / "per_volume.csv", rows)
+    return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values()),
+                       torch.cat(codes)), rows
+
+
+def output_names(volumes) -> list[str]:
+    """A file name stem per volume: its file name without the extension, numbered where two volumes share one."""
+    names, taken = [], set()
+    for volume in volumes:
+        stem = volume_stem(Path(volume.path).name)
+        name, n = stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        names.append(name)
+    return names
