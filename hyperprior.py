@@ -30,7 +30,7 @@ from dataset import DATASETS, build_dataset
 from imaging.slices import uint8_to_unit, unit_to_uint8
 from modules import config_from_dict, first_failure
 from training.checkpoints import load_checkpoint
-from training.flags import config_or_error, parse_config_flags
+from training.flags import config_or_error, parse_config_flags, split_subcommand
 from training.protocol import EpochRun, SavedEpochs, run_epochs
 from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
 from training.schedule import TimeBudget
@@ -309,7 +309,8 @@ def rd(args):
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS = ("train", "rd")
+COMMANDS = {"train": "train one rate point (one --lmbda)",
+            "rd": "measure trained rate points for compress.py rd --peer"}
 
 
 def parse_rd_args(argv):
@@ -327,14 +328,12 @@ def main(argv=None):
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     argv = sys.argv[1:] if argv is None else list(argv)
     with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
-        if not argv or argv[0] not in COMMANDS:
-            raise UserError(f"hyperprior.py needs a command first: {' or '.join(COMMANDS)} (e.g. python hyperprior.py "
-                            f"train --dataset demo --data-root data/demo); see python hyperprior.py train --help")
-        if argv[0] == "rd":
-            args = parse_rd_args(argv[1:])
+        command, flags = split_subcommand(argv, "hyperprior.py", COMMANDS, "train --dataset demo --data-root data/demo")
+        if command == "rd":
+            args = parse_rd_args(flags)
             compressai()
             return rd(args)
-        run_args, model_args = parse_config_flags(argv[1:], "hyperprior.py train", __doc__, HyperpriorTrainConfig,
+        run_args, model_args = parse_config_flags(flags, "hyperprior.py train", __doc__, HyperpriorTrainConfig,
                                                   HyperpriorConfig, "model (HyperpriorConfig)")
         compressai()
         return train(*configs_from_args(run_args, model_args))

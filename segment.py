@@ -27,7 +27,7 @@ from dataset import build_dataset, demo_settings
 from imaging.slices import to_float
 from modules import SegmenterConfig, UNet
 from training.checkpoints import SegmenterTrainConfig, load_segmenter, load_split, rebuild_segmenter, run_dir_of
-from training.flags import config_or_error, parse_config_flags
+from training.flags import config_or_error, parse_config_flags, split_subcommand
 from training.protocol import EpochRun, SavedEpochs, run_epochs
 from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
 from training.schedule import TimeBudget, schedule_done
@@ -288,20 +288,18 @@ def draw_scores(data, pred, table, out: Path, what: str):
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-COMMANDS = ("train", "score")
+COMMANDS = {"train": "train the tissue segmenter on a dataset's masks", "score": "score a split's Dice"}
 
 
 def main(argv=None):
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     argv = sys.argv[1:] if argv is None else list(argv)
     with exits_with_one_line(interrupted="interrupted; nothing was saved"):
-        if not argv or argv[0] not in COMMANDS:
-            raise UserError(f"segment.py needs a command first: {' or '.join(COMMANDS)} (e.g. python segment.py "
-                            f"train --dataset demo); see python segment.py train --help")
-        if argv[0] == "score":
-            return score(parse_score_args(argv[1:]))
+        command, flags = split_subcommand(argv, "segment.py", COMMANDS, "train --dataset demo")
+        if command == "score":
+            return score(parse_score_args(flags))
         cfg, model_cfg, state = configs_from_args(*parse_config_flags(
-            argv[1:], "segment.py train", __doc__, SegmenterTrainConfig, SegmenterConfig, "model (SegmenterConfig)"))
+            flags, "segment.py train", __doc__, SegmenterTrainConfig, SegmenterConfig, "model (SegmenterConfig)"))
         return train(cfg, model_cfg, state)
 
 

@@ -68,3 +68,19 @@ def config_or_error(cls, **values):
         return cls(**values)
     except ConfigError as e:
         raise UserError(f"invalid {flag(e.field)} {e.value!r}; see --help for what it takes") from None
+
+
+def split_subcommand(argv: list[str], script: str, commands: dict[str, str], example: str) -> tuple[str, list[str]]:
+    """(subcommand, its flags) of a command line that starts with one of `commands` ({name: what it does}), for
+    the scripts whose subcommands parse their own flags (segment.py, hyperprior.py). -h/--help alone lists the
+    subcommands and exits 0; no subcommand, or an unknown one, is a UserError naming them."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: python {script} {{{','.join(commands)}}} ...\n")
+        for name, what in commands.items():
+            print(f"  {name:8}{what}")
+        print(f"\nsee python {script} COMMAND --help for the flags of each")
+        raise SystemExit(0)
+    if not argv or argv[0] not in commands:
+        raise UserError(f"{script} needs a command first: {' or '.join(commands)} (e.g. python {script} {example}); "
+                        f"see python {script} {next(iter(commands))} --help")
+    return argv[0], argv[1:]

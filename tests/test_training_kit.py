@@ -194,3 +194,16 @@ def test_tensorboard_without_its_package_is_one_line_with_the_install_command(de
     r = run_main(train.main, tiny_args(demo_root, tmp_path / "run", "--tensorboard"), capsys)
     assert_one_line_error(r, "--tensorboard needs the tensorboard package: pip install tensorboard")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_script_of_subcommands_lists_them_on_help_and_refuses_a_missing_one_in_one_line(capsys):
+    script, "segment.py", {"train": "train it", "score": "score it"}
+    with pytest.raises(SystemExit) as done:
+        flags.split_subcommand(["--help"], script, commands, "train --dataset demo")
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert f"python {script} {{train,score}}" in shown and "score it" in shown
+    assert flags.split_subcommand(["score", "--split", "test"], script, commands, "x") == ("score", ["--split", "test"])
+    for argv in ([], ["--split", "test"], ["fit"]):
+        with pytest.raises(UserError, match=f"{script} needs a command first: train or score"):
+            flags.split_subcommand(argv, script, commands, "train --dataset demo")
