@@ -197,7 +197,7 @@ def test_tensorboard_without_its_package_is_one_line_with_the_install_command(de
 
 
 def test_a_script_of_subcommands_lists_them_on_help_and_refuses_a_missing_one_in_one_line(capsys):
-    script, "segment.py", {"train": "train it", "score": "score it"}
+    script, commands = "segment.py", {"train": "train it", "score": "score it"}
     with pytest.raises(SystemExit) as done:
         flags.split_subcommand(["--help"], script, commands, "train --dataset demo")
     assert done.value.code == 0
