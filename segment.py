@@ -236,8 +236,7 @@ def configs_from_args(run_args: dict, model_args: dict):
 def parse_score_args(argv):
     p = ArgumentParser(prog="segment.py score", description="Score a trained segmenter on a split: Dice per tissue "
                        "and their mean, per slice and summarised, and figures.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a .pt written by segment.py train, or its run "
-                   "folder (its best.pt)")
+    add_shared_flag(p, "--checkpoint", "the segmenter, written by segment.py train", required=True)
     add_shared_flag(p, "--split", "the one scored (default: test)", default="test")
     add_shared_flag(p, "--data-root")
     p.add_argument("--skip-bad", action="store_true", help="skip slices whose image or mask is missing or bad")

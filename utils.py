@@ -55,7 +55,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int, batch_he
 
 
 SHARED_FLAGS = {  # the flags several commands take, each with one help text (add_shared_flag)
-    "--checkpoint": dict(type=Path, help="a .pt written by train.py, or its run folder (its best.pt)"),
+    "--checkpoint": dict(type=Path, help="a checkpoint .pt, or its run folder (its best.pt)"),
     "--prior": dict(type=Path, help="a prior .pt written by train_prior.py, or its run folder (its best.pt)"),
     "--split": dict(choices=SPLITS, help="the split of the checkpoint's dataset to read"),
     "--data-root": dict(help="where the dataset is now, if it moved since training"),
