@@ -39,7 +39,6 @@ import importlib.util
 import math
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from imaging.quality import ssim
 from imaging.slices import to_float, to_unit, unit_to_float
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
 from training.checkpoints import TrainConfig
-from training.flags import command_flags
+from training.families import run_script
 from training.steps import (
     batches,
     compile_model,
@@ -80,7 +79,6 @@ from utils import (
 )
 
 REFERENCE = Path(__file__).resolve().parent / "yardstick" / "seed_vqvae.py"
-TRAIN = Path(__file__).resolve().parent / "train.py"
 # The speed and accuracy targets this project set itself; bench.py reports them, it does not enforce them.
 TARGETS = {"train_speedup": 5.0, "fraction_of_bf16_peak": 0.6, "ssim_speedup": 20.0, "ssim_max_abs_diff": 1e-4,
            "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005, "sampling_64_s": 60.0}
@@ -359,13 +357,12 @@ def quality(args, device) -> dict:
         for precision in ("bf16", "fp32"):
             print(f"--- {args.preset} preset, {precision}, {args.epochs} epochs on {data}", flush=True)
             out = Path(tmp) / precision
-            command = command_flags({"dataset": "OASIS" if args.data_root else "demo",
-                                     "data_root": args.data_root or Path(tmp) / "demo", "preset": args.preset,
-                                     "epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
-                                     "channels_last": args.channels_last, "device": args.device, "seed": 0,
-                                     "out": out, "compile": args.compile})
-            if subprocess.run([sys.executable, str(TRAIN), *command]).returncode != 0:
-                raise UserError(f"the {precision} training run failed (its error is above)")
+            run_script("train.py", {"dataset": "OASIS" if args.data_root else "demo",
+                                    "data_root": args.data_root or Path(tmp) / "demo", "preset": args.preset,
+                                    "epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
+                                    "channels_last": args.channels_last, "device": args.device, "seed": 0,
+                                    "out": out, "compile": args.compile},
+                       None, f"the {precision} training run failed (its error is above)")
             rows = read_csv(out / "metrics.csv")
             runs[precision] = {"val_ssim": rows[-1]["val_ssim"], "best_val_ssim": max(r["val_ssim"] for r in rows),
                                "val_psnr": rows[-1]["val_psnr"], "train_img_per_s": rows[-1]["train_img_per_s"]}

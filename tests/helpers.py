@@ -1,4 +1,5 @@
 """Plain helpers shared by several test modules (fixtures are in conftest.py)."""
+import importlib
 import os
 import subprocess
 import sys
@@ -26,6 +27,22 @@ def run_script(*args, cwd=REPO, env=ONE_THREAD, timeout=300, **kwargs):
     torchrun, resource limits, two writers, the import of a script); everything else runs in-process (run_main)."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def scripts_run_in_this_process(monkeypatch):
+    """training.families.run_script (how ablate.py, ladder.py and bench.py --quality start train.py) calls
+    SCRIPT.main(FLAGS) in this process instead of `python SCRIPT.py FLAGS` in a new one: the same code, without a
+    new interpreter's start-up of seconds for each run."""
+    from training import families
+
+    def run(command, **kwargs):
+        script = importlib.import_module(Path(command[1]).stem)
+        try:
+            script.main([str(a) for a in command[2:]])
+        except SystemExit as stop:
+            return subprocess.CompletedProcess(command, stop.code or 0)
+        return subprocess.CompletedProcess(command, 0)
+    monkeypatch.setattr(families.subprocess, "run", run)
 
 
 def held_at_second_epoch(script: str) -> list[str]:

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 
 import ablate
-from helpers import assert_one_line_error, run_main
+from helpers import assert_one_line_error, run_main, scripts_run_in_this_process
 from training import families
 
 
-def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path, capsys):
+def test_ablation_writes_one_table_and_reuses_finished_variants(demo_root, tmp_path, capsys, monkeypatch):
+    scripts_run_in_this_process(monkeypatch)
     args = ["--dataset", "demo", "--data-root", demo_root, "--epochs", "1", "--batch-size", "8",
             "--variants", "seed,default-no-restart", "--out", tmp_path]
     first = run_main(ablate.main, args, capsys)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import bench
 from dataset import generate_demo
-from helpers import INDUCTOR, TINY_MODEL, run_main
+from helpers import INDUCTOR, TINY_MODEL, run_main, scripts_run_in_this_process
 from modules import PRESETS, ConvTranspose2d, count_codes
 from training.checkpoints import TrainConfig
 from training.steps import train_step, vqvae_and_optimiser
@@ -68,7 +68,8 @@ def test_without_native_bf16_the_bf16_peak_is_neither_timed_nor_judged(tmp_path,
     assert "no native bf16 here" in r.stdout
 
 
-def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path, capsys):
+def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path, capsys, monkeypatch):
+    scripts_run_in_this_process(monkeypatch)
     generate_demo(tmp_path / "slices", size=32, n_patients=10, slices_per_patient=2)
     out = tmp_path / "quality.json"
     r = run_bench(capsys, "--quality", "--epochs", "1", "--data-root", tmp_path / "slices", "--json", out)

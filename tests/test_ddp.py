@@ -17,6 +17,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import train
+from dataset import generate_demo
 from helpers import TINY_MODEL, run_script, tiny_args
 from modules import VQVAE, VQVAEConfig
 from training.checkpoints import TrainConfig, load_checkpoint, load_split
@@ -33,15 +34,17 @@ def torchrun(*args):
     return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(demo_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    r = torchrun(*tiny_args(demo_root, out, "--epochs", "2", *ARGS))
+@pytest.fixture(scope="session")  # not module: xdist may run another module's tests between this module's
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    data = generate_demo(root / "demo", size=32, n_patients=10, slices_per_patient=4)  # as conftest's demo_root
+    out = root / "run"
+    r = torchrun(*tiny_args(data, out, "--epochs", "2", *ARGS))
     assert r.returncode == 0, r.stderr
     return out, r
 
 
-def test_torchrun_writes_one_set_of_outputs(ddp_run, demo_root):
+def test_torchrun_writes_one_set_of_outputs(ddp_run):
     out, r = ddp_run
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == sorted([
         ".lock", "best.pt", "checkpoints", "checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt", "code_usage.csv",
@@ -65,7 +68,7 @@ def test_torchrun_writes_one_set_of_outputs(ddp_run, demo_root):
         assert single[key] == pytest.approx(state["metrics"][key], rel=1e-5), key
 
 
-def test_resume_under_torchrun_equals_an_uninterrupted_run(ddp_run, demo_root, tmp_path):
+def test_resume_under_torchrun_equals_an_uninterrupted_run(ddp_run, tmp_path):
     out = shutil.copytree(ddp_run[0], tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
     r = torchrun("--resume", str(out / "checkpoints" / "epoch_001.pt"), "--epochs", "2")  # as if stopped after 1
     assert r.returncode == 0, r.stderr
