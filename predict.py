@@ -51,6 +51,7 @@ from utils import (
     add_shared_flag,
     apply_runtime_flags,
     autocast,
+    check_seed,
     exits_with_one_line,
     plot_histograms,
     plot_training_curves,
@@ -100,8 +101,7 @@ def parse_args(argv=None):
 
 def checked(args):
     """The flags' combinations and values that argparse cannot check; UserError in one line."""
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    check_seed(args.seed)
     if args.dataset and not args.data_root:
         raise UserError(f"--dataset {args.dataset} needs --data-root: where that dataset is")
     if args.volumes and (args.dataset or args.data_root):

@@ -37,6 +37,7 @@ from utils import (
     add_shared_flag,
     apply_runtime_flags,
     autocast,
+    check_seed,
     exits_with_one_line,
     save_image_grid,
     write_json,
@@ -69,8 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the SSIM on the CPU: faster once compiled, "
                    "worth it for the nearest-neighbour search over a large train split")
     args = p.parse_args(argv)
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    check_seed(args.seed)
     if not 2 <= args.num_samples <= 100000:
         raise UserError(f"--num-samples must be between 2 and 100000 (the Frechet distance needs two), got "
                         f"{args.num_samples}")

@@ -82,6 +82,12 @@ def apply_runtime_flags(args) -> torch.device:
     return choose_device(args.device)
 
 
+def check_seed(seed: int):
+    """UserError for a --seed outside what numpy and torch's generators take (a command's own seed flag)."""
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
