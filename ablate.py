@@ -15,13 +15,20 @@ from pathlib import Path
 
 from evaluation.metrics import score_split
 from training.checkpoints import load_checkpoint, load_split, load_vqvae
-from training.families import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
+from training.families import (
+    add_trainer_data_flags,
+    check_trainer_flags,
+    chosen_members,
+    run_script,
+    training_finished,
+)
 from utils import (
     ArgumentParser,
     add_runtime_flags,
     add_shared_flag,
     apply_runtime_flags,
     autocast,
+    claim_outputs,
     exits_with_one_line,
     read_csv,
     write_atomically,
@@ -44,6 +51,7 @@ VARIANTS = {
     "default-crop-128": ("default", {"train_crop": 128}),
     "hq-whole-slices": ("hq", {"train_crop": 0}),
 }
+TABLES = ("ablation.json", "ablation.csv", "ablation.md")  # in --out, beside the variants' run folders
 
 
 def train_variant(name: str, args, run_dir: Path, resume: bool):
@@ -115,15 +123,15 @@ def main(argv=None):
         args = p.parse_args(argv)
         device = apply_runtime_flags(args)
         names = chosen_members(args.variants, VARIANTS, "--variants")
-        family_folder(args.out)
+        check_trainer_flags(args)
+        claim_outputs(args.out, TABLES, "ablate.py")
         rows = []
         for name in names:
             rows.append(run_variant(name, args, device))
-            write_json(args.out / "ablation.json", {"dataset": args.dataset, "data_root": args.data_root,
-                                                    "epochs": args.epochs,
-                                                    "max_minutes": args.max_minutes, "rows": rows})
-            write_csv(args.out / "ablation.csv", [{k: v for k, v in r.items() if k != "overrides"} for r in rows])
-            write_atomically(args.out / "ablation.md", markdown_table(rows))
+            write_json(args.out / TABLES[0], {"dataset": args.dataset, "data_root": args.data_root,
+                                              "epochs": args.epochs, "max_minutes": args.max_minutes, "rows": rows})
+            write_csv(args.out / TABLES[1], [{k: v for k, v in r.items() if k != "overrides"} for r in rows])
+            write_atomically(args.out / TABLES[2], markdown_table(rows))
         print("\n" + markdown_table(rows))
 
 

@@ -55,10 +55,12 @@ from imaging.slices import to_float, to_unit, unit_to_float
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
 from training.checkpoints import TrainConfig
 from training.families import run_script
+from training.flags import flag
 from training.steps import (
     batches,
     compile_model,
     prior_train_step,
+    require_compiler,
     speed_settings,
     stage_images,
     train_step,
@@ -70,6 +72,7 @@ from utils import (
     add_runtime_flags,
     apply_runtime_flags,
     autocast,
+    claim_outputs,
     exits_with_one_line,
     read_csv,
     seed_everything,
@@ -321,8 +324,8 @@ def speed_targets(r: dict) -> dict:
     }
 
 
-def speed(args, device) -> dict:
-    ref = None if args.skip_reference else load_reference(args.reference)
+def speed(args, device, ref) -> dict:
+    """The speed benchmark against the yardstick module `ref` (None: the project alone)."""
     runs = timed_on_png_slices(ref, args, device)
     reference, project, reference_batch_s = runs["reference"], runs["project"], runs["reference_batch_s"]
     ssim_results = ssim_speed(runs["x"], runs["y"], runs["per_image"], runs["per_image_s"], device)
@@ -362,7 +365,7 @@ def quality(args, device) -> dict:
                                     "epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
                                     "channels_last": args.channels_last, "device": args.device, "seed": 0,
                                     "out": out, "compile": args.compile},
-                       None, f"the {precision} training run failed (its error is above)")
+                       args.threads, f"the {precision} training run failed (its error is above)")
             rows = read_csv(out / "metrics.csv")
             runs[precision] = {"val_ssim": rows[-1]["val_ssim"], "best_val_ssim": max(r["val_ssim"] for r in rows),
                                "val_psnr": rows[-1]["val_psnr"], "train_img_per_s": rows[-1]["train_img_per_s"]}
@@ -493,7 +496,11 @@ def print_speed(r: dict):
 
 
 def int_list(text: str) -> list[int]:
-    return [int(n) for n in text.split(",")]
+    """--peak-sizes: positive integers, comma-separated (argparse's one line for anything else)."""
+    values = [int(n) for n in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(f"sizes must be positive: {text}")
+    return values
 
 
 def main(argv=None):
@@ -528,12 +535,14 @@ def main(argv=None):
                    "bench_quality.json / bench_sampling.json with --quality / --sampling)")
     with exits_with_one_line():
         args = p.parse_args(argv)
-        check_args(args)
+        check_args(args, p)
         path = Path(args.json or ("bench_quality.json" if args.quality else
                                   "bench_sampling.json" if args.sampling else "bench.json"))
         if not path.parent.is_dir():  # checked before the benchmark runs, not after
             raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it or choose another path")
         device = apply_runtime_flags(args)
+        ref = None if args.quality or args.sampling or args.skip_reference else load_reference(args.reference)
+        claim_outputs(path.parent, [path.name], "bench.py")
         if args.sampling:
             results = sampling(args, device)
             print_sampling(results)
@@ -546,17 +555,35 @@ def main(argv=None):
                   f"{mark(results['targets']['quality_ssim_gap'])})")
         else:
             args.peak_sizes = args.peak_sizes or ([4096, 8192, 16384] if device.type == "cuda" else [1024, 2048, 4096])
-            results = speed(args, device)
+            results = speed(args, device, ref)
             print_speed(results)
         write_json(path, results)
         print(f"wrote {path}")
 
 
-def check_args(args):
+# The flags each benchmark reads besides --device, --threads and --json; one given to a benchmark that does not read
+# it would do nothing, and is refused (check_args).
+BENCHMARK_FLAGS = {
+    "bench.py": ("size", "steps", "warmup", "batch_size", "precision", "preset", "channels_last", "compile",
+                 "skip_reference", "reference", "peak_sizes"),
+    "bench.py --quality": ("epochs", "data_root", "preset", "batch_size", "channels_last", "compile"),
+    "bench.py --sampling": ("samples", "grid", "steps", "warmup", "precision", "compile"),
+}
+
+
+def check_args(args, parser):
     if min(args.size, args.steps, args.epochs, args.samples, args.grid) < 1 or args.warmup < 0:
         raise UserError("--size, --steps, --epochs, --samples and --grid must be at least 1, --warmup at least 0")
     if args.quality and args.sampling:
         raise UserError("--quality and --sampling are two benchmarks: run one at a time")
+    benchmark = "bench.py --quality" if args.quality else "bench.py --sampling" if args.sampling else "bench.py"
+    unread = [k for k, v in vars(args).items() if k not in ("quality", "sampling", "device", "threads", "json",
+                                                            *BENCHMARK_FLAGS[benchmark]) and v != parser.get_default(k)]
+    if unread:
+        readers = " or ".join(b for b, flags in BENCHMARK_FLAGS.items() if unread[0] in flags)
+        raise UserError(f"{benchmark} does not read {flag(unread[0])} (a flag of {readers}); drop it")
+    if args.compile:
+        require_compiler()
     factor = PRESETS[args.preset].model.downsampling_factor
     if args.size % factor:
         raise UserError(f"--size must be a multiple of {factor} for the {args.preset} preset")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anatomy.tissues import segment_images
+from anatomy.tissues import check_segmenter_fits, segment_images
 from codec.classical import CLASSICAL_CODECS, available_codecs, classical_codec
 from codec.ladder import Ladder, read_ladder
 from codec.study import RdStudy, dice_against, dice_rows, plot_rd, rate_distortion, rd_slices, slice_figure
@@ -131,6 +131,8 @@ def check_encode_flags(args):
         raise UserError("nothing to encode: pass image files or folders, or --split")
     if args.inputs and args.split is not None:
         raise UserError("pass either image files/folders or --split, not both")
+    if args.data_root is not None and args.split is None:
+        raise UserError("--data-root says where --split's dataset is; it does not go with image files")
     if len(args.checkpoints) > 1 and args.max_bytes is None:
         raise UserError("several --checkpoint are operating points of --max-bytes: pass --max-bytes N, or one "
                         "--checkpoint")
@@ -237,6 +239,7 @@ def cmd_rd(args, device):
         raise UserError(f"--out {out} is a file, not a folder")
     loaded = [load_codec(c, p, device, args.batch_size, args.precision) for c, p in zip(args.checkpoints, priors)]
     slices = rd_study_slices(args, loaded)
+    masks = rd_masks(segmenter, args, loaded[0][1:], slices) if segmenter else None
     figure_slice = len(slices[0]) // 2 if args.figure_slice is None else args.figure_slice
     if not 0 <= figure_slice < len(slices[0]):
         raise UserError(f"--figure-slice {figure_slice} is outside 0..{len(slices[0]) - 1}")
@@ -253,7 +256,7 @@ def cmd_rd(args, device):
     plot_rd(study.rows, outputs["rd.png"], f"{args.split}: {len(study.images)} slices of {height}x{width}")
     slice_figure(study, outputs["rd_slice.png"], figure_slice)
     if segmenter:
-        summary["anatomy"] = anatomy_rd(segmenter, args, device, loaded[0][1:], study, outputs)
+        summary["anatomy"] = anatomy_rd(segmenter, args, device, masks, study, outputs)
     print_rd(study.rows, summary["speed"], out, tuple(outputs))
     return summary
 
@@ -288,6 +291,8 @@ def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
         classical_codec(name).settings(1 << 16)  # an unknown name, or JPEG XL without imagecodecs, fails here
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1, got {args.max_images}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     return budgets, codecs, paired_priors(args.checkpoints, args.priors, default=True)
 
 
@@ -318,16 +323,24 @@ def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
 ANATOMY_OUTPUTS = ("rd_anatomy.csv", "rd_anatomy.json")
 
 
-def anatomy_rd(segmenter, args, device, trained, study: RdStudy, outputs) -> dict:
-    """rd --segmenter: the segmenter's tissue Dice against the true masks (dice_mean: the mean of CSF, GM and WM)
-    for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its coders), the ladder
-    at each budget and each classical codec at each budget (each slice at the best quality that fits; slices that
-    fit in no file are left out and counted, as in rd.csv) -> rd_anatomy.csv and rd_anatomy.json, returned too."""
-    model, _, seg_state = segmenter
+def rd_masks(segmenter, args, trained, slices) -> torch.Tensor:
+    """rd --segmenter, before anything is measured: the true tissue masks of the study's slices, in their order,
+    from the split as the first --checkpoint records it; UserError where the split has none or the segmenter does
+    not take slices of their size."""
     cfg, state = trained
+    check_segmenter_fits(segmenter[0], slices[0].shape[1:], f"the {args.split} slices")
     data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"], masks=True, verbose=False)
     where = {f: i for i, f in enumerate(data.files)}
-    masks = data.masks[[where[f] for f in study.files]]  # the masks of the slices measured, in their order
+    return data.masks[[where[f] for f in slices[2]]]
+
+
+def anatomy_rd(segmenter, args, device, masks: torch.Tensor, study: RdStudy, outputs) -> dict:
+    """rd --segmenter: the segmenter's tissue Dice against the true masks (`masks`: rd_masks') (dice_mean: the mean
+    of CSF, GM and WM) for the originals, each VQ-VAE (its one reconstruction, at the mean file size of each of its
+    coders), the ladder at each budget and each classical codec at each budget (each slice at the best quality that
+    fits; slices that fit in no file are left out and counted, as in rd.csv) -> rd_anatomy.csv and
+    rd_anatomy.json, returned too."""
+    model, _, seg_state = segmenter
     segment = lambda images: segment_images(model, images, device, autocast(args.precision, device),  # noqa: E731
                                             args.batch_size)
     table = dice_rows(segment, masks, study)

@@ -34,17 +34,20 @@ from training.flags import config_or_error, parse_config_flags, split_subcommand
 from training.protocol import EpochRun, SavedEpochs, run_epochs
 from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
 from training.schedule import TimeBudget
-from training.steps import optimizer_step
+from training.steps import check_one_batch, optimizer_step
 from utils import (
     DEVICES,
     MAX_BATCH_SIZE,
     ArgumentParser,
     UserError,
     add_shared_flag,
+    check_at_least,
     choose_device,
+    claim_outputs,
     exits_with_one_line,
     seed_everything,
     set_rng_state,
+    set_threads,
     stop_on_interrupts,
     write_csv,
     write_json,
@@ -90,7 +93,7 @@ class HyperpriorTrainConfig:
 
     def __post_init__(self):
         first_failure(self, {
-            "dataset": self.dataset in DATASETS, "lmbda": self.lmbda > 0, "lr": 0 < self.lr < math.inf,
+            "dataset": self.dataset in DATASETS, "lmbda": 0 < self.lmbda < math.inf, "lr": 0 < self.lr < math.inf,
             "aux_lr": 0 < self.aux_lr < math.inf, "batch_size": 1 <= self.batch_size <= MAX_BATCH_SIZE,
             "grad_clip": 0 <= self.grad_clip < math.inf, "epochs": 1 <= self.epochs <= 100000,
             "max_minutes": 0 < self.max_minutes < math.inf, "save_minutes": 0 < self.save_minutes < math.inf,
@@ -135,11 +138,11 @@ def optimizers(model, cfg: HyperpriorTrainConfig):
 
 def train_epoch(model, opt, aux_opt, loss_fn, data, cfg: HyperpriorTrainConfig, until: float, device,
                 progress) -> tuple[np.ndarray, int]:
-    """Steps on batches of shuffled train slices (a fresh order each pass) until time.monotonic() reaches `until`;
-    returns the sums of LOSSES over the steps, and the steps."""
+    """Steps on batches of shuffled train slices (a fresh order each pass) until time.monotonic() reaches `until`,
+    at least one; returns the sums of LOSSES over the steps, and the steps."""
     model.train()
     sums, steps = np.zeros(len(LOSSES)), 0
-    while time.monotonic() < until:
+    while steps == 0 or time.monotonic() < until:
         order = torch.randperm(len(data))
         for first in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
             x = padded(data.images[order[first:first + cfg.batch_size]]).to(device)
@@ -193,6 +196,7 @@ def train(cfg: HyperpriorTrainConfig, model_cfg: HyperpriorConfig, state: dict |
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
     data = build_dataset(cfg.dataset, cfg.data_root, "train")
+    check_one_batch("the train split's slices", len(data), cfg.batch_size)
     model = build_model(model_cfg).to(device)
     opt, aux_opt = optimizers(model, cfg)
     start_epoch, step, seconds = 1, 0, 0.0
@@ -271,20 +275,25 @@ def measure(model, images: torch.Tensor) -> dict:
             "slices_per_s": len(images) / (time.perf_counter() - t0)}
 
 
+OUTPUTS = ("rd_hyperprior.csv", "rd_hyperprior.json")  # rd's, in its --out
+
+
 def rd(args):
-    out = args.out
-    outputs = [out / "rd_hyperprior.csv", out / "rd_hyperprior.json"]
-    if any(p.exists() for p in outputs):
-        raise UserError(f"{out} already holds rd_hyperprior.csv or .json; hyperprior.py never overwrites: choose a "
-                        f"new --out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows, data = [], None
-    for checkpoint in args.checkpoints:
-        model, cfg, state = load_model(checkpoint)
-        if data is None:
-            data = build_dataset(cfg.dataset, args.data_root or cfg.data_root, args.split)
-            images, _, files = rd_slices(data, args.max_images)
+    """Every rate point of args.checkpoints measured on the same slices -> OUTPUTS in args.out; every input is
+    checked before the first is measured."""
+    check_at_least("--max-images", args.max_images)
+    set_threads(args.threads)
+    models = [load_model(checkpoint) for checkpoint in args.checkpoints]
+    cfg = models[0][1]
+    for checkpoint, (_, other, _) in zip(args.checkpoints, models):
+        if other.dataset != cfg.dataset:
+            raise UserError(f"{checkpoint} was trained on {other.dataset}, {args.checkpoints[0]} on {cfg.dataset}: "
+                            f"the rate points of one study are measured on one dataset; pass those of one")
+    images, _, files = rd_slices(build_dataset(cfg.dataset, args.data_root or cfg.data_root, args.split),
+                                 args.max_images)
+    out = claim_outputs(args.out, OUTPUTS, "hyperprior.py rd")
+    rows = []
+    for model, cfg, state in models:
         m = measure(model, images)
         rows.append({"codec": NAME, "setting": f"lambda {cfg.lmbda:g}", "budget_bytes": RATE_POINT,
                      "images": len(images),
@@ -296,12 +305,11 @@ def rd(args):
                      "slices_per_s": m["slices_per_s"]})
         print(f"{NAME} lambda {cfg.lmbda:g}: {m['sizes'].mean():.1f} bytes per slice, SSIM {m['ssim'].mean():.4f}, "
               f"PSNR {m['psnr'].mean():.2f} dB, {m['slices_per_s']:.2f} slices/s (encode + decode)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(outputs[0], rows)
-    write_json(outputs[1], {"split": args.split, "rows": rows, "checkpoints": [str(c) for c in args.checkpoints],
-                            "files": [str(f) for f in files],
-                            "about": "bytes: the y and z byte strings of CompressAI's entropy coder and a 4-byte "
-                                     "image-size header per slice"})
+    write_csv(out / OUTPUTS[0], rows)
+    write_json(out / OUTPUTS[1], {"split": args.split, "rows": rows, "checkpoints": [str(c) for c in args.checkpoints],
+                                  "files": [str(f) for f in files],
+                                  "about": "bytes: the y and z byte strings of CompressAI's entropy coder and a 4-byte "
+                                           "image-size header per slice"})
     print(f"written to {out}")
 
 

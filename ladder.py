@@ -15,9 +15,16 @@ import argparse
 from pathlib import Path
 
 from codec.ladder import LADDER_FILE, POINTS
-from training.checkpoints import load_checkpoint
-from training.families import add_trainer_data_flags, chosen_members, family_folder, run_script, training_finished
-from utils import DEVICES, PRECISIONS, ArgumentParser, exits_with_one_line, write_json
+from modules import ConfigError
+from training.checkpoints import PriorTrainConfig, load_checkpoint
+from training.families import (
+    add_trainer_data_flags,
+    check_trainer_flags,
+    chosen_members,
+    run_script,
+    training_finished,
+)
+from utils import DEVICES, PRECISIONS, ArgumentParser, UserError, claim_outputs, exits_with_one_line, write_json
 
 
 def train_point(name: str, args) -> dict:
@@ -45,6 +52,19 @@ def train_point(name: str, args) -> dict:
     return {"name": name, "preset": preset, "overrides": overrides, "prior_overrides": prior_overrides}
 
 
+def check_flags(args) -> list[str]:
+    """The points asked for, every flag passed to the trainers checked before the first point trains (a bad
+    --prior-epochs is not found after a VQ-VAE's training)."""
+    names = chosen_members(args.points, POINTS, "--points")
+    check_trainer_flags(args)
+    try:
+        PriorTrainConfig(epochs=args.prior_epochs, max_minutes=args.prior_minutes)
+    except ConfigError as e:
+        flag = {"epochs": "--prior-epochs", "max_minutes": "--prior-minutes"}[e.field]
+        raise UserError(f"invalid {flag} {e.value!r}; see --help for what it takes") from None
+    return names
+
+
 def main(argv=None):
     p = ArgumentParser(prog="ladder.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_trainer_data_flags(p, "point")
@@ -63,8 +83,8 @@ def main(argv=None):
                    "ladder.json (default: runs/ladder)")
     with exits_with_one_line():
         args = p.parse_args(argv)
-        names = chosen_members(args.points, POINTS, "--points")
-        family_folder(args.out)
+        names = check_flags(args)
+        claim_outputs(args.out, [LADDER_FILE], "ladder.py")
         points = []
         for name in sorted(names, key=list(POINTS).index):
             points.append(train_point(name, args))

@@ -25,9 +25,13 @@ segments worst: original, reconstruction, true mask, both segmentations):
 
 With --noise it denoises: the split's slices corrupted (rician:SIGMA or gaussian:SIGMA, seeded by --seed), the
 model's output and classical denoisers' (non-local means, total variation, wavelet, BM3D when installed) scored
-against the clean slices, beside the noisy input's own score; per_image.csv, summary.json and denoising.png:
+against the clean slices, beside the noisy input's own score; per_image.csv, summary.json and denoising.png (with
+--segmenter also the tissue Dice of the model's denoised slices beside the clean slices', as above):
 
     python predict.py --checkpoint runs/OASIS-default-000 --noise rician:0.1 --slow-baseline-slices 16
+
+--out may be a folder of other files: predict.py writes over only the files it wrote there itself (as every command
+does), and refuses, in one line, to write over any other.
 
 New slices from a prior trained by train_prior.py: sample.py.
 """
@@ -37,14 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anatomy.tissues import judge_reconstructions
+from anatomy.tissues import ANATOMY_FIGURE, anatomy_line, check_segmenter_fits, judge_reconstructions
 from codec.vqz import Codec
 from dataset import DATASETS
-from denoising.benchmark import score_denoising
+from denoising.benchmark import DENOISING_OUTPUTS, score_denoising
 from denoising.noise import CLASSICAL_DENOISERS, parse_noise
 from evaluation.metrics import score_split, summarise
 from training.checkpoints import checkpoint_file, load_segmenter, load_split, load_vqvae, newest_checkpoint, run_dir_of
 from utils import (
+    TRAINING_CURVES,
     ArgumentParser,
     UserError,
     add_runtime_flags,
@@ -52,6 +57,7 @@ from utils import (
     apply_runtime_flags,
     autocast,
     check_seed,
+    claim_outputs,
     exits_with_one_line,
     plot_histograms,
     plot_training_curves,
@@ -61,7 +67,7 @@ from utils import (
     write_csv,
     write_json,
 )
-from volumes.reconstruction import load_volume_files, score_volumes
+from volumes.reconstruction import VOLUME_TABLE, load_volume_files, reconstruction_paths, score_volumes
 
 SSIM_BAR = 0.6  # the course's pass mark for mean SSIM
 
@@ -69,7 +75,7 @@ SSIM_BAR = 0.6  # the course's pass mark for mean SSIM
 def parse_args(argv=None):
     p = ArgumentParser(prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared_flag(p, "--checkpoint", "the VQ-VAE to score (default: the newest runs/*/best.pt)")
-    add_shared_flag(p, "--split", "the split to reconstruct (default: test)", default="test")
+    add_shared_flag(p, "--split", "the split to reconstruct (default: test)")
     p.add_argument("--dataset", choices=DATASETS, help="score on this dataset's split instead of the one the model "
                    "was trained on (with --data-root)")
     add_shared_flag(p, "--data-root", "with --dataset, where that dataset is")
@@ -88,11 +94,10 @@ def parse_args(argv=None):
                                      "slices beside classical denoisers)")
     denoising.add_argument("--noise", help="noise added to every slice, seeded by --seed: rician:SIGMA or "
                            "gaussian:SIGMA, SIGMA a fraction of the intensity range (e.g. rician:0.1)")
-    denoising.add_argument("--seed", type=int, default=0, help="seed of --noise (default: 0)")
+    denoising.add_argument("--seed", type=int, help="seed of --noise (default: 0)")
     denoising.add_argument("--baselines", nargs="*", choices=tuple(CLASSICAL_DENOISERS),
-                           default=list(CLASSICAL_DENOISERS), help="classical denoisers run on the same noisy slices; "
-                           f"none when given no names (default: {' '.join(CLASSICAL_DENOISERS)}; bm3d only where the "
-                           "bm3d package is installed)")
+                           help="classical denoisers run on the same noisy slices; none when given no names "
+                           f"(default: {' '.join(CLASSICAL_DENOISERS)}; bm3d only where the bm3d package is installed)")
     denoising.add_argument("--slow-baseline-slices", type=int, metavar="N", help="run the slow classical denoisers "
                            "(BM3D: ~10 s a 256x256 slice on one core) on a fixed random subset of N slices, drawn "
                            "with --seed (default: every slice)")
@@ -100,16 +105,25 @@ def parse_args(argv=None):
 
 
 def checked(args):
-    """The flags' combinations and values that argparse cannot check; UserError in one line."""
-    check_seed(args.seed)
+    """The flags' combinations and values that argparse cannot check, and the defaults that depend on them;
+    UserError in one line."""
+    if args.seed is not None:
+        check_seed(args.seed)
+    given = [flag for flag, value in (("--seed", args.seed), ("--baselines", args.baselines),
+                                      ("--slow-baseline-slices", args.slow_baseline_slices)) if value is not None]
+    if given and args.noise is None:
+        raise UserError(f"{given[0]} is a setting of --noise's denoising; pass --noise too, or leave it out")
+    args.seed = 0 if args.seed is None else args.seed
+    args.baselines = list(CLASSICAL_DENOISERS) if args.baselines is None else args.baselines
     if args.dataset and not args.data_root:
         raise UserError(f"--dataset {args.dataset} needs --data-root: where that dataset is")
     if args.volumes and (args.dataset or args.data_root):
         raise UserError("--volumes reconstructs the files given; it does not go with --dataset or --data-root")
     if args.segmenter and args.volumes:
         raise UserError("--segmenter judges slices with true tissue masks; it does not go with --volumes")
-    if args.volumes:
-        args.split = "volumes"  # names the output folder (predict_volumes) and the summary's split
+    if args.volumes and args.split:
+        raise UserError("--volumes reconstructs the files given; it does not go with --split")
+    args.split = "volumes" if args.volumes else args.split or "test"  # volumes: the output folder's and summary's
     if args.noise is not None:
         if args.volumes:
             raise UserError("--noise corrupts and scores a split; it does not go with --volumes")
@@ -138,19 +152,22 @@ def reconstruct(args):
         model.config.latent_grid(*data.image_shape)
     except ValueError as e:
         raise UserError(f"{data.name} {args.split}: {e}") from None
+    if segmenter:
+        check_segmenter_fits(segmenter[0], data.image_shape, f"{data.name} {args.split}")
     out = args.out or run_dir_of(path) / ((f"predict_{args.split}" if data.name == cfg.dataset
                                            else f"predict_{data.name}_{args.split}")
                                           + (f"_{args.noise}".replace(":", "-") if args.noise else ""))
-    out.mkdir(parents=True, exist_ok=True)
+    volume_paths = reconstruction_paths(out, data.volumes) if data.volumes is not None else None
+    claim_outputs(out, output_names(args, data, run_dir_of(path), segmenter is not None), "predict.py")
     if args.noise is not None:
-        return score_denoising(args, model, (path, cfg, state), data, out, device)
+        return score_denoising(args, model, (path, cfg, state), data, out, device, segmenter)
 
     if data.volumes is None:
         scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
                              compiled_ssim=args.compile, keep=len(data) if segmenter else 64,
                              progress="reconstructing")
     else:
-        scores, per_volume = score_volumes(model, data, device, args, out)
+        scores, per_volume = score_volumes(model, data, device, args, out, volume_paths)
     ssims, psnrs = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
     file_bytes = static_file_bytes(model, scores.indices, data.image_shape)
     columns, anatomy = (judge_reconstructions(segmenter, data, scores, device, args, out) if segmenter
@@ -173,6 +190,21 @@ def reconstruct(args):
     return summary
 
 
+FIGURES = ("reconstructions.png", "triplets.png", "ssim_hist.png")  # draw_figures', besides the training curves
+
+
+def output_names(args, data, run_dir: Path, judged: bool) -> list[str]:
+    """The files this run writes into its --out, besides volumes/ (its NIfTI files carry their own mark): what
+    utils.claim_outputs records as predict.py's."""
+    if args.noise is not None:
+        names = list(DENOISING_OUTPUTS)
+    else:
+        names = ["per_image.csv", "summary.json", *FIGURES]
+        names += list(TRAINING_CURVES) if (run_dir / "metrics.csv").exists() else []
+        names += [VOLUME_TABLE] if data.volumes is not None else []
+    return names + ([ANATOMY_FIGURE] if judged else [])
+
+
 def static_file_bytes(model, codes: torch.Tensor, image_shape) -> np.ndarray:
     """The size of each slice's .vqz file under the static coder (the codebook's training frequencies, no prior):
     what `compress.py encode` without a prior writes, header included."""
@@ -183,12 +215,12 @@ def static_file_bytes(model, codes: torch.Tensor, image_shape) -> np.ndarray:
 def draw_figures(scores, ssims: np.ndarray, what: str, run_dir: Path, out: Path):
     """reconstructions.png (the first 64), triplets.png (the worst, the first and the best slice), ssim_hist.png,
     and the training curves where the run's metrics.csv is beside the checkpoint."""
-    save_side_by_side(scores.inputs[:64], scores.outputs[:64], out / "reconstructions.png")
+    save_side_by_side(scores.inputs[:64], scores.outputs[:64], out / FIGURES[0])
     kept = ssims[:len(scores.inputs)]
     worst_first_best = [int(np.argmin(kept)), 0, int(np.argmax(kept))]
     plot_triplets(scores.inputs[worst_first_best], scores.indices[worst_first_best],
-                  scores.outputs[worst_first_best], out / "triplets.png", scores=kept[worst_first_best])
-    plot_histograms({"SSIM": ssims}, out / "ssim_hist.png", f"SSIM on {what}", "SSIM", threshold=SSIM_BAR)
+                  scores.outputs[worst_first_best], out / FIGURES[1], scores=kept[worst_first_best])
+    plot_histograms({"SSIM": ssims}, out / FIGURES[2], f"SSIM on {what}", "SSIM", threshold=SSIM_BAR)
     if (run_dir / "metrics.csv").exists():
         plot_training_curves(run_dir / "metrics.csv", out)
 
@@ -201,12 +233,7 @@ def print_summary(summary: dict, out: Path):
           f"{summary['bits_per_image'] / 8:.0f} B of codes, {summary['static_vqz_bytes']['mean']:.0f} B per .vqz "
           f"file (static coder) | written to {out}")
     if "anatomy" in summary:
-        a = summary["anatomy"]
-        print(f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals "
-              f"{a['original']['dice_mean']['mean']:.4f}, reconstructions "
-              f"{a['reconstruction']['dice_mean']['mean']:.4f} (difference "
-              f"{a['reconstruction_minus_original']:+.4f}); between the two segmentations "
-              f"{a['between']['dice_mean']['mean']:.4f}")
+        print(anatomy_line(summary["anatomy"]))
 
 
 if __name__ == "__main__":

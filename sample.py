@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from anatomy.tissues import check_segmenter_fits
 from anatomy.vocabulary import MASKED_DATASETS, TISSUES
 from dataset import class_index
 from evaluation.generation import prior_bits, sample_scores, save_completions
@@ -38,10 +39,13 @@ from utils import (
     apply_runtime_flags,
     autocast,
     check_seed,
+    claim_outputs,
     exits_with_one_line,
     save_image_grid,
     write_json,
 )
+
+OUTPUTS = ("samples.png", "completions.png", "sample_scores.json")  # in --out
 
 
 def parse_args(argv=None):
@@ -110,6 +114,9 @@ def load_splits(args, cfg, state, segmenter):
     train, val, held = (load_split(cfg, split, args.data_root, args.skip_bad, state["demo_settings"],
                                    masks=masked and split == "validate") for split in ("train", "validate", args.split))
     if args.reference_slices is not None:
+        if args.reference_slices > len(train):
+            raise UserError(f"--reference-slices {args.reference_slices} is more than the {len(train)} slices of the "
+                            f"train split; pass at most {len(train)}, or leave it out for all of them")
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
                              [:args.reference_slices].sort().values)
     return train, val, held
@@ -122,8 +129,9 @@ def sample(args):
     amp = autocast(args.precision, device)
     segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     train, val, held = load_splits(args, cfg, state, segmenter)
-    out = args.out or run_dir_of(prior_path) / "predict_samples"
-    out.mkdir(parents=True, exist_ok=True)
+    if segmenter:
+        check_segmenter_fits(segmenter[0], train.image_shape, f"{cfg.dataset} train")
+    out = claim_outputs(args.out or run_dir_of(prior_path) / "predict_samples", OUTPUTS, "sample.py")
     shape = model.config.latent_grid(*train.image_shape)
     generator = torch.Generator(device).manual_seed(args.seed)
 
@@ -132,10 +140,10 @@ def sample(args):
     codes = prior.sample(args.num_samples, shape, sample_labels, args.temperature, generator)
     samples = apply_in_batches(model.decode_indices, codes, device, args.batch_size)
     what = f"class {prior_state['class_names'][chosen_class]}, " if chosen_class is not None else ""
-    save_image_grid(samples[:64], out / "samples.png", nrow=8, title=f"{args.num_samples} samples ({what}"
+    save_image_grid(samples[:64], out / OUTPUTS[0], nrow=8, title=f"{args.num_samples} samples ({what}"
                     f"temperature {args.temperature}, seed {args.seed})")
     save_completions(prior, model, held, shape, args.temperature, generator, amp, args.batch_size,
-                     out / "completions.png")
+                     out / OUTPUTS[1])
 
     # Scores, each beside the same measurement on real validation slices.
     conditional = bool(prior.config.num_classes)
@@ -149,7 +157,7 @@ def sample(args):
               "validation_nll_bits_per_code": bits, "log2_codebook_size": math.log2(model.config.codebook_size),
               **sample_scores(model, samples, train, val, args, device, segmenter,
                               classes=(sample_labels, prior_state["class_names"]) if conditional else None)}
-    write_json(out / "sample_scores.json", scores)
+    write_json(out / OUTPUTS[2], scores)
     print_scores(scores, out)
     return scores
 

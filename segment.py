@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from anatomy.tissues import dice_columns, dice_summary, dice_table, segment_images, worst_first
+from anatomy.tissues import (
+    check_segmenter_fits,
+    dice_columns,
+    dice_summary,
+    dice_table,
+    segment_images,
+    worst_first,
+)
 from anatomy.vocabulary import TISSUES
 from dataset import build_dataset, demo_settings
 from imaging.slices import to_float
@@ -31,7 +38,7 @@ from training.flags import config_or_error, parse_config_flags, split_subcommand
 from training.protocol import EpochRun, SavedEpochs, run_epochs
 from training.runs import reserve_run_folder, restore_training, resume_checkpoint, resumed_config
 from training.schedule import TimeBudget, schedule_done
-from training.steps import adam_and_schedule, on_device, optimizer_step, speed_settings
+from training.steps import adam_and_schedule, check_one_batch, on_device, optimizer_step, speed_settings
 from utils import (
     ArgumentParser,
     UserError,
@@ -40,6 +47,7 @@ from utils import (
     apply_runtime_flags,
     autocast,
     choose_device,
+    claim_outputs,
     exits_with_one_line,
     plot_curves,
     plot_histograms,
@@ -70,9 +78,7 @@ def load_data(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig):
         model_cfg.check_fits(*val_data.image_shape)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if len(train_data) < cfg.batch_size:
-        raise UserError(f"the train split has {len(train_data)} slices, fewer than one batch ({cfg.batch_size}); "
-                        f"lower --batch-size")
+    check_one_batch("the train split's slices", len(train_data), cfg.batch_size)
     if cfg.val_slices and cfg.val_slices < len(val_data):
         keep = torch.linspace(0, len(val_data) - 1, cfg.val_slices).round().long().unique()
         val_data.images, val_data.masks = val_data.images[keep], val_data.masks[keep]
@@ -226,7 +232,11 @@ def configs_from_args(run_args: dict, model_args: dict):
         path, state = resume_checkpoint(run_args, model_args, RESUMABLE_OVERRIDES, "segmenter")
         model, saved_cfg = rebuild_segmenter(state, path)
         return resumed_config(saved_cfg, run_args, path, state), model.config, state
-    return config_or_error(SegmenterTrainConfig, **run_args), config_or_error(SegmenterConfig, **model_args), None
+    cfg = config_or_error(SegmenterTrainConfig, **run_args)
+    if cfg.epoch_slices:
+        check_one_batch("--epoch-slices", cfg.epoch_slices, cfg.batch_size,
+                        "raise --epoch-slices or lower --batch-size (--epoch-slices 0: the whole split)")
+    return cfg, config_or_error(SegmenterConfig, **model_args), None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,25 +255,25 @@ def parse_score_args(argv):
     return p.parse_args(argv)
 
 
+SCORE_OUTPUTS = ("per_slice.csv", "summary.json", "segmentations.png", "dice_hist.png")  # in score's --out
+
+
 def score(args) -> dict:
     device = apply_runtime_flags(args)
     model, cfg, state = load_segmenter(args.checkpoint, device)
     data = load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], masks=True)
-    try:
-        model.config.check_fits(*data.image_shape)
-    except ValueError as e:
-        raise UserError(f"{data.name} {args.split}: {e}") from None
-    out = args.out or run_dir_of(args.checkpoint) / f"score_{args.split}"
-    out.mkdir(parents=True, exist_ok=True)
+    check_segmenter_fits(model, data.image_shape, f"{data.name} {args.split}")
+    out = claim_outputs(args.out or run_dir_of(args.checkpoint) / f"score_{args.split}", SCORE_OUTPUTS,
+                        "segment.py score")
 
     pred = segment_images(model, data.images, device, autocast(args.precision, device), args.batch_size,
                           desc="segmenting")
     table = dice_table(pred, data.masks)
-    write_csv(out / "per_slice.csv", [{"file": f, **d} for f, d in zip(data.files, dice_columns(table))])
+    write_csv(out / SCORE_OUTPUTS[0], [{"file": f, **d} for f, d in zip(data.files, dice_columns(table))])
     summary = {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "dataset": data.name,
                "split": args.split, "slices": len(data), "dice": dice_summary(table, pred, data.masks),
                "dice_of_a_tissue_in_neither_mask": 1.0}
-    write_json(out / "summary.json", summary)
+    write_json(out / SCORE_OUTPUTS[1], summary)
     draw_scores(data, pred, table, out, f"{data.name} {args.split}")
     d = summary["dice"]
     print(f"{data.name} {args.split}: {len(data)} slices | Dice CSF {d['dice_csf']['mean']:.4f} GM "
@@ -278,8 +288,8 @@ def draw_scores(data, pred, table, out: Path, what: str):
     picks = list(dict.fromkeys(worst_first(table, 4) + torch.linspace(0, len(data) - 1, 4).long().tolist()))
     rows = [[(to_float(data.images[i]), Path(data.files[i]).name[:28]), (data.masks[i], "true mask"),
              (pred[i], f"predicted (Dice {table[i, -1]:.3f})")] for i in picks]
-    plot_image_rows(rows, out / "segmentations.png")
-    plot_histograms({t: table[:, k] for k, t in enumerate(TISSUES)}, out / "dice_hist.png",
+    plot_image_rows(rows, out / SCORE_OUTPUTS[2])
+    plot_histograms({t: table[:, k] for k, t in enumerate(TISSUES)}, out / SCORE_OUTPUTS[3],
                     f"Per-slice Dice on {what}", "Dice")
 
 

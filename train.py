@@ -44,6 +44,7 @@ from training.runs import reserve_run_folder, restore_training, resume_checkpoin
 from training.schedule import TimeBudget, schedule_done
 from training.steps import (
     batches,
+    check_one_batch,
     compile_model,
     require_compiler,
     speed_settings,
@@ -118,9 +119,9 @@ def load_data(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace):
                 val_data = build_dataset(cfg.dataset, cfg.data_root, "validate", **kwargs)
                 check_compatible(train_data.image_shape, val_data)
                 check_fits_model(cfg, model_cfg, train_data.image_shape, place.world)
-                if len(train_data) < cfg.batch_size * place.world:
-                    raise UserError(f"the train split has {len(train_data)} images, fewer than one batch "
-                                    f"({cfg.batch_size} x {place.world} processes); lower --batch-size")
+                check_one_batch("the train split's images", len(train_data), cfg.batch_size * place.world,
+                                "lower --batch-size" + (f" (per process; {place.world} processes)"
+                                                        if place.world > 1 else ""))
     stage_images(cfg, place.device, train_data, val_data, verbose=place.main)
     return train_data, val_data
 

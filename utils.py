@@ -75,11 +75,21 @@ def apply_runtime_flags(args) -> torch.device:
     """The device add_runtime_flags' flags ask for, with PyTorch's CPU threads set; UserError for a bad value."""
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         raise UserError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {args.batch_size}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     return choose_device(args.device)
+
+
+def check_at_least(flag: str, value: int | None, least: int = 1):
+    """UserError for a count flag below `least`; None (the flag not given) passes."""
+    if value is not None and value < least:
+        raise UserError(f"{flag} must be at least {least}, got {value}")
+
+
+def set_threads(threads: int | None):
+    """--threads: PyTorch's CPU threads (None: PyTorch's default); UserError below 1."""
+    check_at_least("--threads", threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def check_seed(seed: int):
@@ -173,7 +183,8 @@ def stop_on_interrupts():
     """Ctrl-C and SIGTERM (`kill`, a cluster scheduler's time limit or pre-emption) both raise KeyboardInterrupt, and
     only once: the handler ignores every later one before anything else runs, so a second signal, however soon
     after the first (an impatient double Ctrl-C), cannot cut short what the first one's handling saves and reports.
-    The trainers' main() calls it; in the main thread only, where handlers can be set."""
+    The trainers' main() calls it; in the main thread only, where handlers can be set. exits_with_one_line disarms
+    them as the command ends (disarm_interrupt_handlers)."""
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _interrupt_once)
@@ -228,7 +239,7 @@ def ignore_further_interrupts():
 def exits_with_one_line(prefix: str = "error", interrupted: str = "interrupted; nothing was saved"):
     """Around every command's main: what the user can fix (UserError, DataError, an OSError such as a full disk or
     a file where a folder should be) stops it with one line and exit status 2, and Ctrl-C or SIGTERM that nothing
-    inside handled with `interrupted` and status 130."""
+    inside handled with `interrupted` and status 130; on every way out, stop_on_interrupts' handlers are disarmed."""
     try:
         yield
     except (UserError, DataError) as e:
@@ -241,6 +252,20 @@ def exits_with_one_line(prefix: str = "error", interrupted: str = "interrupted; 
         ignore_further_interrupts()
         print(f"\n{interrupted}", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        disarm_interrupt_handlers()
+
+
+def disarm_interrupt_handlers():
+    """As a command ends, however it ends (exits_with_one_line): stop_on_interrupts' handlers become SIG_IGN, since
+    the process is ending. A signal that lands later, during the process group's teardown or the interpreter's
+    shutdown (torchrun's SIGTERM to the ranks still alive once one died, a late Ctrl-C), would otherwise raise
+    KeyboardInterrupt where nothing catches it and print a traceback after the command's last line. Python's own
+    handlers, in the commands that install none, are left as they are."""
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is _interrupt_once:
+                signal.signal(s, signal.SIG_IGN)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -376,6 +401,40 @@ def _is_number(s: str) -> bool:
 def write_json(path: Path, data):
     """Atomically; NaN or infinity (not JSON) are written as null."""
     write_atomically(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: Path):
+    """A JSON file's contents; OSError if it cannot be read, ValueError if it is not JSON (text nested too deeply
+    for the parser, where json raises RecursionError, included), so that a reader of a user's file catches both."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be read") from None
+
+
+OUTPUT_RECORD = ".written_by.json"  # in an --out folder: {file name: the command that wrote it} (claim_outputs)
+
+
+def claim_outputs(folder: Path, names, command: str) -> Path:
+    """Make `folder` (a command's --out) ready for `command` to write the fixed-name files `names` into: UserError if
+    one of them is there and the folder's OUTPUT_RECORD does not say `command` wrote it (a user's file, another
+    command's), else they are recorded as `command`'s and the folder is returned. A rerun thus writes over its own
+    files and never over anything else. Call it once every input is checked, in place of the first write."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder} is a file, not a folder; choose another --out")
+    try:
+        owners = read_json(folder / OUTPUT_RECORD) if (folder / OUTPUT_RECORD).is_file() else {}
+    except (OSError, ValueError):
+        owners = {}
+    owners = owners if isinstance(owners, dict) else {}
+    for name in names:
+        if (folder / name).exists() and owners.get(name) != command:
+            raise UserError(f"{folder / name} is there and was not written by {command}, which never writes over a "
+                            f"file it did not create; choose another --out, or remove it")
+    write_json(folder / OUTPUT_RECORD, {**owners, **dict.fromkeys(names, command)})
+    return folder
 
 
 def _finite(data):

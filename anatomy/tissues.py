@@ -10,7 +10,7 @@ import torch
 from anatomy.vocabulary import DICE_COLUMNS, TISSUE_CLASSES
 from evaluation.metrics import apply_in_batches
 from imaging.slices import to_float, to_uint8
-from utils import autocast, plot_image_rows
+from utils import UserError, autocast, plot_image_rows
 
 
 @torch.no_grad()
@@ -22,6 +22,16 @@ def segment_images(model, images: torch.Tensor, device: torch.device, amp, batch
         with amp:
             return model(x).argmax(1).to(torch.uint8)
     return apply_in_batches(segment, images, device, batch_size, desc)
+
+
+def check_segmenter_fits(model, image_shape, what: str):
+    """UserError unless the segmenter `model` takes slices of `image_shape` (every level halves their sides
+    cleanly); every command that segments checks this before its first output. `what`: the slices, e.g. 'OASIS
+    test'."""
+    try:
+        model.config.check_fits(*image_shape)
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
 
 
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, classes=TISSUE_CLASSES) -> torch.Tensor:
@@ -92,6 +102,9 @@ def worst_first(table: torch.Tensor, n: int) -> list[int]:
     return table[:, -1].argsort()[:n].tolist()
 
 
+ANATOMY_FIGURE = "worst_anatomy.png"  # judge_reconstructions' figure, in predict.py's --out
+
+
 def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> tuple[list[dict], dict]:
     """The segmenter's tissues on each original and on its reconstruction (as the 8-bit image it would be saved
     as), scored against the true masks and against each other; the per-image columns, the summary and
@@ -113,5 +126,13 @@ def judge_reconstructions(segmenter, data, scores, device, args, out: Path) -> t
              (data.masks[i], "true mask"), (seg_original[i], f"of original ({tables['original'][i, -1]:.3f})"),
              (seg_recon[i], f"of reconstruction ({tables['reconstruction'][i, -1]:.3f})")]
             for i in worst_first(tables["reconstruction"], min(6, len(data)))]
-    plot_image_rows(rows, out / "worst_anatomy.png")
+    plot_image_rows(rows, out / ANATOMY_FIGURE)
     return columns, anatomy
+
+
+def anatomy_line(anatomy: dict, what: str = "reconstructions") -> str:
+    """judge_reconstructions' summary on one line; `what`: the model's outputs (reconstructions, denoised)."""
+    mean = {name: anatomy[name]["dice_mean"]["mean"] for name in ("original", "reconstruction", "between")}
+    return (f"tissue Dice (mean of CSF/GM/WM) against the true masks: originals {mean['original']:.4f}, {what} "
+            f"{mean['reconstruction']:.4f} (difference {anatomy['reconstruction_minus_original']:+.4f}); between "
+            f"the two segmentations {mean['between']:.4f}")

@@ -2,7 +2,6 @@
 points (LADDER_FILE, read by read_ladder), and Ladder, the encoder that picks per slice the point whose file is best
 within a byte budget (compress.py encode --max-bytes / --ladder).
 """
-import json
 import math
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from codec.vqz import PRIOR, Codec, Header
 from imaging.quality import ssim
 from imaging.slices import uint8_to_unit
-from utils import UserError
+from utils import UserError, read_json
 
 # name -> (preset, model overrides, prior overrides), smallest files first. The grid sets how many codes a slice
 # has (H/16: 256 on 256x256, H/8: 1024, H/4: 4096), K how many bits each costs before the prior; points of one grid
@@ -35,7 +34,7 @@ def read_ladder(folder: Path) -> list[tuple[Path, Path | None]]:
     and <folder>/<point>/prior/best.pt), smallest first; a point whose prior was not trained yet has none."""
     path = Path(folder) / LADDER_FILE
     try:
-        names = [p["name"] for p in json.loads(path.read_text())["points"]]
+        names = [p["name"] for p in read_json(path)["points"]]
         if not names or not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")
                                 for n in names):
             raise ValueError("the points must be folder names")

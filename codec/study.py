@@ -5,7 +5,6 @@ budget, in worker processes) and returns plain rows of rd.csv with what the figu
 codec and budget, the targets and BD-rates as measured, and the figures (rd.png: every curve; rd_slice.png: one
 slice under every codec at equal bytes). compress.py rd is its command line.
 """
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from codec.classical import BudgetSearch, classical_codec
 from codec.vqz import HEADER, Codec
 from imaging.quality import psnr, ssim
 from imaging.slices import uint8_to_unit
-from utils import UserError, one_line_reason, pyplot
+from utils import UserError, one_line_reason, pyplot, read_json
 
 
 def scores(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
@@ -220,18 +219,28 @@ def ladder_rows(vq: list[VqvaeFiles], budgets: list[int]) -> tuple[list[dict], d
 RATE_POINT = "rate point"  # the budget_bytes of a learned peer's row: one trained model, not a byte budget
 
 
+PEER_COLUMNS = {"codec": str, "setting": str, "images_fit": int, "images_over_budget": int, "mean_bytes": float,
+                "mean_ssim": float, "mean_psnr": float}  # what the study reads of each of a peer's rows
+
+
 def peer_rows(path: Path, files: list[str]) -> list[dict]:
     """The rows of a learned peer's rd file (hyperprior.py rd's rd_hyperprior.json), which must have measured the
-    very slices `files`."""
+    very slices `files`; UserError for a file the study could not use to its end (a row without PEER_COLUMNS, or
+    a value of another type), before anything is measured."""
     try:
-        peer = json.loads(Path(path).read_text())
-        rows, measured = peer["rows"], peer["files"]
-        if not all(isinstance(r, dict) and {"codec", "mean_bytes", "mean_ssim", "mean_psnr"} <= set(r) for r in rows):
-            raise ValueError("a row lacks codec, mean_bytes, mean_ssim or mean_psnr")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        peer = read_json(path)
+        rows, measured = peer["rows"], [Path(str(f)).name for f in peer["files"]]
+        for r in rows:
+            bad = [k for k, kind in PEER_COLUMNS.items() if not isinstance(r.get(k), kind)
+                   and not (kind is float and type(r.get(k)) is int)]
+            if bad:
+                raise ValueError(f"a row lacks {bad[0]} or it is not a {PEER_COLUMNS[bad[0]].__name__}")
+            if r["codec"] == LADDER or r["codec"].startswith("VQ-VAE"):
+                raise ValueError(f"a row's codec is named {r['codec']!r}, as the study's own rows are")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read the peer's rate points {path} ({one_line_reason(e)}); pass the "
                         f"rd_hyperprior.json that hyperprior.py rd wrote") from None
-    if [Path(str(f)).name for f in measured] != [Path(str(f)).name for f in files]:
+    if measured != [Path(str(f)).name for f in files]:
         raise UserError(f"{path} measured other slices ({len(measured)}) than this study ({len(files)}); run "
                         f"hyperprior.py rd with the same --split and --max-images")
     return [{**r, "budget_bytes": RATE_POINT} for r in rows]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from anatomy.tissues import anatomy_line, judge_reconstructions
 from denoising.noise import CLASSICAL_DENOISERS, add_noise, available_denoisers, run_denoiser
 from evaluation.metrics import score_split, summarise
 from imaging.quality import psnr, ssim
@@ -17,11 +18,15 @@ from imaging.slices import to_float, to_unit, unit_to_float
 from training.checkpoints import load_split
 from utils import autocast, save_image_grid, use_bf16, write_csv, write_json
 
+DENOISING_OUTPUTS = ("per_image.csv", "summary.json", "denoising.png")  # in predict.py's --out
 
-def score_denoising(args, model, checkpoint, data, out: Path, device) -> dict:
+
+def score_denoising(args, model, checkpoint, data, out: Path, device, segmenter=None) -> dict:
     """--noise: the split's slices corrupted (seeded by --seed), reconstructed by the model and by each classical
     denoiser, every output scored against the clean slice, the noisy input's own score beside them; per_image.csv,
-    summary.json and denoising.png."""
+    summary.json and denoising.png. With a `segmenter` (load_segmenter's) also the tissue Dice of the model's
+    denoised slices beside the clean slices' (anatomy.tissues.judge_reconstructions: its columns and
+    worst_anatomy.png)."""
     path, cfg, state = checkpoint
     amp = autocast(args.precision, device)
     clean = to_unit(to_float(data.images.unsqueeze(1)))  # (N, 1, H, W) in [0, 1]
@@ -30,7 +35,8 @@ def score_denoising(args, model, checkpoint, data, out: Path, device) -> dict:
     # The model, and the noisy input as it is
     start = time.perf_counter()
     ours = score_split(model, data.images, device, amp, args.batch_size, compiled_ssim=args.compile,
-                       progress="denoising", corrupt=lambda x, rows: noisy[rows.start:rows.stop].to(x.device))
+                       keep=len(data) if segmenter else 0, progress="denoising",
+                       corrupt=lambda x, rows: noisy[rows.start:rows.stop].to(x.device))
     results = {"noisy": image_scores(to_unit(noisy), clean), "ours": (ours.ssim.cpu(), ours.psnr.cpu())}
     seconds = {"ours": (time.perf_counter() - start) / len(data)}
 
@@ -50,16 +56,22 @@ def score_denoising(args, model, checkpoint, data, out: Path, device) -> dict:
         results[method.name] = scores_on_rows(denoised, clean, rows)
         shown[method.name] = denoised[torch.searchsorted(rows, picks)]
 
-    # Tables and the figure
-    write_csv(out / "per_image.csv", per_image_rows(data.files, results))
+    # Tables and the figures
+    columns, anatomy = (judge_reconstructions(segmenter, data, ours, device, args, out) if segmenter
+                        else ([{}] * len(data), None))
+    write_csv(out / "per_image.csv", [{**r, **c} for r, c in zip(per_image_rows(data.files, results), columns)])
     bf16 = use_bf16(args.precision, device)
     summary = denoising_summary(args, checkpoint, data, results, seconds, tuning, common, bf16)
+    if anatomy:
+        summary["anatomy"] = anatomy
     write_json(out / "summary.json", summary)
     best = summary["best_classical"]
     best_label = CLASSICAL_DENOISERS[best].label if best else "no classical"
     save_denoising_grid(model, noisy[picks], clean[picks], shown.get(best), amp, out / "denoising.png",
                         f"{args.noise}: noisy | ours | {best_label} | clean")
     print(denoising_line(summary, out))
+    if anatomy:
+        print(anatomy_line(anatomy, f"denoised by ours (from {args.noise})"))
     return summary
 
 

@@ -65,24 +65,37 @@ class Noise:
 
 
 def parse_noise(spec: str, flag: str = "--noise") -> Noise:
-    """'rician:0.1', 'gaussian:0.05' or 'rician:0.05-0.2' -> Noise; UserError in one line otherwise."""
-    match = re.fullmatch(r"\s*(\w+)\s*:\s*([^-\s]+)\s*(?:-\s*(\S+))?\s*", str(spec))
+    """'rician:0.1', 'gaussian:5e-2' or 'rician:0.05-0.2' -> Noise, each level read as Python's float() reads a
+    number; UserError in one line otherwise."""
+    match = re.fullmatch(r"\s*(\w+)\s*:(.+)", str(spec))
     if not match:
         raise UserError(f"{flag} {spec!r} is not {NOISE_SYNTAX}")
-    model, low, high = match.group(1).lower(), match.group(2), match.group(3) or match.group(2)
+    model = match.group(1).lower()
     if model not in NOISE_MODELS:
         raise UserError(f"{flag} {spec!r}: unknown noise model {match.group(1)!r}; choose rician or gaussian")
-    try:
-        low, high = float(low), float(high)
-    except ValueError:
-        raise UserError(f"{flag} {spec!r}: the level is not a number; it takes {NOISE_SYNTAX}") from None
-    for sigma in (low, high):
+    levels = noise_levels(match.group(2))
+    if levels is None:
+        raise UserError(f"{flag} {spec!r}: the level is not a number; it takes {NOISE_SYNTAX}")
+    for sigma in levels:
         if not (math.isfinite(sigma) and 0 < sigma < 1):
             raise UserError(f"{flag} {spec!r}: SIGMA must be a fraction of the intensity range, 0 < SIGMA < 1, "
                             f"got {sigma:g}")
+    low, high = levels
     if high < low:
         raise UserError(f"{flag} {spec!r}: a range LO-HI needs LO <= HI")
     return Noise(model, low, high)
+
+
+def noise_levels(text: str) -> tuple[float, float] | None:
+    """'SIGMA' -> (SIGMA, SIGMA), 'LO-HI' -> (LO, HI), each number as float() reads it (5e-2 too: the range's dash
+    is the one with a number on either side); None if the text is neither."""
+    splits = [(text, text)] + [(text[:i], text[i + 1:]) for i in range(1, len(text)) if text[i] == "-"]
+    for low, high in splits:
+        try:
+            return float(low), float(high)
+        except ValueError:
+            continue
+    return None
 
 
 def add_noise(x: torch.Tensor, noise: Noise, seed: Sequence[int], keys: Sequence[int]) -> torch.Tensor:

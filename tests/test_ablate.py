@@ -61,3 +61,21 @@ def test_a_variant_stopped_by_its_deadline_is_finished_and_an_interrupted_one_is
     assert not families.training_finished({"epoch": 3, "time_budget": {"seconds_left": 412.0, "done": False}},
                                           epochs=40)
     assert not families.training_finished({"epoch": 3}, epochs=40)  # no budget recorded: resumed
+
+
+def test_tables_ablate_py_did_not_write_are_never_written_over(tmp_path, monkeypatch, capsys):
+    commands = []
+    monkeypatch.setattr(families.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd))
+    (tmp_path / "ablation.md").write_text("my notes")
+    r = run_main(ablate.main, ["--variants", "seed", "--out", tmp_path], capsys)
+    assert r.returncode == 2 and not commands
+    assert_one_line_error(r, f"{tmp_path / 'ablation.md'} is there and was not written by ablate.py")
+    assert (tmp_path / "ablation.md").read_text() == "my notes"
+
+
+def test_a_flag_train_py_would_refuse_is_refused_before_the_first_variant(tmp_path, monkeypatch, capsys):
+    commands = []
+    monkeypatch.setattr(families.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd))
+    r = run_main(ablate.main, ["--variants", "seed", "--max-minutes", "-5", "--out", tmp_path / "a"], capsys)
+    assert r.returncode == 2 and not commands and not (tmp_path / "a").exists()
+    assert_one_line_error(r, "invalid --max-minutes -5.0")

@@ -11,16 +11,20 @@ import torch.nn as nn
 
 import bench
 from dataset import generate_demo
-from helpers import INDUCTOR, TINY_MODEL, run_main, scripts_run_in_this_process
+from helpers import INDUCTOR, TINY_MODEL, assert_one_line_error, run_main, scripts_run_in_this_process
 from modules import PRESETS, ConvTranspose2d, count_codes
+from training import steps
 from training.checkpoints import TrainConfig
 from training.steps import train_step, vqvae_and_optimiser
+from utils import UserError
 
 TINY = ["--size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--peak-sizes", "64"]
+TINY_OF = {"--quality": ["--batch-size", "2"], "--sampling": ["--steps", "1", "--warmup", "0"]}  # the flags each reads
 
 
 def run_bench(capsys, *args):
-    return run_main(bench.main, [*TINY, *args], capsys)
+    tiny = next((TINY_OF[a] for a in args if a in TINY_OF), TINY)
+    return run_main(bench.main, [*tiny, *args], capsys)
 
 
 @INDUCTOR
@@ -166,3 +170,38 @@ def test_a_json_path_in_a_missing_folder_is_refused_before_the_benchmark_runs(tm
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"the folder {tmp_path / 'missing'} does not exist" in err
     assert "training" not in err  # nothing was timed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--quality", "--grid", "8"], "bench.py --quality does not read --grid (a flag of bench.py --sampling); drop it"),
+    (["--sampling", "--batch-size", "4"], "bench.py --sampling does not read --batch-size (a flag of bench.py or "
+                                          "bench.py --quality)"),
+    (["--quality", "--precision", "bf16"], "bench.py --quality does not read --precision"),
+    (["--epochs", "3"], "bench.py does not read --epochs (a flag of bench.py --quality)"),
+    (["--peak-sizes", "1024,0"], "argument --peak-sizes: invalid int_list value: '1024,0'"),
+    (["--sampling", "--compile"], "--compile needs a C++ compiler"),
+])
+def test_a_flag_that_would_do_nothing_or_cannot_work_is_refused_before_the_benchmark_runs(
+        flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(steps.shutil, "which", lambda name: None)  # no C++ compiler on this machine
+    r = run_main(bench.main, [*flags, "--json", tmp_path / "b.json"], capsys)
+    assert_one_line_error(r, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_never_replaces_a_file_bench_did_not_write(tmp_path, capsys):
+    (tmp_path / "notes.json").write_text("mine")
+    r = run_main(bench.main, [*TINY, "--json", tmp_path / "notes.json"], capsys)
+    assert_one_line_error(r, f"{tmp_path / 'notes.json'} is there and was not written by bench.py")
+    assert (tmp_path / "notes.json").read_text() == "mine"
+
+
+def test_quality_runs_train_py_with_the_threads_asked_for(tmp_path, monkeypatch, capsys):
+    given = []
+
+    def run_script(script, values, threads, failure):
+        given.append(threads)
+        raise UserError("stopped here")
+    monkeypatch.setattr(bench, "run_script", run_script)
+    r = run_main(bench.main, ["--quality", "--threads", "1", "--json", tmp_path / "q.json"], capsys)
+    assert r.returncode == 2 and given == [1]

@@ -298,6 +298,35 @@ def test_rd_compares_several_checkpoints(trained_models, tmp_path, capsys):
                         "--out", str(tmp_path / "rd3")], "one --prior per --checkpoint")
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--codecs", "gif", "--out", str(tmp_path / "rd3")],
                "unknown codec 'gif'")
+    fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--workers", "0", "--out", str(tmp_path / "rd3")],
+               "--workers must be at least 1, got 0")
+    fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), str(tmp_path), "--data-root", str(tmp_path),
+                        "--out", str(tmp_path / "o")], "--data-root says where --split's dataset is")
+    assert not (tmp_path / "rd3").exists() and not (tmp_path / "o").exists()
+
+
+PEER_ROW = {"codec": "hyperprior", "setting": "lambda 0.01", "images_fit": 4, "images_over_budget": 0,
+            "mean_bytes": 300.0, "mean_ssim": 0.5, "mean_psnr": 20.0}
+BAD_PEERS = {  # what a peer file holds -> the one line's fragment
+    "a row without setting": ({"rows": [{k: v for k, v in PEER_ROW.items() if k != "setting"}], "files": []},
+                              "a row lacks setting"),
+    "a size that is text": ({"rows": [{**PEER_ROW, "mean_bytes": "300"}], "files": []}, "a row lacks mean_bytes"),
+    "a row named as ours": ({"rows": [{**PEER_ROW, "codec": "ladder"}], "files": []}, "as the study's own rows"),
+    "files that are no list": ({"rows": [PEER_ROW], "files": 4}, "not iterable"),
+    "nested too deeply": ("[" * 100000 + "]" * 100000, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PEERS))
+def test_a_peer_file_the_study_could_not_use_to_its_end_is_refused_before_anything_is_written(case, trained_models,
+                                                                                              tmp_path, capsys):
+    content, fragment = BAD_PEERS[case]
+    peer = tmp_path / "rd_hyperprior.json"
+    peer.write_text(content if isinstance(content, str) else json.dumps(content))
+    fails_with(capsys, ["rd", "--checkpoint", str(trained_models[0]), "--prior", "none", "--codecs", "jpeg",
+                        "--budgets", "400", "--peer", str(peer), "--out", str(tmp_path / "rd")],
+               f"cannot read the peer's rate points {peer}", fragment)
+    assert not (tmp_path / "rd").exists()
 
 
 def test_the_study_returns_plain_rows_and_what_its_figures_need(trained_codec):

@@ -86,7 +86,7 @@ def test_noise_specs_parse_and_print_back():
 
 BAD_NOISE = [("poisson:0.1", "unknown noise model 'poisson'"), ("rician:0", "0 < SIGMA < 1, got 0"),
              ("rician:1", "0 < SIGMA < 1, got 1"), ("gaussian:1.5", "got 1.5"), ("rician:nan", "got nan"),
-             ("rician:-0.1", "is not MODEL:SIGMA"), ("rician", "is not MODEL:SIGMA"),
+             ("rician:-0.1", "0 < SIGMA < 1, got -0.1"), ("rician", "is not MODEL:SIGMA"),
              ("rician:abc", "not a number"), ("rician:0.2-0.1", "LO <= HI"), ("rician:0.1-1", "got 1")]
 
 
@@ -104,6 +104,13 @@ def test_bad_noise_flags_exit_with_one_line(spec, message, demo_root, tmp_path, 
 def test_noise_goes_with_a_split_only(tmp_path, capsys):
     r = run_main(predict.main, ["--noise", "rician:0.1", "--volumes", "scan.nii.gz"], capsys)
     assert_one_line_error(r, "--noise corrupts and scores a split")
+
+
+@pytest.mark.parametrize("flags", [["--seed", "3"], ["--baselines", "tv"], ["--baselines"],
+                                   ["--slow-baseline-slices", "2"]])
+def test_a_setting_of_the_denoising_without_noise_is_refused(flags, capsys):
+    r = run_main(predict.main, ["--checkpoint", "runs/X", *flags], capsys)
+    assert_one_line_error(r, f"{flags[0]} is a setting of --noise's denoising; pass --noise too, or leave it out")
 
 
 # ---------------------------------------------------------------------------------------------------------

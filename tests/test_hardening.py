@@ -451,6 +451,48 @@ def test_ctrl_c_in_every_trainer_keeps_the_last_epoch_resumable_and_releases_the
     r = run_main(module.main, [*command, "--resume", run, "--epochs", 2], capsys)
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(run, kind, resume=True)["epoch"] == 2
+    assert_no_signal_can_raise_after_the_command()
+
+
+def assert_no_signal_can_raise_after_the_command():
+    """A trainer's Ctrl-C / SIGTERM handlers are disarmed once its main returned or exited: a signal landing during
+    teardown or the interpreter's shutdown (torchrun's SIGTERM once another rank died) raises nothing."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        assert signal.getsignal(s) is signal.SIG_IGN, s
+        os.kill(os.getpid(), s)
+
+
+def test_segment_score_never_writes_over_a_file_it_did_not_write(demo_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    module, argv, _, _ = trainer_commands(None, demo_root, run)["segmenter"]
+    assert run_main(module.main, [*argv, "--epochs", 1], capsys).returncode == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "summary.json").write_text("my notes")
+    r = run_main(segment.main, ["score", "--checkpoint", run, "--out", tmp_path / "mine"], capsys)
+    assert_one_line_error(r, f"{tmp_path / 'mine' / 'summary.json'} is there and was not written by segment.py score")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["summary.json"]
+
+
+@pytest.mark.parametrize("trainer, flags, message", [
+    ("vqvae", ["--batch-size", 33], "the train split's images (32) are fewer than one batch (33)"),
+    ("segmenter", ["--epoch-slices", 0, "--batch-size", 33],
+     "the train split's slices (32) are fewer than one batch (33)"),
+    ("segmenter", ["--epoch-slices", 3], "--epoch-slices (3) are fewer than one batch (4)"),
+    ("hyperprior", ["--batch-size", 33], "the train split's slices (32) are fewer than one batch (33)"),
+])
+def test_a_config_under_which_an_epoch_trains_no_step_is_refused_before_anything_is_written(
+        trainer, flags, message, demo_root, tmp_path, capsys):
+    """Else the run would save its untrained model as best.pt and exit 0. (train_prior.py's last batch of an epoch
+    may be partial: it always steps.)"""
+    if trainer == "hyperprior":
+        pytest.importorskip("compressai")
+    run = tmp_path / "run"
+    module, argv, _, _ = trainer_commands(tmp_path / "unused.pt", demo_root, run)[trainer]
+    r = run_main(module.main, [*argv, *flags], capsys)
+    assert r.returncode == 2
+    assert_one_line_error(r, message, "so an epoch would train no step")
+    assert not run.exists()
+    assert_no_signal_can_raise_after_the_command()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the writer it kills")

@@ -9,6 +9,7 @@ import pytest
 
 import compress
 import hyperprior
+from helpers import assert_one_line_error, run_main
 from training.checkpoints import load_checkpoint
 from utils import read_csv
 
@@ -38,6 +39,14 @@ def test_the_peer_trains_resumes_and_joins_the_rd_study_on_the_same_slices(train
     assert [r["step"] for r in read_csv(run / "metrics.csv")] == [first["step"], resumed["step"]]
 
     hyperprior.main(["rd", str(run), "--split", "test", "--out", str(tmp_path / "peer")])
+    (tmp_path / "a file").write_text("mine")
+    for out, message in ((tmp_path / "a file", "is a file"), (tmp_path / "peer", None)):
+        r = run_main(hyperprior.main, ["rd", run, "--split", "test", "--out", out], capsys)
+        if message:  # refused before a slice is measured; a rerun writes over its own files only
+            assert_one_line_error(r, message)
+        else:
+            assert r.returncode == 0, r.stderr
+    assert (tmp_path / "a file").read_text() == "mine"
     peer = json.loads((tmp_path / "peer" / "rd_hyperprior.json").read_text())
     row = peer["rows"][0]
     assert row["images"] == len(peer["files"]) == 4 and row["mean_bytes"] > hyperprior.HEADER_BYTES
@@ -63,3 +72,15 @@ def test_train_flags_come_from_the_config_dataclasses_each_with_one_line_of_help
     for cls in (hyperprior.HyperpriorTrainConfig, hyperprior.HyperpriorConfig):
         helps = field_help(cls)
         assert set(helps) == {f.name for f in fields(cls)} and all("\n" not in text for text in helps.values())
+
+
+@pytest.mark.parametrize("command, message", [
+    (["train", "--dataset", "demo", "--data-root", ".", "--lmbda", "inf"], "invalid --lmbda inf"),
+    (["rd", "run", "--max-images", "0", "--out", "rd"], "--max-images must be at least 1, got 0"),
+    (["rd", "run", "--threads", "0", "--out", "rd"], "--threads must be at least 1, got 0"),
+])
+def test_out_of_range_flags_are_one_line_before_anything_is_read(command, message, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("compressai")
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_main(hyperprior.main, command, capsys), message)
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
+import compress
 import ladder
 from codec.ladder import read_ladder
 from helpers import assert_one_line_error, run_main
@@ -55,3 +56,34 @@ def test_unknown_points_a_failed_trainer_and_an_out_that_is_a_file_are_one_line_
     monkeypatch.setattr(families.subprocess, "run", lambda cmd, **kwargs: SimpleNamespace(returncode=1))
     assert_one_line_error(run_main(ladder.main, ["--points", "h8-k32", "--out", tmp_path / "l"], capsys),
                           "train.py for ladder point h8-k32 failed")
+
+
+def test_a_ladder_json_ladder_py_did_not_write_is_never_written_over_and_its_own_is(tmp_path, monkeypatch, capsys):
+    commands = fake_runs(monkeypatch)
+    (tmp_path / "ladder.json").write_text('{"mine": true}')
+    refused = run_main(ladder.main, ["--points", "h8-k32", "--out", tmp_path], capsys)
+    assert_one_line_error(refused, f"{tmp_path / 'ladder.json'} is there and was not written by ladder.py",
+                          "choose another --out, or remove it")
+    assert refused.returncode == 2 and not commands and (tmp_path / "ladder.json").read_text() == '{"mine": true}'
+    for _ in range(2):  # a new folder, then the rerun on ladder.py's own
+        run = run_main(ladder.main, ["--points", "h8-k32", "--out", tmp_path / "new"], capsys)
+        assert run.returncode == 0, run.stderr
+    assert read_ladder(tmp_path / "new") == [(tmp_path / "new" / "h8-k32" / "best.pt", None)]
+
+
+def test_a_trainer_flag_is_checked_before_the_first_point_trains(tmp_path, monkeypatch, capsys):
+    commands = fake_runs(monkeypatch)
+    for flags, message in ((["--prior-epochs", "0"], "invalid --prior-epochs 0"),
+                           (["--prior-minutes", "-1"], "invalid --prior-minutes -1.0"),
+                           (["--epochs", "0"], "invalid --epochs 0"), (["--threads", "0"], "--threads must be")):
+        r = run_main(ladder.main, [*flags, "--out", tmp_path / "l"], capsys)
+        assert r.returncode == 2
+        assert_one_line_error(r, message)
+    assert not commands and not (tmp_path / "l").exists()
+
+
+def test_a_ladder_file_nested_too_deeply_is_one_line(tmp_path, capsys):
+    (tmp_path / "ladder.json").write_text("[" * 100000 + "]" * 100000)
+    r = run_main(compress.main, ["encode", "--ladder", tmp_path, "--split", "test", "--out", tmp_path / "o"], capsys)
+    assert r.returncode == 2
+    assert_one_line_error(r, "is not a ladder's list of points", "nested too deeply")

@@ -196,3 +196,5 @@ def test_train_then_predict_writes_volumes_on_their_inputs(tmp_path, capsys):
     assert_one_line_error(r, "missing.nii.gz does not exist")
     r = run_main(predict.main, ["--checkpoint", run, "--volumes", inputs[0], "--data-root", root], capsys)
     assert_one_line_error(r, "--volumes", "does not go with")
+    r = run_main(predict.main, ["--checkpoint", run, "--volumes", inputs[0], "--split", "validate"], capsys)
+    assert_one_line_error(r, "--volumes reconstructs the files given; it does not go with --split")

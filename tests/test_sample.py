@@ -2,6 +2,7 @@
 the prior it finds beside a VQ-VAE checkpoint, and its seeding (end to end in test_prior.py and test_segment.py)."""
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,7 @@ import predict
 import sample
 from dataset import class_index
 from helpers import assert_one_line_error, run_main
-from utils import UserError
+from utils import OUTPUT_RECORD, UserError
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -71,3 +72,32 @@ def test_the_same_seed_samples_the_same_slices_and_scores(trained_models, tmp_pa
     (png_a, scores_a), (png_b, scores_b), (png_c, _) = outputs
     assert png_a == png_b and scores_a == scores_b and png_a != png_c
     assert scores_a["samples"] == 3 and scores_a["seed"] == 3 and scores_a["prior"].endswith("prior/best.pt")
+
+
+@pytest.mark.parametrize("command", ["predict", "sample"])
+def test_a_file_the_command_did_not_write_is_never_written_over_and_its_own_are(command, trained_models, tmp_path,
+                                                                                capsys, monkeypatch):
+    from matplotlib.figure import Figure
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kwargs: Path(path).write_bytes(b""))  # not drawn
+    vqvae, prior = trained_models
+    main, argv, theirs = {"predict": (predict.main, ["--checkpoint", vqvae], "summary.json"),
+                          "sample": (sample.main, ["--prior", prior, "--num-samples", "2"], "samples.png")}[command]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / theirs).write_text("a user's")
+    refused = run_main(main, [*argv, "--out", tmp_path / "mine"], capsys)
+    assert refused.returncode == 2
+    assert_one_line_error(refused, f"{tmp_path / 'mine' / theirs} is there and was not written by {command}.py")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [theirs]
+    assert (tmp_path / "mine" / theirs).read_text() == "a user's"
+    for _ in range(2):  # a new folder, then the rerun over the command's own files
+        run = run_main(main, [*argv, "--out", tmp_path / "new"], capsys)
+        assert run.returncode == 0, run.stderr
+    written = {str(p.relative_to(tmp_path / "new")) for p in (tmp_path / "new").rglob("*") if p.is_file()}
+    assert written - {OUTPUT_RECORD} == set(json.loads((tmp_path / "new" / OUTPUT_RECORD).read_text()))
+
+
+def test_more_reference_slices_than_the_train_split_has_are_refused(trained_models, tmp_path, capsys):
+    r = run_main(sample.main, ["--prior", trained_models[1], "--reference-slices", "33", "--out", tmp_path / "s"],
+                 capsys)
+    assert_one_line_error(r, "--reference-slices 33 is more than the 32 slices of the train split; pass at most 32")
+    assert not (tmp_path / "s").exists()

@@ -162,6 +162,64 @@ def test_rd_gives_the_tissue_dice_of_every_codec_at_every_budget(judged, tmp_pat
     assert "dice_minus_jpeg2000_at_320_bytes" in json.loads((tmp_path / "rd_anatomy.json").read_text())
 
 
+def test_predict_noise_with_the_segmenter_gives_the_dice_of_the_denoised_slices_beside_the_clean(judged, tmp_path,
+                                                                                                 capsys):
+    vqvae, segmenter, scored = judged
+    r = run_main(predict.main, ["--checkpoint", vqvae, "--noise", "rician:0.1", "--baselines", "--segmenter",
+                                segmenter, "--out", tmp_path], capsys)
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(tmp_path / "per_image.csv")
+    assert {"ours_ssim", "original_dice_mean", "reconstruction_dice_mean", "between_dice_mean"} <= set(rows[0])
+    assert [r["original_dice_mean"] for r in rows] == [r["dice_mean"] for r in scored]  # the clean slices'
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["noise"] == "rician:0.1" and summary["anatomy"]["segmenter"] == str(segmenter)
+    assert summary["anatomy"]["reconstruction"]["dice_mean"]["mean"] == pytest.approx(
+        np.mean([r["reconstruction_dice_mean"] for r in rows]))
+    assert "tissue Dice" in r.stdout and "denoised by ours (from rician:0.1)" in r.stdout
+    assert (tmp_path / "worst_anatomy.png").is_file()
+
+
+def segmenter_of_levels(levels: int, path):
+    """An untrained segmenter checkpoint whose U-Net has `levels` levels: it takes sides that are multiples of
+    2^(levels - 1) only."""
+    from dataclasses import asdict
+
+    from modules import SegmenterConfig, UNet
+    from training.checkpoints import SegmenterTrainConfig, save_checkpoint
+    cfg = SegmenterConfig(base_channels=2, levels=levels)
+    save_checkpoint({"kind": "segmenter", "model": UNet(cfg).state_dict(), "model_config": asdict(cfg),
+                     "train_config": asdict(SegmenterTrainConfig(dataset="demo")), "epoch": 1, "best_val_dice": 0.0,
+                     "metrics": {}, "demo_settings": None}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["predict", "predict --noise", "compress rd", "sample"])
+def test_a_segmenter_that_cannot_take_the_slices_is_refused_before_anything_is_written(command, trained_models,
+                                                                                       tmp_path, capsys):
+    vqvae, prior = trained_models
+    main, argv = {"predict": (predict.main, ["--checkpoint", vqvae]),
+                  "predict --noise": (predict.main, ["--checkpoint", vqvae, "--noise", "rician:0.1", "--baselines"]),
+                  "compress rd": (compress.main, ["rd", "--checkpoint", vqvae, "--prior", "none", "--codecs", "jpeg",
+                                                  "--budgets", "400"]),
+                  "sample": (sample.main, ["--prior", prior, "--num-samples", "2"])}[command]
+    r = run_main(main, [*argv, "--segmenter", segmenter_of_levels(7, tmp_path / "seg.pt"), "--out", tmp_path / "o"],
+                 capsys)
+    assert r.returncode == 2
+    assert_one_line_error(r, "image size 32x32 is not divisible by 2^(levels - 1) = 64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_rd_with_the_segmenter_on_a_split_without_masks_is_refused_before_anything_is_written(judged, tmp_path,
+                                                                                             capsys):
+    _, segmenter, _ = judged
+    train.main(tiny_args(make_adni(tmp_path / "AD_NC"), tmp_path / "vq", "--dataset", "ADNI", "--image-size", "32",
+                         "--epochs", "1", "--val-fraction", "0.5"))
+    r = run_main(compress.main, ["rd", "--checkpoint", tmp_path / "vq", "--prior", "none", "--codecs", "jpeg",
+                                 "--budgets", "400", "--segmenter", segmenter, "--out", tmp_path / "o"], capsys)
+    assert r.returncode == 2 and not (tmp_path / "o").exists()
+    assert_one_line_error(r, "tissue masks come with OASIS and the demo data only")
+
+
 def test_samples_are_judged_by_the_segmenter_beside_real_references(judged, tmp_path, capsys):
     vqvae, segmenter, _ = judged
     train_prior.main(["--vqvae", str(vqvae), "--epochs", "1", "--batch-size", "8", "--channels", "8", "--layers", "2",

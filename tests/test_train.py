@@ -116,6 +116,9 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root,
     (["--in-channels", "3"], "unrecognized arguments: --in-channels 3"),
     (["--train-crop", "12"], "--train-crop 12 is not a multiple of the model's downsampling (8)"),
     (["--train-crop", "4"], "invalid --train-crop 4"),
+    (["--train-noise", "rician:nan"], "--train-noise 'rician:nan': SIGMA must be a fraction"),
+    (["--train-noise", "rician:1e-2-2"], "SIGMA must be a fraction of the intensity range, 0 < SIGMA < 1, got 2"),
+    (["--train-noise", "rician:5e"], "--train-noise 'rician:5e': the level is not a number"),
 ])
 def test_out_of_range_flags_exit_with_one_line_before_anything_is_written(demo_root, tmp_path, flags, message,
                                                                          capsys):
@@ -124,6 +127,14 @@ def test_out_of_range_flags_exit_with_one_line_before_anything_is_written(demo_r
     assert stop.value.code == 2
     assert_one_line_error(capsys.readouterr().err, message)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spec, saved", [
+    ("rician:5e-2", "rician:0.05"), ("gaussian:1E-1", "gaussian:0.1"), ("rician:1e-2-5e-2", "rician:0.01-0.05"),
+    ("rician:.03 - .25", "rician:0.03-0.25")])
+def test_train_noise_reads_its_levels_as_python_reads_numbers(spec, saved):
+    cfg, _, _ = train.configs_from_args({"dataset": "demo", "train_noise": spec}, {})
+    assert cfg.train_noise == saved
 
 
 def test_missing_dataset_root_and_bad_checkpoint_exit_with_one_line(tmp_path, capsys):

@@ -1,7 +1,9 @@
 """Shared plumbing: CSV files that survive crashes and resumes, atomic writes, JSON, random streams, figures."""
 import csv
 import json
+import os
 import random
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -83,3 +85,27 @@ def test_every_series_the_training_curves_plot_is_a_column_train_writes():
            **train.codebook_stats(torch.tensor([3, 0, 1, 0]), quantizer), "lr": 1e-3}
     missing = {c for spec in utils.TRAINING_CURVES.values() for c in spec["series"]} - set(row)
     assert not missing
+
+
+@pytest.mark.parametrize("ending", ["finished", "user error", "interrupted", "crashed"])
+def test_every_way_out_of_a_command_disarms_its_interrupt_handlers(ending):
+    """A signal that lands after a command's last line, during teardown or the interpreter's shutdown (torchrun's
+    SIGTERM to the ranks still alive once one died, a late Ctrl-C), finds stop_on_interrupts' handlers ignored
+    (the process is ending) and raises nothing: no "Exception ignored in <module 'threading'>" traceback."""
+    faults = {"finished": None, "user error": UserError("bad"), "interrupted": KeyboardInterrupt(),
+              "crashed": RuntimeError("a bug")}
+    utils.stop_on_interrupts()
+    with pytest.raises((SystemExit, RuntimeError)) if faults[ending] else utils.nullcontext():
+        with utils.exits_with_one_line():
+            if faults[ending]:
+                raise faults[ending]
+    for s in (signal.SIGINT, signal.SIGTERM):
+        assert signal.getsignal(s) is signal.SIG_IGN, s
+        os.kill(os.getpid(), s)  # and nothing is raised
+
+
+def test_a_command_without_interrupt_handlers_of_its_own_keeps_pythons():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with utils.exits_with_one_line():
+        pass
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.flags import command_flags
-from utils import UserError
+from training.checkpoints import TrainConfig
+from training.flags import command_flags, config_or_error
+from utils import UserError, check_at_least
 
 
 def run_script(script: str, values: dict, threads: int | None, failure: str):
@@ -37,12 +38,13 @@ def chosen_members(text: str, known, flag: str) -> list[str]:
     return names
 
 
-def family_folder(out: Path) -> Path:
-    """The folder of a family of runs, made if new; UserError if it is a file."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def check_trainer_flags(args):
+    """The flags a family's command passes to train.py for every member (add_trainer_data_flags', --epochs,
+    --max-minutes, --seed, --device, --precision, --threads), checked as train.py checks them: before the first
+    member trains, not when one fails."""
+    config_or_error(TrainConfig, dataset=args.dataset, image_size=args.image_size, epochs=args.epochs,
+                    max_minutes=args.max_minutes, seed=args.seed, device=args.device, precision=args.precision)
+    check_at_least("--threads", args.threads)
 
 
 def training_finished(state: dict, epochs: int) -> bool:

@@ -73,6 +73,14 @@ def batches(data, sampler, batch_size: int, device: torch.device, drop_last: boo
         yield x
 
 
+def check_one_batch(what: str, items: int, batch: int, fix: str = "lower --batch-size"):
+    """UserError unless the `items` an epoch draws from (`what`: which they are) fill one batch of `batch`: with
+    fewer an epoch trains no step, and the run would save its untrained model as the best one. Every trainer checks
+    its data with it before anything is written."""
+    if items < batch:
+        raise UserError(f"{what} ({items}) are fewer than one batch ({batch}), so an epoch would train no step; {fix}")
+
+
 def on_device(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
     """The model on `device`, in the channels_last memory format if asked (faster convolutions on CPU and GPU)."""
     model = model.to(device)

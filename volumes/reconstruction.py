@@ -10,6 +10,8 @@ from imaging.slices import to_uint8
 from utils import autocast, write_csv
 from volumes.nifti import SliceOptions, check_replaceable, load_files, volume_stem, write_reconstruction
 
+VOLUME_TABLE = "per_volume.csv"  # in predict.py's --out, beside volumes/
+
 
 def load_volume_files(args, cfg):
     """--volumes: the files, sliced as the model's training config says (a model trained on slice images: along
@@ -18,15 +20,21 @@ def load_volume_files(args, cfg):
     return load_files(args.volumes, options, cfg.skip_bad if args.skip_bad is None else args.skip_bad)
 
 
-def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, list[dict]]:
-    """Reconstruct and score NIfTI slices volume by volume: each volume is written to out/volumes/ as a .nii.gz on
-    the input's affine and header (nifti.write_reconstruction), its mean SSIM and PSNR over its slices go to
-    per_volume.csv. Returns the slices' scores and the first 64 slices for the figures, as score_split would, and
-    the rows of per_volume.csv."""
-    amp = autocast(args.precision, device)
-    paths = [out / "volumes" / f"{name}_recon.nii.gz" for name in output_names(data.volumes)]
-    for path in paths:  # before the first is written
+def reconstruction_paths(out: Path, volumes) -> list[Path]:
+    """Where each volume's reconstruction goes, out/volumes/<name>_recon.nii.gz; DataError for one that holds a file
+    predict.py did not write (nifti.check_replaceable): call it before anything is written into `out`."""
+    paths = [out / "volumes" / f"{name}_recon.nii.gz" for name in output_names(volumes)]
+    for path in paths:
         check_replaceable(path)
+    return paths
+
+
+def score_volumes(model, data, device, args, out: Path, paths: list[Path]) -> tuple[SplitScores, list[dict]]:
+    """Reconstruct and score NIfTI slices volume by volume: each volume is written to its path of `paths`
+    (reconstruction_paths) as a .nii.gz on the input's affine and header (nifti.write_reconstruction), its mean SSIM
+    and PSNR over its slices go to out/per_volume.csv. Returns the slices' scores and the first 64 slices for the
+    figures, as score_split would, and the rows of per_volume.csv."""
+    amp = autocast(args.precision, device)
     ssims, psnrs, codes, shown, rows = [], [], [], {"inputs": [], "outputs": []}, []
     for volume, path in zip(data.volumes, paths):
         scores = score_split(model, data.images[volume.rows], device, amp, args.batch_size,
@@ -42,7 +50,7 @@ def score_volumes(model, data, device, args, out: Path) -> tuple[SplitScores, li
                      "ssim": float(ssims[-1].mean()), "psnr": float(psnrs[-1].mean()), "reconstruction": str(path)})
         print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} | PSNR "
               f"{rows[-1]['psnr']:.2f} dB | written to {path}")
-    write_csv(out / "per_volume.csv", rows)
+    write_csv(out / VOLUME_TABLE, rows)
     return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values()),
                        torch.cat(codes)), rows
 
