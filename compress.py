@@ -42,6 +42,7 @@ from utils import (
     add_shared_flag,
     apply_runtime_flags,
     autocast,
+    check_at_least,
     exits_with_one_line,
     write_csv,
     write_json,
@@ -289,10 +290,8 @@ def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
         codecs = list(dict.fromkeys(args.codecs))
     for name in codecs:
         classical_codec(name).settings(1 << 16)  # an unknown name, or JPEG XL without imagecodecs, fails here
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max-images must be at least 1, got {args.max_images}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    check_at_least("--max-images", args.max_images)
+    check_at_least("--workers", args.workers)
     return budgets, codecs, paired_priors(args.checkpoints, args.priors, default=True)
 
 

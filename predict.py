@@ -56,6 +56,7 @@ from utils import (
     add_shared_flag,
     apply_runtime_flags,
     autocast,
+    check_at_least,
     check_seed,
     claim_outputs,
     exits_with_one_line,
@@ -128,8 +129,7 @@ def checked(args):
         if args.volumes:
             raise UserError("--noise corrupts and scores a split; it does not go with --volumes")
         args.noise = parse_noise(args.noise, "--noise")
-    if args.slow_baseline_slices is not None and args.slow_baseline_slices < 1:
-        raise UserError(f"--slow-baseline-slices must be at least 1, got {args.slow_baseline_slices}")
+    check_at_least("--slow-baseline-slices", args.slow_baseline_slices)
     return args
 
 

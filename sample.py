@@ -38,6 +38,7 @@ from utils import (
     add_shared_flag,
     apply_runtime_flags,
     autocast,
+    check_at_least,
     check_seed,
     claim_outputs,
     exits_with_one_line,
@@ -80,8 +81,7 @@ def parse_args(argv=None):
                         f"{args.num_samples}")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise UserError(f"--temperature must be a positive number, got {args.temperature}")
-    if args.reference_slices is not None and args.reference_slices < 2:
-        raise UserError(f"--reference-slices must be at least 2, got {args.reference_slices}")
+    check_at_least("--reference-slices", args.reference_slices, 2)
     return args
 
 
