@@ -135,8 +135,8 @@ class Preset:
 
 
 PRESETS = {
-    # The first report's recipe, layer for layer (see the reference in ../shared/bench/reference_vqvae.py): Adam at
-    # 2e-3, constant.
+    # The first report's recipe, layer for layer (bench.py's yardstick, yardstick/seed_vqvae.py, is its plain first
+    # version): Adam at 2e-3, constant.
     "seed": Preset(VQVAEConfig(), lr=2e-3, lr_schedule="constant", warmup_steps=0, grad_clip=0.0, batch_size=16),
     # Same latent grid (H/8 x W/8) and codebook size (K=32) as seed, so the same bits per slice. Each choice was
     # measured on real OASIS validation under one 10-minute CPU budget (RESULTS.md, ablation): 64 channels, not
