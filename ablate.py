@@ -1,5 +1,6 @@
 """Train each model variant on the same data and the same budget (epochs, or minutes), score it on one split
-(validate by default: recipes are chosen there), and write one table (ablation.csv, ablation.json, ablation.md).
+(validate by default: recipes are chosen there) on whole slices and inside the brain (anatomy/brain.py's masks),
+and write one table (ablation.csv, ablation.json, ablation.md).
 
     python ablate.py --dataset OASIS --data-root /data/keras_png_slices_data --epochs 40 --max-minutes 10
     python ablate.py --dataset demo --epochs 10 --variants seed,default
@@ -13,6 +14,8 @@ preset's batch size (a variant may override it), and --batch-size is the scoring
 import argparse
 from pathlib import Path
 
+from anatomy.brain import brain_masks
+from dataset import WHERE_SHIPPED
 from evaluation.metrics import score_split
 from training.checkpoints import load_checkpoint, load_split, load_vqvae
 from training.families import (
@@ -45,6 +48,9 @@ VARIANTS = {
     "default-no-restart": ("default", {"dead_code_threshold": 0.0}),
     "default-4x-down": ("default", {"downsamplings": 2}),
     "default-mse-only": ("default", {"ssim_weight": 0.0}),
+    "default-tissue": ("default", {"tissue_weight": 2.0}),
+    "default-gradient": ("default", {"gradient_weight": 1.0}),
+    "default-tissue-gradient": ("default", {"tissue_weight": 2.0, "gradient_weight": 1.0}),
     "default-wide": ("default", {"hidden_channels": 128, "residual_channels": 128}),
     "default-no-warmup-no-clip": ("default", {"warmup_steps": 0, "grad_clip": 0.0}),
     "default-batch-16": ("default", {"batch_size": 16}),
@@ -77,8 +83,9 @@ def run_variant(name: str, args, device) -> dict:
     if not (last.is_file() and training_finished(load_checkpoint(last), args.epochs)):
         train_variant(name, args, run_dir, resume=last.is_file())
     model, cfg, state = load_vqvae(run_dir / "best.pt", device)
-    scored = load_split(cfg, args.split, demo=state["demo_settings"])
-    scores = score_split(model, scored.images, device, autocast(cfg.precision, device), args.batch_size)
+    scored = load_split(cfg, args.split, demo=state["demo_settings"], masks=WHERE_SHIPPED)
+    brain, brain_rule = brain_masks(scored)
+    scores = score_split(model, scored.images, device, autocast(cfg.precision, device), args.batch_size, brain=brain)
     rows = read_csv(run_dir / "metrics.csv")
     last_row, model_cfg = rows[-1], model.config
     h, w = scored.image_shape
@@ -88,7 +95,9 @@ def run_variant(name: str, args, device) -> dict:
             "codebook_size": model_cfg.codebook_size, "bits_per_slice": round(model_cfg.bits_per_image(h, w)),
             "epochs": int(last_row["epoch"]), "best_epoch": state["epoch"],
             "split": args.split, "ssim": float(scores.ssim.mean()), "ssim_std": float(scores.ssim.std(unbiased=False)),
-            "psnr": float(scores.psnr.mean()), "codes_used_pct": last_row["codes_used_pct"],
+            "psnr": float(scores.psnr.mean()), "ssim_brain": float(scores.ssim_brain.nanmean()),
+            "psnr_brain": float(scores.psnr_brain.nanmean()), "brain_mask": brain_rule,
+            "codes_used_pct": last_row["codes_used_pct"],
             "perplexity": last_row["perplexity"],
             "train_img_per_s": sum(r["train_img_per_s"] for r in rows) / len(rows),
             "train_minutes": sum(r["epoch_seconds"] for r in rows) / 60}
@@ -96,11 +105,13 @@ def run_variant(name: str, args, device) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     split = rows[0]["split"]
-    lines = [f"| variant | latent grid | K | bits/slice | {split} SSIM | {split} PSNR (dB) | codes used (last epoch) "
-             "| perplexity | train img/s | minutes |", "|---" * 10 + "|"]
+    lines = [f"| variant | latent grid | K | bits/slice | {split} SSIM | {split} PSNR (dB) | SSIM in the brain "
+             "| PSNR in the brain (dB) | codes used (last epoch) | perplexity | train img/s | minutes |",
+             "|---" * 12 + "|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['latent_grid']} | {r['codebook_size']} | {r['bits_per_slice']} "
                      f"| {r['ssim']:.4f} ± {r['ssim_std']:.3f} | {r['psnr']:.2f} "
+                     f"| {r['ssim_brain']:.4f} | {r['psnr_brain']:.2f} "
                      f"| {r['codes_used_pct']:.0f} % | {r['perplexity']:.1f} | {r['train_img_per_s']:.1f} "
                      f"| {r['train_minutes']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -12,10 +12,10 @@ the classical codecs.
 
 encode: PNG/JPEG files, folders of them, or (--split) a split of the dataset the checkpoint records -> one
 <name>.vqz per slice. decode: .vqz files or folders of them -> 8-bit grey <name>.png, the VQ-VAE's reconstruction
-of the slice that was encoded. rd: bytes per slice against SSIM and PSNR for each VQ-VAE (fixed-length, static
-and prior coding) and for JPEG, WebP, JPEG 2000, AVIF and JPEG XL searched per image to fit byte budgets, and per
-budget the best VQ-VAE file of each slice that fits (the ladder); writes rd.csv, rd.json, rd.png (the curves) and
-rd_slice.png (one slice at equal bytes under every codec).
+of the slice that was encoded. rd: bytes per slice against SSIM and PSNR (over the whole slice and inside the
+brain) for each VQ-VAE (fixed-length, static and prior coding) and for JPEG, WebP, JPEG 2000, AVIF and JPEG XL
+searched per image to fit byte budgets, and per budget the best VQ-VAE file of each slice that fits (the ladder);
+writes rd.csv, rd.json, rd.png (the curves) and rd_slice.png (one slice at equal bytes under every codec).
 
 """
 import argparse
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anatomy.brain import brain_masks
 from anatomy.tissues import check_segmenter_fits, segment_images
 from codec.classical import CLASSICAL_CODECS, available_codecs, classical_codec
 from codec.ladder import Ladder, read_ladder
-from codec.study import RdStudy, dice_against, dice_rows, plot_rd, rate_distortion, rd_slices, slice_figure
+from codec.study import RdStudy, dice_against, dice_rows, plot_rd, rate_distortion, rd_subset, slice_figure
 from codec.vqz import CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, load_codec, parse_header, read_vqz
-from dataset import class_index, read_slice
+from dataset import WHERE_SHIPPED, class_index, read_slice
 from imaging.slices import IMAGE_SUFFIXES, natural_key
 from training.checkpoints import default_prior, load_segmenter, load_split, run_dir_of
 from utils import (
@@ -239,7 +240,7 @@ def cmd_rd(args, device):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     loaded = [load_codec(c, p, device, args.batch_size, args.precision) for c, p in zip(args.checkpoints, priors)]
-    slices = rd_study_slices(args, loaded)
+    slices, brain = rd_study_slices(args, loaded)
     masks = rd_masks(segmenter, args, loaded[0][1:], slices) if segmenter else None
     figure_slice = len(slices[0]) // 2 if args.figure_slice is None else args.figure_slice
     if not 0 <= figure_slice < len(slices[0]):
@@ -247,10 +248,10 @@ def cmd_rd(args, device):
     models = [(f"{cfg.preset} ({run_dir_of(ckpt).name})", codec,
                {"checkpoint": str(ckpt), "prior": str(prior) if prior else None, "epoch": state.get("epoch")})
               for ckpt, prior, (codec, cfg, state) in zip(args.checkpoints, priors, loaded)]
-    study = rate_distortion(models, slices, codecs, budgets, args.workers, args.verify, args.peers or ())
+    study = rate_distortion(models, slices, brain, codecs, budgets, args.workers, args.verify, args.peers or ())
 
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(outputs["rd.csv"], study.rows)
+    write_csv(outputs["rd.csv"], study.table())
     summary = {"split": args.split, **study.summary()}
     write_json(outputs["rd.json"], summary)
     height, width = study.images.shape[1:]
@@ -258,22 +259,25 @@ def cmd_rd(args, device):
     slice_figure(study, outputs["rd_slice.png"], figure_slice)
     if segmenter:
         summary["anatomy"] = anatomy_rd(segmenter, args, device, masks, study, outputs)
-    print_rd(study.rows, summary["speed"], out, tuple(outputs))
+    print_rd(study.rows, summary["speed"], study.brain_mask, out, tuple(outputs))
     return summary
 
 
-def rd_study_slices(args, loaded: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """rd_slices of --split as the first --checkpoint records it, which every other one must record too."""
-    slices = None
+def rd_study_slices(args, loaded: list) -> tuple[tuple, tuple[torch.Tensor, str]]:
+    """((uint8 images, labels, file names) of --split's rd_subset as the first --checkpoint records it, which every
+    other one must record too; their brain masks, bool (N, H, W), and the rule that made them): the split's true
+    tissue masks where its dataset ships them, else computed from the slices (load_split says why in one line where
+    a dataset that ships them has none here)."""
+    slices = brain = None
     for ckpt, (_, cfg, state) in zip(args.checkpoints, loaded):
-        images, labels, files = rd_slices(load_split(cfg, args.split, args.data_root, demo=state["demo_settings"]),
-                                          args.max_images)
+        data = rd_subset(load_split(cfg, args.split, args.data_root, demo=state["demo_settings"],
+                                    masks=WHERE_SHIPPED if slices is None else False), args.max_images)
         if slices is None:
-            slices = images, labels, files
-        elif slices[0].shape != images.shape or not torch.equal(slices[0], images):
+            slices, brain = (data.images, data.labels, list(data.files)), brain_masks(data)
+        elif slices[0].shape != data.images.shape or not torch.equal(slices[0], data.images):
             raise UserError(f"{ckpt} records other {args.split} images than {args.checkpoints[0]}; compare "
                             f"checkpoints trained on the same dataset")
-    return slices
+    return slices, brain
 
 
 def rd_settings(args) -> tuple[list[int], list[str], list[Path | None]]:
@@ -306,15 +310,18 @@ def paired_priors(checkpoints: list[Path], priors: list[str] | None, default: bo
     return [default_prior(c) if default and default_prior(c).is_file() else None for c in checkpoints]
 
 
-def print_rd(rows: list[dict], speeds: dict, out: Path, written: tuple):
+def print_rd(rows: list[dict], speeds: dict, brain_mask: str, out: Path, written: tuple):
     for r in rows:
+        # a learned peer's row has no in-brain score
+        ssim = f"SSIM {r['mean_ssim']:.4f}" + (f" (brain {r['mean_ssim_brain']:.4f})" if "mean_ssim_brain" in r else "")
         if r["codec"].startswith("VQ-VAE"):
             print(f"{r['codec']} {r['setting']}: {r['mean_bytes']:.1f} bytes/slice ({r['mean_payload_bytes']:.1f} "
-                  f"payload) | SSIM {r['mean_ssim']:.4f} | PSNR {r['mean_psnr']:.2f} dB")
+                  f"payload) | {ssim} | PSNR {r['mean_psnr']:.2f} dB")
         else:
             budget = f"<= {r['budget_bytes']} B" if isinstance(r["budget_bytes"], int) else r["setting"]
             print(f"{r['codec']} {budget}: {r['images_fit']} fit, {r['images_over_budget']} over | "
-                  f"{r['mean_bytes']:.1f} bytes | SSIM {r['mean_ssim']:.4f} | PSNR {r['mean_psnr']:.2f} dB")
+                  f"{r['mean_bytes']:.1f} bytes | {ssim} | PSNR {r['mean_psnr']:.2f} dB")
+    print(f"brain masks of the in-brain scores: {brain_mask}")
     print(f"speed: {speeds}")
     print(f"written to {out} ({', '.join(written)})")
 

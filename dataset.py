@@ -40,6 +40,7 @@ from utils import DataError, UserError
 DATASETS = ("OASIS", "ADNI", "demo", "nifti")
 OASIS_DIRS = {split: f"keras_png_slices_{split}" for split in SPLITS}
 SEG_DIRS = {split: f"keras_png_slices_seg_{split}" for split in SPLITS}  # the tissue masks of each split
+WHERE_SHIPPED = "where-shipped"  # build_dataset(masks=...): the tissue masks if the dataset ships them, else none
 MASK_LEVELS = (0, 85, 170, 255)  # grey level of class 0 (background), 1 (CSF), 2 (grey matter), 3 (white matter)
 OASIS_PREFIXES = ("", "keras_png_slices_data/")  # split folders at the root, or one level down
 ADNI_PREFIXES = ("", "AD_NC/")
@@ -394,7 +395,9 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
     `val_fraction` of ADNI train. NIfTI volumes are split by subject (`val_fraction`, `test_fraction`, `seed`, or the
     folder's splits.csv) and sliced as the last four arguments say (volumes/nifti.py). With `masks` (OASIS and demo
     only) each slice's tissue mask is loaded too (module docstring); with `skip_bad` a slice whose mask is missing
-    or bad is skipped with it.
+    or bad is skipped with it. masks=WHERE_SHIPPED loads them where the dataset ships them and they are all there,
+    else goes on without them (saying why): the in-brain scores' brain masks (anatomy/brain.py) then come from
+    the slices alone.
     """
     name = _choice(name, DATASETS, "dataset")
     split = _choice(split, SPLITS, "split")
@@ -403,6 +406,9 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
                         f"downsampling) to {MAX_IMAGE_SIDE}, got {image_size!r}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    optional = masks == WHERE_SHIPPED
+    if optional:
+        masks = name in MASKED_DATASETS and image_size is None
     if masks and (name not in MASKED_DATASETS or image_size is not None):
         raise DataError(f"tissue masks come with OASIS and the demo data only, at the slices' own size; got "
                         f"{name}{f' with --image-size {image_size}' if image_size is not None else ''}")
@@ -431,7 +437,14 @@ def build_dataset(name, root, split, image_size=None, val_fraction=0.1, seed=0, 
         images, kept = _decode_all(tree, rels, image_size, skip_bad, desc=f"{name} {split}" if verbose else None)
         tissue = None
         if masks:
-            images, tissue, kept = _paired_masks(tree, rels, images, kept, skip_bad, verbose)
+            try:
+                images, tissue, kept = _paired_masks(tree, rels, images, kept, skip_bad and not optional, verbose)
+            except DataError as e:
+                if not optional:
+                    raise
+                if verbose:
+                    print(f"{name} {split}: no tissue masks ({e}); in-brain scores use brain masks computed from the "
+                          f"slices")
         paths = [tree.display(rels[i]) for i in kept]
     finally:
         tree.close()

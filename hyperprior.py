@@ -82,7 +82,7 @@ class HyperpriorTrainConfig:
     batch_size: int = 8           # slices per step
     grad_clip: float = 1.0        # clip the gradient norm of the transforms to this (0: no clipping)
     epochs: int = 1000            # epochs to train, each --save-minutes long (at most: --max-minutes ends it first)
-    max_minutes: float = 30.0     # training time (--resume without it: the rest of the run's, if it has any left)
+    max_minutes: float = 30.0     # the command's time, setup included (--resume without it: the run's time left)
     save_minutes: float = 5.0     # an epoch: this much training, then a checkpoint and a metrics.csv row
     seed: int = 0                 # initial weights and the order of the slices
     device: str = "auto"          # auto, cpu or cuda
@@ -192,7 +192,9 @@ class HyperpriorRun(EpochRun):
                    f"bpp {row['bpp']:.3f} | {row['seconds'] / 60:.1f} minutes of training")
 
 
-def train(cfg: HyperpriorTrainConfig, model_cfg: HyperpriorConfig, state: dict | None = None) -> Path:
+def train(cfg: HyperpriorTrainConfig, model_cfg: HyperpriorConfig, state: dict | None = None,
+          started: float | None = None) -> Path:
+    """`started`: time.monotonic() when the command started, where --max-minutes' clock starts (default: now)."""
     device = choose_device(cfg.device)
     seed_everything(cfg.seed)
     data = build_dataset(cfg.dataset, cfg.data_root, "train")
@@ -214,7 +216,7 @@ def train(cfg: HyperpriorTrainConfig, model_cfg: HyperpriorConfig, state: dict |
           f"{cfg.max_minutes:g} minutes, epochs {start_epoch}..{cfg.epochs}")
     run_epochs(HyperpriorRun(cfg, model_cfg, model, opt, aux_opt, data, step, seconds, device=device,
                              saved=SavedEpochs("hyperprior.py train", run_dir, start_epoch, cfg.resume), lock=lock,
-                             budget=TimeBudget(cfg.max_minutes, 0, cfg.batch_size, verbose=False)))
+                             budget=TimeBudget(cfg.max_minutes, 0, cfg.batch_size, verbose=False, started=started)))
     return run_dir
 
 
@@ -333,6 +335,7 @@ def parse_rd_args(argv):
 
 
 def main(argv=None):
+    started = time.monotonic()  # --max-minutes' clock: loading the data and a resume's reload are spent from it
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     argv = sys.argv[1:] if argv is None else list(argv)
     with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
@@ -344,7 +347,7 @@ def main(argv=None):
         run_args, model_args = parse_config_flags(flags, "hyperprior.py train", __doc__, HyperpriorTrainConfig,
                                                   HyperpriorConfig, "model (HyperpriorConfig)")
         compressai()
-        return train(*configs_from_args(run_args, model_args))
+        return train(*configs_from_args(run_args, model_args), started=started)
 
 
 if __name__ == "__main__":

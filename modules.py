@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imaging.quality import ssim
+from imaging.quality import centre_crop_of_windows, ssim, ssim_map
 from imaging.slices import to_unit
 from training.distributed import all_reduce_sum, broadcast_from_rank0
 
@@ -75,6 +75,8 @@ class VQVAEConfig:
     embedding_dim: int = 128        # D
     commitment_cost: float = 0.25   # beta
     ssim_weight: float = 0.0        # reconstruction loss = MSE + ssim_weight * (1 - SSIM as scored, on [0, 1])
+    tissue_weight: float = 0.0      # the loss counts the head's pixels 1 + tissue_weight times a background pixel
+    gradient_weight: float = 0.0    # + gradient_weight * mean |image gradient difference|: sharp tissue boundaries
     codebook_update: str = "loss"   # "loss": codebook term in the loss; "ema": exponential moving averages
     ema_decay: float = 0.99         # EMA codebook: decay of the running counts and sums
     kmeans_init: bool = False       # initialise the codebook by k-means on the first training batch
@@ -97,6 +99,8 @@ class VQVAEConfig:
             "embedding_dim": 1 <= self.embedding_dim <= self.LIMITS["embedding_dim"],
             "commitment_cost": 0 <= self.commitment_cost < float("inf"),
             "ssim_weight": 0 <= self.ssim_weight < float("inf"),
+            "tissue_weight": 0 <= self.tissue_weight < float("inf"),
+            "gradient_weight": 0 <= self.gradient_weight < float("inf"),
             "codebook_update": self.codebook_update in self.CHOICES["codebook_update"],
             "output": self.output in self.CHOICES["output"],
             "ema_decay": 0 <= self.ema_decay < 1, "dead_code_threshold": 0 <= self.dead_code_threshold < float("inf"),
@@ -402,6 +406,30 @@ class VectorQuantizer(nn.Module):
             self.ema_sum.copy_(torch.where(dead, samples * self.dead_code_threshold, self.ema_sum))
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `values`, each counted `weights` times (a plain mean for None)."""
+    return values.mean() if weights is None else (values * weights).sum() / weights.sum()
+
+
+@torch.no_grad()
+def head_weights(x: torch.Tensor, tissue_weight: float) -> torch.Tensor:
+    """(B, 1, H, W) images in [-1, 1] -> per-pixel loss weights: 1 + tissue_weight on the head (pixels above 10 %
+    grey, closed over 7x7 windows so that the dark sulci and ventricles inside count too), 1 on the background. A
+    rule on the image alone, so it works for every dataset and costs two poolings per step; the skull and scalp
+    that OASIS slices keep count as head."""
+    bright = (x > -0.8).float()
+    closed = -F.max_pool2d(-F.max_pool2d(bright, 7, 1, 3), 7, 1, 3)  # dilate, then erode
+    return 1 + tissue_weight * closed
+
+
+def gradient_difference(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean |d x_hat - d x| over the horizontal and vertical finite differences of (B, C, H, W) images."""
+    def gradients(im):
+        return im[..., :, 1:] - im[..., :, :-1], im[..., 1:, :] - im[..., :-1, :]
+    (hx, vx), (h, v) = gradients(x_hat), gradients(x)
+    return ((hx - h).abs().mean() + (vx - v).abs().mean()) / 2
+
+
 class VQVAEOutput(NamedTuple):
     reconstruction: torch.Tensor  # (B, C, H, W) in [-1, 1]
     losses: dict                  # reconstruction, codebook, commitment; the training loss is their sum
@@ -434,11 +462,24 @@ class VQVAE(nn.Module):
     def reconstruction_loss(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """MSE, plus the SSIM the model is scored with when ssim_weight > 0: MSE alone spends the bits on the bright
         tissue's intensity and blurs the edges and texture that SSIM (a product of local contrast and structure
-        terms) rewards. SSIM is not shift-invariant, so it is taken on [0, 1] (clamped) exactly as scored."""
+        terms) rewards. SSIM is not shift-invariant, so it is taken on [0, 1] (clamped) exactly as scored.
+
+        Two options spend the bits on tissue, which a plain mean over a slice spends half on black background:
+        tissue_weight weighs both terms' pixels by head_weights; gradient_weight adds the mean absolute difference of
+        the images' horizontal and vertical gradients, which a blurred sulcus or cortical ribbon pays for in full
+        where MSE charges it only the square of a small intensity error."""
+        c = self.config
         x_hat, x = x_hat.float(), x.float()
-        loss = F.mse_loss(x_hat, x)
-        if self.config.ssim_weight:
-            loss = loss + self.config.ssim_weight * (1 - ssim(to_unit(x_hat), to_unit(x))).mean()
+        weights = head_weights(x, c.tissue_weight) if c.tissue_weight else None  # (B, 1, H, W)
+        loss = weighted_mean((x_hat - x).square(), weights)
+        if c.ssim_weight:
+            if weights is None:
+                similarity = ssim(to_unit(x_hat), to_unit(x)).mean()
+            else:
+                similarity = weighted_mean(ssim_map(to_unit(x_hat), to_unit(x)), centre_crop_of_windows(weights))
+            loss = loss + c.ssim_weight * (1 - similarity)
+        if c.gradient_weight:
+            loss = loss + c.gradient_weight * gradient_difference(x_hat, x)
         return loss
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> VQVAEOutput:

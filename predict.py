@@ -4,11 +4,13 @@
     python predict.py --checkpoint runs/OASIS-default-000/best.pt --split test --out results/
     python predict.py --checkpoint runs/OASIS-default-000 --dataset ADNI --data-root ~/data/AD_NC --split validate
 
-Writes per_image.csv and summary.json (SSIM, PSNR, the nominal bits of the code map and the measured size of each
-slice's .vqz file under the static coder, what `compress.py encode` writes without a prior), reconstructions.png
-(8x8 inputs beside reconstructions),
+Writes per_image.csv and summary.json (SSIM and PSNR of whole slices and inside the brain, the nominal bits of
+the code map and the measured size of each slice's .vqz file under the static coder, what `compress.py encode`
+writes without a prior), reconstructions.png (8x8 inputs beside reconstructions),
 triplets.png (input / code-index map / reconstruction), ssim_hist.png and, when the run's metrics.csv
-is beside the checkpoint, the training curves.
+is beside the checkpoint, the training curves. The brain mask is the true tissue masks' nonzero pixels where the
+dataset ships them (OASIS, demo), else computed from the original slice (anatomy/brain.py); summary.json names
+which.
 
 On NIfTI volumes (a model trained with --dataset nifti, or --volumes with any model) it also writes each volume's
 reconstruction as volumes/<name>_recon.nii.gz, on the input's affine and header, and per_volume.csv:
@@ -41,9 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anatomy.brain import brain_masks
 from anatomy.tissues import ANATOMY_FIGURE, anatomy_line, check_segmenter_fits, judge_reconstructions
 from codec.vqz import Codec
-from dataset import DATASETS
+from dataset import DATASETS, WHERE_SHIPPED
 from denoising.benchmark import DENOISING_OUTPUTS, score_denoising
 from denoising.noise import CLASSICAL_DENOISERS, parse_noise
 from evaluation.metrics import score_split, summarise
@@ -147,7 +150,8 @@ def reconstruct(args):
     segmenter = load_segmenter(args.segmenter, device) if args.segmenter else None
     data = (load_volume_files(args, cfg) if args.volumes else
             load_split(cfg, args.split, args.data_root, args.skip_bad, state["demo_settings"], args.dataset,
-                       masks=segmenter is not None))
+                       masks=True if segmenter else WHERE_SHIPPED))
+    brain, brain_rule = brain_masks(data)  # (N, H, W) bool
     try:
         model.config.latent_grid(*data.image_shape)
     except ValueError as e:
@@ -160,23 +164,27 @@ def reconstruct(args):
     volume_paths = reconstruction_paths(out, data.volumes) if data.volumes is not None else None
     claim_outputs(out, output_names(args, data, run_dir_of(path), segmenter is not None), "predict.py")
     if args.noise is not None:
-        return score_denoising(args, model, (path, cfg, state), data, out, device, segmenter)
+        return score_denoising(args, model, (path, cfg, state), data, out, device, segmenter, (brain, brain_rule))
 
     if data.volumes is None:
         scores = score_split(model, data.images, device, autocast(args.precision, device), args.batch_size,
                              compiled_ssim=args.compile, keep=len(data) if segmenter else 64,
-                             progress="reconstructing")
+                             progress="reconstructing", brain=brain)
     else:
-        scores, per_volume = score_volumes(model, data, device, args, out, volume_paths)
+        scores, per_volume = score_volumes(model, data, brain, device, args, out, volume_paths)
     ssims, psnrs = scores.ssim.cpu().numpy(), scores.psnr.cpu().numpy()
+    in_brain = {"ssim_brain": scores.ssim_brain.numpy(), "psnr_brain": scores.psnr_brain.numpy()}
     file_bytes = static_file_bytes(model, scores.indices, data.image_shape)
     columns, anatomy = (judge_reconstructions(segmenter, data, scores, device, args, out) if segmenter
                         else ([{}] * len(data), None))
     write_csv(out / "per_image.csv", [{"file": name, "ssim": float(s), "psnr": float(q), "static_vqz_bytes": int(b),
-                                       **c} for name, s, q, b, c in zip(data.files, ssims, psnrs, file_bytes, columns)])
+                                       "ssim_brain": float(sb), "psnr_brain": float(qb), **c}
+                                      for name, s, q, b, sb, qb, c in zip(data.files, ssims, psnrs, file_bytes,
+                                                                          *in_brain.values(), columns)])
     summary = {"checkpoint": str(path), "epoch": state["epoch"], "dataset": data.name, "trained_on": cfg.dataset,
                "split": args.split, "images": len(data), "precision": "bf16" if use_bf16(args.precision, device)
                else "fp32", "ssim": summarise(ssims), "psnr": summarise(psnrs),
+               **{key: summarise(values) for key, values in in_brain.items()}, "brain_mask": brain_rule,
                f"fraction_ssim_ge_{SSIM_BAR}": float((ssims >= SSIM_BAR).mean()),
                "bits_per_image": model.config.bits_per_image(*data.image_shape),
                "static_vqz_bytes": summarise(file_bytes)}
@@ -229,7 +237,8 @@ def print_summary(summary: dict, out: Path):
     s = summary["ssim"]
     print(f"{summary['dataset']} {summary['split']}: {summary['images']} images | SSIM mean {s['mean']:.4f} std "
           f"{s['std']:.4f} min {s['min']:.4f} max {s['max']:.4f} | >= {SSIM_BAR}: "
-          f"{100 * summary[f'fraction_ssim_ge_{SSIM_BAR}']:.1f}% | PSNR {summary['psnr']['mean']:.2f} dB | "
+          f"{100 * summary[f'fraction_ssim_ge_{SSIM_BAR}']:.1f}% | PSNR {summary['psnr']['mean']:.2f} dB | in the "
+          f"brain SSIM {summary['ssim_brain']['mean']:.4f} PSNR {summary['psnr_brain']['mean']:.2f} dB | "
           f"{summary['bits_per_image'] / 8:.0f} B of codes, {summary['static_vqz_bytes']['mean']:.0f} B per .vqz "
           f"file (static coder) | written to {out}")
     if "anatomy" in summary:

@@ -146,7 +146,9 @@ def open_run_folder(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, train
     return cfg, lock
 
 
-def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | None = None) -> Path:
+def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | None = None,
+          started: float | None = None) -> Path:
+    """`started`: time.monotonic() when the command started, where --max-minutes' clock starts (default: now)."""
     device = choose_device(cfg.device)
     speed_settings(device)
     seed_everything(cfg.seed)
@@ -170,7 +172,8 @@ def train(cfg: SegmenterTrainConfig, model_cfg: SegmenterConfig, state: dict | N
     # Loop: the epoch protocol
     run_epochs(SegmenterRun(cfg, model_cfg, model, opt, train_data, val_data, device,
                             saved=SavedEpochs("segment.py train", Path(cfg.out), start_epoch, cfg.resume),
-                            lock=lock, budget=TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=True),
+                            lock=lock, budget=TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=True,
+                                                         started=started),
                             best=best_dice, scheduler=scheduler, steps_per_epoch=steps_per_epoch))
     return Path(cfg.out)
 
@@ -301,6 +304,7 @@ COMMANDS = {"train": "train the tissue segmenter on a dataset's masks", "score":
 
 
 def main(argv=None):
+    started = time.monotonic()  # --max-minutes' clock: loading the data and a resume's reload are spent from it
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     argv = sys.argv[1:] if argv is None else list(argv)
     with exits_with_one_line(interrupted="interrupted; nothing was saved"):
@@ -309,7 +313,7 @@ def main(argv=None):
             return score(parse_score_args(flags))
         cfg, model_cfg, state = configs_from_args(*parse_config_flags(
             flags, "segment.py train", __doc__, SegmenterTrainConfig, SegmenterConfig, "model (SegmenterConfig)"))
-        return train(cfg, model_cfg, state)
+        return train(cfg, model_cfg, state, started)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from dataset import build_dataset, check_compatible, demo_settings, random_crops
+from anatomy.brain import brain_masks
+from dataset import WHERE_SHIPPED, build_dataset, check_compatible, demo_settings, random_crops
 from denoising.noise import Noise, add_noise, parse_noise
 from evaluation.metrics import score_split
 from modules import PRESETS, VQVAEConfig
@@ -108,7 +109,9 @@ def check_same_config(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace
 
 def load_data(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace):
     """The train and validation splits, every rank holding both whole, checked against the model before anything
-    is trained: same image size in both, divisible by the downsampling, at least one batch."""
+    is trained: same image size in both, divisible by the downsampling, at least one batch; and the validation
+    slices' brain masks, for the in-brain validation scores (anatomy/brain.py: the true masks where the dataset
+    ships them)."""
     # Demo data: rank 0 first, as it may have to write the files.
     first = place.main or cfg.dataset != "demo"
     for turn in (True, False):
@@ -116,14 +119,16 @@ def load_data(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace):
             if first == turn:
                 kwargs = dict(**cfg.data_options(), verbose=place.main)
                 train_data = build_dataset(cfg.dataset, cfg.data_root, "train", **kwargs)
-                val_data = build_dataset(cfg.dataset, cfg.data_root, "validate", **kwargs)
+                val_data = build_dataset(cfg.dataset, cfg.data_root, "validate", **kwargs,
+                                         masks=WHERE_SHIPPED if cfg.image_size is None else False)
                 check_compatible(train_data.image_shape, val_data)
                 check_fits_model(cfg, model_cfg, train_data.image_shape, place.world)
                 check_one_batch("the train split's images", len(train_data), cfg.batch_size * place.world,
                                 "lower --batch-size" + (f" (per process; {place.world} processes)"
                                                         if place.world > 1 else ""))
+    val_brain, _ = brain_masks(val_data)  # (N, H, W) bool
     stage_images(cfg, place.device, train_data, val_data, verbose=place.main)
-    return train_data, val_data
+    return train_data, val_data, val_brain
 
 
 def check_fits_model(cfg: TrainConfig, model_cfg: VQVAEConfig, image_shape, world: int):
@@ -214,8 +219,9 @@ def training_noise(cfg: TrainConfig) -> Noise | None:
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, place: RankPlace, autocast, keep: int = 0):
-    """Validation losses, SSIM and PSNR over every validation image exactly once (split across ranks), scored by
+def evaluate(model, data, brain, cfg, place: RankPlace, autocast, keep: int = 0):
+    """Validation losses, SSIM and PSNR, whole-slice and inside the `brain` masks, over every validation image
+    exactly once (split across ranks), scored by
     metrics.score_split as predict.py scores; also the first `keep` inputs and reconstructions of this rank. With
     --train-noise: the denoising of fixed noisy validation slices, scored against the clean ones."""
     rank, world, device = place.rank, place.world, place.device
@@ -223,16 +229,21 @@ def evaluate(model, data, cfg, place: RankPlace, autocast, keep: int = 0):
     corrupt = None if noise is None else lambda x, rows: add_noise(x, noise, (cfg.seed,),  # noqa: E731
                                                                     [rank + world * r for r in rows])
     scores = score_split(model, data.images[rank::world], device, autocast, channels_last=cfg.channels_last,
-                         compiled_ssim=cfg.compile, keep=keep, corrupt=corrupt)
+                         compiled_ssim=cfg.compile, keep=keep, corrupt=corrupt, brain=brain[rank::world])
     zero = torch.zeros((), dtype=torch.float64, device=device)
+    scored = ~scores.ssim_brain.isnan()  # slices with an empty brain mask have no in-brain score
     sums = torch.stack([*(scores.loss_sums.get(k, zero).to(device) for k in LOSS_NAMES),
-                        scores.ssim.double().sum().to(device), scores.psnr.double().sum().to(device),
+                        *(v.double().sum().to(device) for v in (scores.ssim, scores.psnr)),
+                        *(v[scored].double().sum().to(device) for v in (scores.ssim_brain, scores.psnr_brain)),
+                        torch.tensor(float(scored.sum()), dtype=torch.float64, device=device),
                         torch.tensor(float(len(scores.ssim)), dtype=torch.float64, device=device)])
     all_reduce_sum(sums)
-    n = sums[-1].clamp(min=1)
+    n, in_brain = sums[-1].clamp(min=1), sums[-2]
     metrics = {f"val_{k}": float(sums[i] / n) for i, k in enumerate(LOSS_NAMES)}
     metrics["val_loss"] = sum(metrics.values())
-    metrics["val_ssim"], metrics["val_psnr"] = float(sums[-3] / n), float(sums[-2] / n)
+    metrics["val_ssim"], metrics["val_psnr"] = float(sums[-6] / n), float(sums[-5] / n)
+    metrics["val_ssim_brain"], metrics["val_psnr_brain"] = ((float(sums[-4] / in_brain), float(sums[-3] / in_brain))
+                                                            if in_brain else (math.nan, math.nan))
     return metrics, scores
 
 
@@ -255,11 +266,12 @@ class VQVAERun(EpochRun):
     """The VQ-VAE's epochs: train and validate on every rank; rank 0 saves, draws and logs."""
     BEST_COLUMN = "val_loss"
 
-    def __init__(self, cfg, model_cfg, place, model, opt, scheduler, sampler, train_data, val_data, **protocol):
+    def __init__(self, cfg, model_cfg, place, model, opt, scheduler, sampler, train_data, val_data, val_brain,
+                 **protocol):
         super().__init__(scheduler=scheduler, steps_per_epoch=len(sampler) // cfg.batch_size, device=place.device,
                          epochs=cfg.epochs, main=place.main, **protocol)
         self.cfg, self.model_cfg, self.place, self.model, self.opt = cfg, model_cfg, place, model, opt
-        self.sampler, self.train_data, self.val_data = sampler, train_data, val_data
+        self.sampler, self.train_data, self.val_data, self.val_brain = sampler, train_data, val_data, val_brain
         self.amp, self.figures_at = autocast(cfg.precision, place.device), -math.inf
 
     def train_and_validate(self, epoch: int):
@@ -275,7 +287,8 @@ class VQVAERun(EpochRun):
         self.saved.check_finite(epoch, "train loss", train_metrics["train_loss"], cfg)  # before anything is saved
         average_batchnorm_stats(unwrap(model))
         t_val = time.perf_counter()
-        val_metrics, self.val_scores = evaluate(unwrap(model), self.val_data, cfg, self.place, self.amp, keep=8)
+        val_metrics, self.val_scores = evaluate(unwrap(model), self.val_data, self.val_brain, cfg, self.place,
+                                                 self.amp, keep=8)
         timing = (train_seconds / max(1, scheduler.last_epoch - first_step), time.perf_counter() - t_val)
         self.saved.check_finite(epoch, "validation loss", val_metrics["val_loss"], cfg)  # the last step broke it
         self.counts = counts.cpu()
@@ -321,7 +334,8 @@ def draw_figures(run_dir: Path, row: dict, counts: torch.Tensor, val_scores, sav
 def log_epoch(row: dict, codebook_size: int, best: bool, tensorboard):
     tensorboard.epoch(row)
     tqdm.write(f"epoch {row['epoch']:3d} | train loss {row['train_loss']:.4f} (rec {row['train_reconstruction']:.4f}) "
-               f"| val loss {row['val_loss']:.4f} SSIM {row['val_ssim']:.4f} PSNR {row['val_psnr']:.2f} "
+               f"| val loss {row['val_loss']:.4f} SSIM {row['val_ssim']:.4f} (brain {row['val_ssim_brain']:.4f}) "
+               f"PSNR {row['val_psnr']:.2f} "
                f"| codes {row['codes_used']}/{codebook_size} ppl {row['perplexity']:.1f} "
                f"| lr {row['lr']:.2e} | {row['epoch_seconds']:.1f}s {row['train_img_per_s']:.1f} img/s"
                + (" *" if best else ""))
@@ -354,13 +368,15 @@ def open_run_folder(cfg: TrainConfig, model_cfg: VQVAEConfig, place: RankPlace, 
     return cfg, lock, TensorBoardLog(writer_class, cfg.out)
 
 
-def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = None) -> Path:
+def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = None,
+          started: float | None = None) -> Path:
+    """`started`: time.monotonic() when the command started, where --max-minutes' clock starts (default: now)."""
     place = setup_rank(cfg)
     check_same_config(cfg, model_cfg, place)
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
 
     # Data
-    train_data, val_data = load_data(cfg, model_cfg, place)
+    train_data, val_data, val_brain = load_data(cfg, model_cfg, place)
     sampler = DistributedSampler(train_data, num_replicas=place.world, rank=place.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
     steps_per_epoch = len(sampler) // cfg.batch_size
@@ -376,8 +392,9 @@ def train(cfg: TrainConfig, model_cfg: VQVAEConfig, resume_state: dict | None = 
     # Loop: the epoch protocol
     saved = SavedEpochs("train.py", Path(cfg.out), start_epoch, cfg.resume,
                         "(under the same torchrun command)" if place.world > 1 else "")
-    budget = TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=place.main)
-    run = VQVAERun(cfg, model_cfg, place, model, opt, scheduler, sampler, train_data, val_data, saved=saved,
+    budget = TimeBudget(cfg.max_minutes, len(val_data), cfg.batch_size, verbose=place.main, started=started)
+    run = VQVAERun(cfg, model_cfg, place, model, opt, scheduler, sampler, train_data, val_data, val_brain,
+                   saved=saved,
                    lock=lock, budget=budget, best=best_val, tensorboard=tensorboard)
     try:
         run_epochs(run)
@@ -437,6 +454,7 @@ def configs_from_args(run_args: dict, model_args: dict) -> tuple[TrainConfig, VQ
 
 
 def main(argv=None):
+    started = time.monotonic()  # --max-minutes' clock: decoding the data and a resume's reload are spent from it
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     rank, world, _ = distributed_env()
     finished = False
@@ -446,7 +464,7 @@ def main(argv=None):
             cfg, model_cfg, state = configs_from_args(*parse_config_flags(
                 argv, "train.py", __doc__, TrainConfig, VQVAEConfig,
                 "model overrides (VQVAEConfig; default: the preset's value)"))
-            train(cfg, model_cfg, state)
+            train(cfg, model_cfg, state, started)
             finished = True
     finally:
         leave_process_group(finished)

@@ -108,7 +108,9 @@ def encode_splits(cfg: PriorTrainConfig, device, amp):
     return vqvae, vqvae_state, splits[0].class_names, codes, labels
 
 
-def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dict | None = None) -> Path:
+def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dict | None = None,
+                started: float | None = None) -> Path:
+    """`started`: time.monotonic() when the command started, where --max-minutes' clock starts (default: now)."""
     device = choose_device(cfg.device)
     if cfg.compile:
         require_compiler()
@@ -139,7 +141,8 @@ def train_prior(cfg: PriorTrainConfig, prior_cfg: PriorConfig, resume_state: dic
     # Loop: the epoch protocol
     run = PriorRun(cfg, prior, opt, scheduler, vqvae, vqvae_state, class_names, codes, labels, amp,
                    saved=SavedEpochs("train_prior.py", Path(cfg.out), start_epoch, cfg.resume),
-                   lock=lock, budget=TimeBudget(cfg.max_minutes, len(codes["validate"]), cfg.batch_size, verbose=True),
+                   lock=lock, budget=TimeBudget(cfg.max_minutes, len(codes["validate"]), cfg.batch_size, verbose=True,
+                                                started=started),
                    best=best_val, tensorboard=TensorBoardLog(writer_class, cfg.out))
     run_epochs(run)
     return Path(cfg.out)
@@ -174,6 +177,7 @@ def open_run_folder(cfg: PriorTrainConfig, prior, vqvae_state: dict, codes: dict
 class PriorRun(EpochRun):
     """The prior's epochs, as the epoch protocol (training/protocol.py) runs them."""
     BEST_COLUMN = "val_bits_per_code"
+    SETUP = "loading the VQ-VAE, encoding the splits to code maps, building the prior"
 
     def __init__(self, cfg, prior, opt, scheduler, vqvae, vqvae_state, class_names, codes, labels, amp, **protocol):
         super().__init__(scheduler=scheduler, steps_per_epoch=math.ceil(len(codes["train"]) / cfg.batch_size),
@@ -244,10 +248,12 @@ def configs_from_args(run_args: dict, prior_args: dict):
 
 
 def main(argv=None):
+    started = time.monotonic()  # --max-minutes' clock: the encoding pass and a resume's reload are spent from it
     stop_on_interrupts()  # a scheduler's SIGTERM stops like Ctrl-C, and a second signal cannot change what it reports
     with exits_with_one_line(interrupted="interrupted before training started; no checkpoint was written or changed"):
         train_prior(*configs_from_args(*parse_config_flags(argv, "train_prior.py", __doc__, PriorTrainConfig,
-                                                           PriorConfig, "prior (PriorConfig)", exclude=DERIVED)))
+                                                           PriorConfig, "prior (PriorConfig)", exclude=DERIVED)),
+                    started=started)
 
 
 if __name__ == "__main__":

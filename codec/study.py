@@ -3,7 +3,9 @@ it (each VQ-VAE measured as a codec: its files under every coder, decoded again,
 VQ-VAE file of each slice that fits, as a ladder encodes; the classical codecs searched per slice at every byte
 budget, in worker processes) and returns plain rows of rd.csv with what the figures need; then the tissue Dice per
 codec and budget, the targets and BD-rates as measured, and the figures (rd.png: every curve; rd_slice.png: one
-slice under every codec at equal bytes). compress.py rd is its command line.
+slice under every codec at equal bytes). Every row scores its slices over the whole slice and inside the brain
+(mean_ssim_brain, mean_psnr_brain: imaging.quality's SSIM and PSNR within each slice's brain mask, anatomy.brain's).
+compress.py rd is its command line.
 """
 import math
 import time
@@ -22,19 +24,36 @@ from imaging.slices import uint8_to_unit
 from utils import UserError, one_line_reason, pyplot, read_json
 
 
-def scores(decoded: np.ndarray, original: np.ndarray) -> tuple[float, float]:
+def scores(decoded: np.ndarray, original: np.ndarray, brain: np.ndarray | None = None) -> tuple[float, float]:
+    """SSIM and PSNR of one uint8 (H, W) slice against its original; inside `brain` (bool (H, W)) where given."""
     x = uint8_to_unit(torch.from_numpy(np.array(decoded)))[None, None]
     y = uint8_to_unit(torch.from_numpy(np.array(original)))[None, None]
-    return float(ssim(x, y)[0]), float(psnr(x, y)[0])
+    mask = None if brain is None else torch.from_numpy(brain)[None, None]
+    return float(ssim(x, y, mask=mask)[0]), float(psnr(x, y, mask=mask)[0])
 
 
-def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def mean_scores(decoded: torch.Tensor, originals: torch.Tensor,
+                brain: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice SSIM and PSNR of uint8 (N, H, W) slices against their originals -> two (N,) arrays; inside `brain`
+    (bool (N, H, W)) where given, NaN for a slice whose mask is empty."""
     s, p = [], []
-    for a, b in zip(decoded.split(64), originals.split(64)):
-        x, y = uint8_to_unit(a)[:, None], uint8_to_unit(b)[:, None]
-        s.append(ssim(x, y))
-        p.append(psnr(x, y))
+    for start in range(0, len(decoded), 64):
+        x, y = (uint8_to_unit(a[start:start + 64])[:, None] for a in (decoded, originals))  # (B, 1, H, W)
+        mask = None if brain is None else brain[start:start + 64, None]
+        s.append(ssim(x, y, mask=mask))
+        p.append(psnr(x, y, mask=mask))
     return torch.cat(s).numpy(), torch.cat(p).numpy()
+
+
+def nan_mean(values) -> float:
+    """The mean of the values that are not NaN (in-brain scores of slices with an empty brain mask are); NaN where
+    none is left."""
+    values = np.asarray(values, dtype=np.float64)
+    scored = values[~np.isnan(values)]
+    return float(scored.mean()) if len(scored) else float("nan")
+
+
+BRAIN_COLUMNS = ("mean_ssim_brain", "mean_psnr_brain")  # rd.csv's in-brain scores, its last columns
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -43,14 +62,16 @@ def mean_scores(decoded: torch.Tensor, originals: torch.Tensor) -> tuple[np.ndar
 
 @dataclass(frozen=True)
 class VqvaeFiles:
-    """A VQ-VAE's files under one coder, per slice: the file's size and its reconstruction's SSIM and PSNR (one
-    reconstruction under every coder). The ladder picks among these, and the classical codecs are measured at these
-    sizes."""
-    codec: str          # its row's codec: "VQ-VAE <label>"
-    coder: str          # its row's setting
-    sizes: np.ndarray   # (N,) bytes
-    ssim: np.ndarray    # (N,)
-    psnr: np.ndarray    # (N,)
+    """A VQ-VAE's files under one coder, per slice: the file's size and its reconstruction's SSIM and PSNR, over the
+    slice and inside the brain (one reconstruction under every coder). The ladder picks among these, and the
+    classical codecs are measured at these sizes."""
+    codec: str                # its row's codec: "VQ-VAE <label>"
+    coder: str                # its row's setting
+    sizes: np.ndarray         # (N,) bytes
+    ssim: np.ndarray          # (N,)
+    psnr: np.ndarray          # (N,)
+    ssim_brain: np.ndarray    # (N,) NaN for a slice whose brain mask is empty
+    psnr_brain: np.ndarray    # (N,) likewise
 
     @property
     def name(self) -> str:
@@ -77,6 +98,7 @@ class RdStudy:
     rows: list[dict]                    # rd.csv: the VQ-VAEs, the classical codecs, the ladder, the learned peers
     models: dict[str, MeasuredVqvae]    # by label
     ladder_picks: dict                  # budget -> per slice the label of the VQ-VAE the ladder picked, or None
+    brain_mask: str                     # the rule of the brain masks of the in-brain scores (anatomy.brain)
 
     def figures(self) -> dict:
         return {label: m.figure for label, m in self.models.items()}
@@ -89,38 +111,47 @@ class RdStudy:
                 "speed": {label: m.speed for label, m in self.models.items()}, "targets": targets(self.rows),
                 "about": "bytes are whole .vqz files (38-byte header included) and whole classical files "
                          "(JPEG 2000 as a raw codestream, without the JP2 container); classical means are over the "
-                         "images that fit the budget, images_over_budget counts the others"}
+                         "images that fit the budget, images_over_budget counts the others",
+                "brain_mask": self.brain_mask}
+
+    def table(self) -> list[dict]:
+        """rd.csv's rows: every row with every column (empty where it has none: a learned peer's in-brain scores),
+        the in-brain ones (BRAIN_COLUMNS) last, as they came last to the table."""
+        columns = [*dict.fromkeys(k for r in self.rows for k in r if k not in BRAIN_COLUMNS), *BRAIN_COLUMNS]
+        return [{c: r.get(c, "") for c in columns} for r in self.rows]
 
 
-def rate_distortion(models, slices: tuple, codecs: list[str], budgets: list[int], workers: int = 1,
-                    verify: bool = True, peers=()) -> RdStudy:
-    """The study on `slices` (rd_slices' images, labels, files): each of `models` ((label, Codec, what rd.json
-    records of it)) measured as a codec; per budget the ladder over their files; each classical codec of `codecs`
-    searched per slice at each budget and at the size of each slice's file under each VQ-VAE and coder; the rate
-    points of each learned peer (`peers`: rd_hyperprior.json files, read first)."""
+def rate_distortion(models, slices: tuple, brain: tuple[torch.Tensor, str], codecs: list[str], budgets: list[int],
+                    workers: int = 1, verify: bool = True, peers=()) -> RdStudy:
+    """The study on `slices` (rd_slices' images, labels, files), scored over each slice and inside its brain mask
+    (`brain`: bool (N, H, W) masks and their rule, anatomy.brain.brain_masks'): each of `models` ((label, Codec,
+    what rd.json records of it)) measured as a codec; per budget the ladder over their files; each classical codec
+    of `codecs` searched per slice at each budget and at the size of each slice's file under each VQ-VAE and coder;
+    the rate points of each learned peer (`peers`: rd_hyperprior.json files, read first; no in-brain scores)."""
     images, labels, files = slices
+    masks, rule = brain
     peer = [row for path in peers for row in peer_rows(path, files)]
     measured = {}
     for label, codec, record in models:
         if label in measured:  # the same run twice (e.g. with and without its prior)
             label = f"{label} #{len(measured) + 1}"
-        measured[label] = measure_vqvae(codec, images, labels, files, label, verify)
+        measured[label] = measure_vqvae(codec, images, labels, masks, files, label, verify)
         measured[label].model.update(record)
     candidates = [f for m in measured.values() for f in m.files]
     ladder, picks = ladder_rows(candidates, budgets)
     rows = [row for m in measured.values() for row in m.rows]
-    rows += classical_rows(images, codecs, budgets, candidates, workers)
-    return RdStudy(images, files, codecs, budgets, rows + ladder + peer, measured, picks)
+    rows += classical_rows(images, masks, codecs, budgets, candidates, workers)
+    return RdStudy(images, files, codecs, budgets, rows + ladder + peer, measured, picks, rule)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The VQ-VAEs
 # ---------------------------------------------------------------------------------------------------------
 
-def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, names: list[str], label: str,
-                  verify: bool) -> MeasuredVqvae:
-    """One VQ-VAE as a codec: its reconstructions' scores, its files under every coder it has (the prior-coded ones
-    decoded again with `verify`), their speed."""
+def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, brain: torch.Tensor, names: list[str],
+                  label: str, verify: bool) -> MeasuredVqvae:
+    """One VQ-VAE as a codec: its reconstructions' scores (over each slice and inside its `brain` mask), its files
+    under every coder it has (the prior-coded ones decoded again with `verify`), their speed."""
     n, (height, width) = len(images), images.shape[1:]
     t0 = time.perf_counter()
     codes = codec.codes(images)
@@ -141,9 +172,10 @@ def measure_vqvae(codec: Codec, images: torch.Tensor, labels: torch.Tensor, name
         if verify:
             speed["prior_decode_slices_per_s"] = verify_decoding(codec, coded["prior"], codes, recon, names, label)
     s, p = mean_scores(recon, images)
+    s_brain, p_brain = mean_scores(recon, images, brain)
     h, w = codes.shape[1:]
-    files = [VqvaeFiles(f"VQ-VAE {label}", coder, np.array([len(b) for b in blobs], dtype=np.float64), s, p)
-             for coder, blobs in coded.items()]
+    files = [VqvaeFiles(f"VQ-VAE {label}", coder, np.array([len(b) for b in blobs], dtype=np.float64), s, p,
+                        s_brain, p_brain) for coder, blobs in coded.items()]
     rows = [vqvae_row(f, (h, w), codec.k, ideal if f.coder == "prior" else None) for f in files]
     best = min(coded, key=lambda c: np.mean([len(b) for b in coded[c]]))
     model = {"latent_grid": [h, w], "K": codec.k, "vqvae_hash": codec.vqvae_hash.hex(),
@@ -176,7 +208,7 @@ def vqvae_row(files: VqvaeFiles, grid: tuple[int, int], k: int, ideal: list | No
            "latent_grid": f"{h}x{w}", "K": k}
     if ideal is not None:
         row["ideal_payload_bytes"] = float(np.mean(ideal)) / 8
-    return row
+    return {**row, "mean_ssim_brain": nan_mean(files.ssim_brain), "mean_psnr_brain": nan_mean(files.psnr_brain)}
 
 
 LADDER = "ladder"  # the codec of the rows that pick, per slice, the best VQ-VAE file within a budget
@@ -185,10 +217,12 @@ LADDER = "ladder"  # the codec of the rows that pick, per slice, the best VQ-VAE
 def ladder_rows(vq: list[VqvaeFiles], budgets: list[int]) -> tuple[list[dict], dict]:
     """What encoding with a byte budget gives over these VQ-VAE files (each model under each coder): per slice, of
     the files within the budget the one whose reconstruction has the best SSIM, the smaller on a tie (Ladder's
-    rule); means over the slices where some file fits, the others counted, as for the classical codecs.
+    rule, on the whole slice); means over the slices where some file fits, the others counted, as for the classical
+    codecs.
     -> (one row per budget, {budget: per slice the label of the VQ-VAE picked, None where none fits})."""
     sizes = np.stack([f.sizes for f in vq])  # (candidates, slices)
     ssims, psnrs = np.stack([f.ssim for f in vq]), np.stack([f.psnr for f in vq])
+    ssims_brain, psnrs_brain = np.stack([f.ssim_brain for f in vq]), np.stack([f.psnr_brain for f in vq])
     rows, picks = [], {}
     for budget in budgets:
         # best SSIM among the files that fit, then the smallest: lexicographic argmax over (ssim, -size)
@@ -207,7 +241,9 @@ def ladder_rows(vq: list[VqvaeFiles], budgets: list[int]) -> tuple[list[dict], d
                      "mean_bytes": mean(sizes), "mean_payload_bytes": mean(sizes) - HEADER.size,
                      "bits_per_slice": mean(sizes) * 8, "payload_bits_per_code": "", "mean_ssim": mean(ssims),
                      "std_ssim": float(chosen(ssims).std()) if fit.any() else float("nan"), "mean_psnr": mean(psnrs),
-                     "latent_grid": "", "K": "", "files_chosen": counts})
+                     "latent_grid": "", "K": "", "files_chosen": counts,
+                     "mean_ssim_brain": nan_mean(chosen(ssims_brain)),
+                     "mean_psnr_brain": nan_mean(chosen(psnrs_brain))})
         picks[budget] = [vq[c].codec.removeprefix("VQ-VAE ") if f else None for c, f in zip(order, fit)]
     return rows, picks
 
@@ -246,13 +282,19 @@ def peer_rows(path: Path, files: list[str]) -> list[dict]:
     return [{**r, "budget_bytes": RATE_POINT} for r in rows]
 
 
-def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(uint8 images, labels, file names) of a split, or `max_images` of them spread evenly over it: every study
-    of the same split and --max-images measures the same slices."""
+def rd_subset(data, max_images: int | None):
+    """The slices of a split (a SliceDataset) that a study measures: all of them, or `max_images` spread evenly
+    over it (with their masks, where it has them): every study of the same split and --max-images measures the same
+    slices."""
     if not max_images or len(data.images) <= max_images:
-        return data.images, data.labels, list(data.files)
-    pick = torch.linspace(0, len(data.images) - 1, max_images).round().long()
-    return data.images[pick], data.labels[pick], [data.files[i] for i in pick.tolist()]
+        return data
+    return data.subset(torch.linspace(0, len(data.images) - 1, max_images).round().long())
+
+
+def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(uint8 images, labels, file names) of rd_subset."""
+    picked = rd_subset(data, max_images)
+    return picked.images, picked.labels, list(picked.files)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,10 +302,11 @@ def rd_slices(data, max_images: int | None) -> tuple[torch.Tensor, torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------
 
 def classical_one_image(job):
-    """One image through every codec at every budget: (image, codecs, budgets, matched) -> {codec: {budget or
-    ("matched", name): (bytes, ssim, psnr) or None, "smallest": bytes}}. `matched` maps a name to this image's own
-    budget (the size of its .vqz file under one VQ-VAE and coder). A worker's unit of work."""
-    image, codecs, budgets, matched = job
+    """One image through every codec at every budget: (image, brain mask, codecs, budgets, matched) -> {codec:
+    {budget or ("matched", name): (bytes, ssim, psnr, ssim_brain, psnr_brain) or None, "smallest": bytes}}.
+    `matched` maps a name to this image's own budget (the size of its .vqz file under one VQ-VAE and coder). A
+    worker's unit of work."""
+    image, brain, codecs, budgets, matched = job
     result = {}
     for name in codecs:
         codec = classical_codec(name)
@@ -272,7 +315,11 @@ def classical_one_image(job):
         wanted = [(b, b) for b in budgets] + [(("matched", key), b) for key, b in matched.items()]
         for key, budget in wanted:
             data = search.fit(budget)
-            result[name][key] = None if data is None else (len(data), *scores(codec.decode(data), image))
+            if data is None:
+                result[name][key] = None
+            else:
+                decoded = codec.decode(data)
+                result[name][key] = (len(data), *scores(decoded, image), *scores(decoded, image, brain))
     return result
 
 
@@ -280,10 +327,11 @@ def worker_init():
     torch.set_num_threads(1)
 
 
-def classical_study(images: np.ndarray, codecs, budgets, matched: dict, workers: int) -> list:
-    """classical_one_image over all images; matched: name -> (N,) per-image budgets."""
-    jobs = [(image, codecs, budgets, {name: int(b[i]) for name, b in matched.items()})
-            for i, image in enumerate(images)]
+def classical_study(images: np.ndarray, brain: np.ndarray, codecs, budgets, matched: dict, workers: int) -> list:
+    """classical_one_image over all images (uint8 (N, H, W), brain masks bool (N, H, W)); matched: name -> (N,)
+    per-image budgets."""
+    jobs = [(image, mask, codecs, budgets, {name: int(b[i]) for name, b in matched.items()})
+            for i, (image, mask) in enumerate(zip(images, brain))]
     desc = f"{', '.join(codecs)}: quality searched per slice"
     if workers <= 1:
         return [classical_one_image(j) for j in tqdm(jobs, desc=desc, unit="slice", leave=False)]
@@ -293,12 +341,12 @@ def classical_study(images: np.ndarray, codecs, budgets, matched: dict, workers:
                          unit="slice", leave=False))
 
 
-def classical_rows(images: torch.Tensor, codecs: list[str], budgets: list[int], vq: list[VqvaeFiles],
-                   workers: int) -> list[dict]:
+def classical_rows(images: torch.Tensor, brain: torch.Tensor, codecs: list[str], budgets: list[int],
+                   vq: list[VqvaeFiles], workers: int) -> list[dict]:
     """The rows of rd.csv of each classical codec: at each fixed budget, and at each slice's own file size under
     each VQ-VAE and coder."""
     matched = {f.name: f.sizes for f in vq}
-    results = classical_study(images.numpy(), codecs, budgets, matched, workers)
+    results = classical_study(images.numpy(), brain.numpy(), codecs, budgets, matched, workers)
     rows = []
     for codec in codecs:
         rows += [classical_row(results, codec, b, "quality searched per slice", b) for b in budgets]
@@ -318,7 +366,8 @@ def classical_row(results: list, codec: str, key, setting: str, budget) -> dict:
             "mean_bytes": mean(0), "mean_payload_bytes": "", "bits_per_slice": mean(0) * 8,
             "payload_bits_per_code": "", "mean_ssim": mean(1),
             "std_ssim": float(np.std([f[1] for f in fit])) if fit else float("nan"), "mean_psnr": mean(2),
-            "latent_grid": "", "K": ""}
+            "latent_grid": "", "K": "", "mean_ssim_brain": nan_mean([f[3] for f in fit]),
+            "mean_psnr_brain": nan_mean([f[4] for f in fit])}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -439,9 +488,9 @@ def ladder_gains(ladder: dict, classical: list[dict]) -> dict:
 
 
 def bd_rates(vq: list[dict], classical: list[dict]) -> dict:
-    """BD-rate on SSIM and on PSNR of the VQ-VAE curve (each VQ-VAE's smallest file: its operating point) against
-    each classical codec's curve (its budgets where every slice fit, so each mean is over the same slices) and each
-    learned peer's (its rate points)."""
+    """BD-rate on SSIM and on PSNR, over the whole slice and inside the brain, of the VQ-VAE curve (each VQ-VAE's
+    smallest file: its operating point) against each classical codec's curve (its budgets where every slice fit,
+    so each mean is over the same slices) and each learned peer's (its rate points; none inside the brain)."""
     smallest = {}
     for r in vq:
         if r["codec"] not in smallest or r["mean_bytes"] < smallest[r["codec"]]["mean_bytes"]:
@@ -450,12 +499,15 @@ def bd_rates(vq: list[dict], classical: list[dict]) -> dict:
     out = {"about": "mean change in bytes (%) of the VQ-VAE points against each codec at equal quality, over the "
                     "quality range both cover (null: fewer than 2 points on a curve, or no shared range)",
            "vqvae_points": [f"{r['codec']} {r['setting']}" for r in ours]}
+    def curve(points: list[dict], metric: str) -> tuple[list, list]:
+        """(bytes, quality) of each point; NaN quality where a row has none (a peer's inside the brain)."""
+        return [r["mean_bytes"] for r in points], [r.get(f"mean_{metric}", float("nan")) for r in points]
+
     for codec in dict.fromkeys(r["codec"] for r in classical):
         theirs = [r for r in classical if r["codec"] == codec and (r["budget_bytes"] == RATE_POINT or (
                   isinstance(r["budget_bytes"], int) and r["images_over_budget"] == 0))]
-        out[codec] = {metric: bd_rate([r["mean_bytes"] for r in ours], [r[f"mean_{metric}"] for r in ours],
-                                      [r["mean_bytes"] for r in theirs], [r[f"mean_{metric}"] for r in theirs])
-                      for metric in ("ssim", "psnr")}
+        out[codec] = {metric: bd_rate(*curve(ours, metric), *curve(theirs, metric))
+                      for metric in ("ssim", "psnr", "ssim_brain", "psnr_brain")}
     return out
 
 

@@ -2,7 +2,8 @@
 
 The split's slices are corrupted (seeded by --seed), reconstructed by the model and by each classical denoiser (its
 strength factor chosen on validation slices carrying the same noise), and every output is scored against the clean
-slice, beside the noisy input's own score: per_image.csv, summary.json and denoising.png. The functions take
+slice, whole and inside the brain (anatomy/brain.py's masks), beside the noisy input's own score: per_image.csv,
+summary.json and denoising.png. The functions take
 predict.py's flags as `args` (noise, seed, baselines, slow_baseline_slices, the runtime and data flags)."""
 import math
 import time
@@ -21,23 +22,26 @@ from utils import autocast, save_image_grid, use_bf16, write_csv, write_json
 DENOISING_OUTPUTS = ("per_image.csv", "summary.json", "denoising.png")  # in predict.py's --out
 
 
-def score_denoising(args, model, checkpoint, data, out: Path, device, segmenter=None) -> dict:
+def score_denoising(args, model, checkpoint, data, out: Path, device, segmenter, brain_and_rule) -> dict:
     """--noise: the split's slices corrupted (seeded by --seed), reconstructed by the model and by each classical
     denoiser, every output scored against the clean slice, the noisy input's own score beside them; per_image.csv,
     summary.json and denoising.png. With a `segmenter` (load_segmenter's) also the tissue Dice of the model's
     denoised slices beside the clean slices' (anatomy.tissues.judge_reconstructions: its columns and
-    worst_anatomy.png)."""
+    worst_anatomy.png). `brain_and_rule`: anatomy.brain.brain_masks of `data`."""
     path, cfg, state = checkpoint
     amp = autocast(args.precision, device)
     clean = to_unit(to_float(data.images.unsqueeze(1)))  # (N, 1, H, W) in [0, 1]
     noisy = noisy_slices(data.images, args.noise, args.seed)  # (N, 1, H, W) in [-1, 1]
+    brain, brain_rule = brain_and_rule
+    brain = brain.unsqueeze(1)  # (N, 1, H, W) bool
 
     # The model, and the noisy input as it is
     start = time.perf_counter()
     ours = score_split(model, data.images, device, amp, args.batch_size, compiled_ssim=args.compile,
                        keep=len(data) if segmenter else 0, progress="denoising",
-                       corrupt=lambda x, rows: noisy[rows.start:rows.stop].to(x.device))
-    results = {"noisy": image_scores(to_unit(noisy), clean), "ours": (ours.ssim.cpu(), ours.psnr.cpu())}
+                       corrupt=lambda x, rows: noisy[rows.start:rows.stop].to(x.device), brain=brain[:, 0])
+    results = {"noisy": image_scores(to_unit(noisy), clean, brain),
+               "ours": dict(zip(METRICS, (ours.ssim, ours.psnr, ours.ssim_brain, ours.psnr_brain)))}
     seconds = {"ours": (time.perf_counter() - start) / len(data)}
 
     # Classical denoisers on the same noisy slices, each set on validation slices carrying the same noise
@@ -53,7 +57,7 @@ def score_denoising(args, model, checkpoint, data, out: Path, device, segmenter=
                                                       tuning[method.name]["factor"],
                                                       desc=f"{method.name} ({len(rows)} slices)")
         denoised = torch.from_numpy(denoised).unsqueeze(1)  # (len(rows), 1, H, W) in [0, 1]
-        results[method.name] = scores_on_rows(denoised, clean, rows)
+        results[method.name] = scores_on_rows(denoised, clean, brain, rows)
         shown[method.name] = denoised[torch.searchsorted(rows, picks)]
 
     # Tables and the figures
@@ -61,7 +65,8 @@ def score_denoising(args, model, checkpoint, data, out: Path, device, segmenter=
                         else ([{}] * len(data), None))
     write_csv(out / "per_image.csv", [{**r, **c} for r, c in zip(per_image_rows(data.files, results), columns)])
     bf16 = use_bf16(args.precision, device)
-    summary = denoising_summary(args, checkpoint, data, results, seconds, tuning, common, bf16)
+    summary = {**denoising_summary(args, checkpoint, data, results, seconds, tuning, common, bf16),
+               "brain_mask": brain_rule}
     if anatomy:
         summary["anatomy"] = anatomy
     write_json(out / "summary.json", summary)
@@ -81,16 +86,22 @@ def noisy_slices(images: torch.Tensor, noise, seed: int, chunk: int = 64) -> tor
                       for i in range(0, len(images), chunk)])
 
 
-def image_scores(x: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image SSIM and PSNR of (N, 1, H, W) images in [0, 1] against the clean ones, as score_split scores."""
-    return ssim(x, clean), psnr(x, clean)
+METRICS = ("ssim", "psnr", "ssim_brain", "psnr_brain")  # each method's per-slice scores, in per_image.csv's order
 
 
-def scores_on_rows(denoised: torch.Tensor, clean: torch.Tensor, rows: torch.Tensor):
-    """SSIM and PSNR per slice of the split, NaN where the method did not run (outside `rows`)."""
-    ssims, psnrs = torch.full((len(clean),), math.nan), torch.full((len(clean),), math.nan)
-    ssims[rows], psnrs[rows] = image_scores(denoised, clean[rows])
-    return ssims, psnrs
+def image_scores(x: torch.Tensor, clean: torch.Tensor, brain: torch.Tensor) -> dict:
+    """Per-image METRICS of (N, 1, H, W) images in [0, 1] against the clean ones, as score_split scores; the
+    in-brain ones inside the bool (N, 1, H, W) `brain` masks."""
+    return dict(zip(METRICS, (ssim(x, clean), psnr(x, clean), ssim(x, clean, mask=brain),
+                              psnr(x, clean, mask=brain))))
+
+
+def scores_on_rows(denoised: torch.Tensor, clean: torch.Tensor, brain: torch.Tensor, rows: torch.Tensor) -> dict:
+    """METRICS per slice of the split, NaN where the method did not run (outside `rows`)."""
+    scores = {metric: torch.full((len(clean),), math.nan) for metric in METRICS}
+    for metric, values in image_scores(denoised, clean[rows], brain[rows]).items():
+        scores[metric][rows] = values
+    return scores
 
 
 def slow_subset(n: int, args) -> torch.Tensor:
@@ -117,12 +128,12 @@ def choose_factor(method, val, args) -> dict:
 
 
 def per_image_rows(files, results: dict) -> list[dict]:
-    """One row per slice: SSIM and PSNR of the noisy input, the model and each classical denoiser (empty where it
-    did not run)."""
-    def cell(x: float, digits: int):
-        return None if math.isnan(x) else f"{x:.{digits}f}"
-    return [{"file": name, **{f"{key}_{metric}": cell(float(values[i]), digits) for key, pair in results.items()
-                              for (metric, digits), values in zip((("ssim", 6), ("psnr", 4)), pair)}}
+    """One row per slice: METRICS of the noisy input, the model and each classical denoiser (empty where it did
+    not run, or, in the brain, where the slice's brain mask is empty)."""
+    def cell(x: float, metric: str):
+        return None if math.isnan(x) else f"{x:.{4 if metric.startswith('psnr') else 6}f}"
+    return [{"file": name, **{f"{key}_{metric}": cell(float(scores[metric][i]), metric)
+                              for key, scores in results.items() for metric in METRICS}}
             for i, name in enumerate(files)]
 
 
@@ -131,14 +142,17 @@ def denoising_summary(args, checkpoint, data, results: dict, seconds: dict, tuni
     """summary.json of --noise: each of noisy / ours / classical on the slices it ran on, beside ours on the same
     slices; the best classical denoiser is the one with the highest mean SSIM on the slices every one ran on."""
     path, cfg, state = checkpoint
-    ours_ssim = results["ours"][0]
+    ours = results["ours"]
 
     def entry(key):
-        s, q = results[key]
-        ran = ~torch.isnan(s)
-        return {"slices": int(ran.sum()), "ssim": summarise(s[ran].numpy()), "psnr": summarise(q[ran].numpy()),
-                "ours_ssim_on_these_slices": float(ours_ssim[ran].mean()),
-                "ssim_on_common_slices": float(s[common].mean()), "seconds_per_slice": seconds.get(key)}
+        scores = results[key]
+        ran = ~torch.isnan(scores["ssim"])
+        return {"slices": int(ran.sum()), **{metric: summarise(scores[metric][ran].numpy()) for metric in METRICS},
+                "ours_ssim_on_these_slices": float(ours["ssim"][ran].mean()),
+                "ours_ssim_brain_on_these_slices": float(ours["ssim_brain"][ran].nanmean()),
+                "ssim_on_common_slices": float(scores["ssim"][common].mean()),
+                "ssim_brain_on_common_slices": float(scores["ssim_brain"][common].nanmean()),
+                "seconds_per_slice": seconds.get(key)}
     classical = {name: {"label": CLASSICAL_DENOISERS[name].label, **entry(name), **tuning[name]} for name in tuning}
     return {"checkpoint": str(path), "epoch": state["epoch"], "trained_with_noise": cfg.train_noise,
             "dataset": data.name, "split": args.split, "images": len(data), "noise": str(args.noise),
@@ -148,9 +162,9 @@ def denoising_summary(args, checkpoint, data, results: dict, seconds: dict, tuni
             "common_slices": {"slices": len(common), "of": len(data), "drawn_with_seed": args.seed,
                               "about": "the slices every denoiser ran on: all, or --slow-baseline-slices of them "
                                        "for the slow ones (BM3D)"},
-            "about": "SSIM and PSNR against the clean slice; classical strength = factor x skimage estimate_sigma "
-                     "of the noisy slice, the factor chosen on validation slices with the same noise; seconds per "
-                     "slice on this machine's threads (ours includes scoring)"}
+            "about": "SSIM and PSNR against the clean slice, whole and inside its brain mask (brain_mask); classical "
+                     "strength = factor x skimage estimate_sigma of the noisy slice, the factor chosen on validation "
+                     "slices with the same noise; seconds per slice on this machine's threads (ours includes scoring)"}
 
 
 def save_denoising_grid(model, noisy, clean, classical, amp, path: Path, title: str):
@@ -164,8 +178,10 @@ def save_denoising_grid(model, noisy, clean, classical, amp, path: Path, title: 
 
 
 def denoising_line(summary: dict, out: Path) -> str:
-    parts = [f"{key} {summary[key]['ssim']['mean']:.4f}" for key in ("noisy", "ours")]
-    parts += [f"{name} {c['ssim']['mean']:.4f} ({c['slices']} slices, ours there {c['ours_ssim_on_these_slices']:.4f},"
-              f" {c['seconds_per_slice']:.2f} s/slice)" for name, c in summary["classical"].items()]
+    parts = [f"{key} {summary[key]['ssim']['mean']:.4f} (brain {summary[key]['ssim_brain']['mean']:.4f})"
+             for key in ("noisy", "ours")]
+    parts += [f"{name} {c['ssim']['mean']:.4f} (brain {c['ssim_brain']['mean']:.4f}; {c['slices']} slices, ours there "
+              f"{c['ours_ssim_on_these_slices']:.4f}, brain {c['ours_ssim_brain_on_these_slices']:.4f}, "
+              f"{c['seconds_per_slice']:.2f} s/slice)" for name, c in summary["classical"].items()]
     return (f"{summary['dataset']} {summary['split']} + {summary['noise']}: {summary['images']} images | SSIM "
             + " | ".join(parts) + f" | written to {out}")

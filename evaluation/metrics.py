@@ -14,14 +14,22 @@ from modules import VQVAE
 
 
 def summarise(values: np.ndarray) -> dict:
-    """Mean, std, min and max of a score over the images, for a summary.json."""
-    return {"mean": float(values.mean()), "std": float(values.std()), "min": float(values.min()),
-            "max": float(values.max())}
+    """Mean, std, min and max of a score over the images, for a summary.json; images scored NaN (an in-brain score
+    of a slice with an empty brain mask) are left out and counted."""
+    values = np.asarray(values, dtype=np.float64)
+    scored = values[~np.isnan(values)]
+    if not len(scored):
+        return {**dict.fromkeys(("mean", "std", "min", "max"), float("nan")), "unscored": len(values)}
+    summary = {"mean": float(scored.mean()), "std": float(scored.std()), "min": float(scored.min()),
+               "max": float(scored.max())}
+    return summary if len(scored) == len(values) else {**summary, "unscored": len(values) - len(scored)}
 
 
 class SplitScores(NamedTuple):
     ssim: torch.Tensor         # (N,) per image
     psnr: torch.Tensor         # (N,) per image, dB
+    ssim_brain: torch.Tensor   # (N,) per image inside its brain mask (NaN for an empty mask); (0,) without masks
+    psnr_brain: torch.Tensor   # (N,) likewise, dB
     loss_sums: dict            # each loss term summed over the images (batch mean x batch size)
     inputs: torch.Tensor       # (keep, 1, H, W) the first `keep` inputs in [-1, 1], as the model read them
     outputs: torch.Tensor      # (keep, 1, H, W) their reconstructions
@@ -31,14 +39,15 @@ class SplitScores(NamedTuple):
 @torch.no_grad()
 def score_split(model, images: torch.Tensor, device: torch.device, autocast, batch_size: int = 32,
                 channels_last: bool = True, compiled_ssim: bool = False, keep: int = 0, progress: str | None = None,
-                corrupt=None) -> SplitScores:
+                corrupt=None, brain: torch.Tensor | None = None) -> SplitScores:
     """Reconstruct uint8 (N, H, W) `images` with `model` (a VQVAE, in eval mode) and score every one. Validation
     during training, predict.py and ablate.py all score through this, in the same precision (`autocast`) and memory
     format as training, so their figures agree. Denoising: `corrupt(x, rows)` gives the noisy version of the batch
     x of `images[rows]`; the model reads it, and its output is scored against the clean x (`inputs` keeps the
-    noisy ones)."""
+    noisy ones). `brain`: bool (N, H, W) brain masks (anatomy/brain.py), for the in-brain scores too."""
     model.eval()
     ssims, psnrs, sums, indices, kept = [], [], {}, [], {"inputs": [], "outputs": []}
+    in_brain = {"ssim": [], "psnr": []}
     for start in tqdm(range(0, len(images), batch_size), desc=progress, leave=False, disable=progress is None):
         x = to_float(images[start:start + batch_size].unsqueeze(1).to(device, non_blocking=True))  # (B, 1, H, W)
         inputs = x if corrupt is None else corrupt(x, range(start, start + len(x)))
@@ -49,6 +58,10 @@ def score_split(model, images: torch.Tensor, device: torch.device, autocast, bat
         rec, ref = to_unit(out.reconstruction), to_unit(x)
         ssims.append(ssim(rec, ref, compiled=compiled_ssim))
         psnrs.append(psnr(rec, ref))
+        if brain is not None:
+            mask = brain[start:start + len(x)].unsqueeze(1).to(rec.device)  # (B, 1, H, W)
+            in_brain["ssim"].append(ssim(rec, ref, mask=mask))
+            in_brain["psnr"].append(psnr(rec, ref, mask=mask))
         for name, value in out.losses.items():
             sums[name] = sums.get(name, 0.0) + value.double() * len(x)
         indices.append(out.indices.cpu())
@@ -56,7 +69,9 @@ def score_split(model, images: torch.Tensor, device: torch.device, autocast, bat
             kept["inputs"].append(inputs.float().cpu())
             kept["outputs"].append(out.reconstruction.float().cpu())
     empty = torch.zeros(0)
-    return SplitScores(torch.cat(ssims) if ssims else empty, torch.cat(psnrs) if psnrs else empty, sums,
+    per_image = (ssims, psnrs, in_brain["ssim"], in_brain["psnr"])
+    return SplitScores(*(torch.cat(v).cpu() if v else empty for v in per_image),
+                       sums,
                        *(torch.cat(v)[:keep] if v else empty for v in kept.values()),
                        torch.cat(indices) if indices else empty)
 

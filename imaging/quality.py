@@ -9,9 +9,11 @@ import torch
 # ---------------------------------------------------------------------------------------------------------
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7,
-         compiled: bool = False) -> torch.Tensor:
+         compiled: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image mean SSIM of (B, 1, H, W) batches, equal to skimage.metrics.structural_similarity
     with its defaults (7x7 uniform window, sample covariance, K1=0.01, K2=0.03) -> (B,).
+
+    With a (B, 1, H, W) boolean `mask` (the brain): the SSIM inside it, in_mask_ssim's definition.
 
     skimage averages over the image minus a (win_size-1)/2 border, which is exactly the 'valid' region
     of a stride-1 window, so no cropping is needed. On the CPU four images at a time, so that their maps stay in
@@ -20,6 +22,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
     one-off compile per image size, so it pays off for large splits only. Where compiling fails (no C++ compiler),
     it warns once and runs eagerly."""
     x, y = x.float(), y.float()
+    if mask is not None:
+        return in_mask_ssim(x, y, mask, data_range, win_size)
     if x.is_cuda:
         return _ssim(x, y, data_range, win_size)
     chunk = 4
@@ -32,9 +36,15 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
 
 
 def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) -> torch.Tensor:
-    """ssim on one chunk. Four maps instead of the usual five (only var(x) + var(y) enters the formula), and the
-    formula multiplied through by n^2 so that it takes the window sums as they are: with Sx = n * mean(x) over a
-    window of n pixels, 2 ux uy + C1 = (2 Sx Sy + n^2 C1) / n^2 and var(x) = (n Sxx - Sx^2) / (n (n - 1))."""
+    return ssim_map(x, y, data_range, win_size).flatten(1).mean(1)
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
+    """(B, 1, H, W) pairs -> (B, 1, H - win_size + 1, W - win_size + 1): the SSIM of the window centred on each
+    pixel that has a whole window (its mean is ssim()). Four maps instead of the usual five (only var(x) + var(y)
+    enters the formula), and the formula multiplied through by n^2 so that it takes the window sums as they are:
+    with Sx = n * mean(x) over a window of n pixels, 2 ux uy + C1 = (2 Sx Sy + n^2 C1) / n^2 and
+    var(x) = (n Sxx - Sx^2) / (n (n - 1))."""
     n = win_size * win_size
     cov_norm = n / (n - 1)
     c1, c2 = (0.01 * data_range * n) ** 2, (0.03 * data_range * n) ** 2
@@ -44,7 +54,28 @@ def _ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int) ->
     m = (sx * sx).addcmul_(sy, sy)
     numerator = (p * 2 + c1).mul_(sxy.mul_(n).sub_(p).mul_(2 * cov_norm).add_(c2))
     denominator = (m + c1).mul_(sq.mul_(n).sub_(m).mul_(cov_norm).add_(c2))
-    return numerator.div_(denominator).flatten(1).mean(1)
+    return numerator.div_(denominator)
+
+
+def centre_crop_of_windows(mask: torch.Tensor, win_size: int = 7) -> torch.Tensor:
+    """(..., H, W) -> (..., H - win_size + 1, W - win_size + 1): the mask at the centres of ssim_map's windows."""
+    r = (win_size - 1) // 2
+    return mask[..., r:mask.shape[-2] - r, r:mask.shape[-1] - r]
+
+
+def in_mask_ssim(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0,
+                 win_size: int = 7) -> torch.Tensor:
+    """SSIM inside a region (the brain) of (B, 1, H, W) images in [0, data_range], with a boolean mask of that
+    shape -> (B,): both images are set to 0 (black) outside the mask, and the SSIM map is averaged over the windows
+    centred on mask pixels. So only pixels inside the mask count (a change outside it leaves the score as it is),
+    the windows at the region's edge see its outline against black, as a skull-stripped image does, and an
+    all-ones mask gives ssim() exactly. NaN for an image whose mask has no window centre (an empty mask)."""
+    keep = mask.to(x.dtype)
+    chunks = [ssim_map(x[i:i + 4] * keep[i:i + 4], y[i:i + 4] * keep[i:i + 4], data_range, win_size)
+              for i in range(0, len(x), 4)]  # four at a time, as ssim() does, for the cache
+    weights = centre_crop_of_windows(keep, win_size).flatten(1)
+    total = torch.cat(chunks).flatten(1).mul(weights).sum(1) if chunks else x.new_zeros(0)
+    return total / weights.sum(1)  # 0 / 0 = NaN where the mask is empty
 
 
 def window_sums(m: torch.Tensor, dim: int, width: int) -> torch.Tensor:
@@ -86,7 +117,13 @@ def _ssim_compiled_once():
     return torch.compile(_ssim, dynamic=False)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB of (B, C, H, W) batches -> (B,); capped at 100 dB for identical images."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) batches -> (B,); capped at 100 dB for identical images. With a boolean
+    `mask` of the same shape: the mean squared error over its pixels only (NaN where it has none)."""
+    error = (x.float() - y.float()).pow(2).flatten(1)
+    if mask is None:
+        mse = error.mean(1)
+    else:
+        keep = mask.flatten(1).to(error.dtype)
+        mse = (error * keep).sum(1) / keep.sum(1)
     return (10 * torch.log10(data_range ** 2 / mse.clamp(min=1e-10))).clamp(max=100)

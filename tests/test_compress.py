@@ -13,14 +13,16 @@ from PIL import Image
 
 import compress
 import train
+from anatomy.brain import COMPUTED_RULE, TRUE_RULE, brain_masks
 from codec import study
 from codec import vqz as codec
-from codec.classical import available_codecs
+from codec.classical import BudgetSearch, available_codecs, classical_codec
 from codec.ladder import read_ladder
 from evaluation.metrics import score_split
 from helpers import tiny_args, write_image
-from imaging.quality import ssim
+from imaging.quality import psnr, ssim
 from imaging.slices import natural_key, to_uint8
+from training.checkpoints import load_split
 from utils import autocast
 
 CPU = torch.device("cpu")
@@ -279,7 +281,8 @@ def test_rd_writes_the_table_the_figures_and_counts_what_does_not_fit(trained_mo
     assert {"prior_coded_mean_bytes", "vqvae_above_classical_below_1536_bytes",
             "ssim_minus_classical_at_equal_bytes_per_slice", "bd_rate_percent"} <= set(summary["targets"])
     bd = summary["targets"]["bd_rate_percent"]
-    assert set(available_codecs()) <= set(bd) and bd["jpeg"] == {"ssim": None, "psnr": None}  # one VQ point
+    assert set(available_codecs()) <= set(bd)  # one VQ point: no curve
+    assert bd["jpeg"] == {"ssim": None, "psnr": None, "ssim_brain": None, "psnr_brain": None}
     speed = next(iter(summary["speed"].values()))
     assert speed["prior_encode_slices_per_s"] > 0 and speed["prior_decode_slices_per_s"] > 0
     fails_with(capsys, ["rd", "--checkpoint", str(checkpoint), "--out", str(out)], "already exists")
@@ -303,6 +306,50 @@ def test_rd_compares_several_checkpoints(trained_models, tmp_path, capsys):
     fails_with(capsys, ["encode", "--checkpoint", str(checkpoint), str(tmp_path), "--data-root", str(tmp_path),
                         "--out", str(tmp_path / "o")], "--data-root says where --split's dataset is")
     assert not (tmp_path / "rd3").exists() and not (tmp_path / "o").exists()
+
+
+def test_rd_scores_every_codec_inside_the_brain_too(trained_models, tmp_path, capsys):
+    """Every row of rd.csv but a peer's has mean_ssim_brain and mean_psnr_brain, after the other columns; a
+    classical codec's is imaging.quality's in-brain SSIM of its decoded slices over the true tissue masks' brain
+    (the demo ships them); rd.json records the rule and the in-brain BD-rates beside the whole-slice ones."""
+    checkpoint, prior = trained_models
+    out = tmp_path / "rd"
+    compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", str(prior), "--budgets", "400,3000",
+                   "--codecs", "jpeg2000", "--no-verify", "--out", str(out)])
+    assert "(brain " in capsys.readouterr().out  # print_rd shows the in-brain SSIM beside SSIM
+    rows = list(csv.DictReader(open(out / "rd.csv", newline="")))
+    assert list(rows[0])[-2:] == ["mean_ssim_brain", "mean_psnr_brain"]
+    assert {r["codec"] for r in rows} == {"VQ-VAE default (vq)", "jpeg2000", study.LADDER}
+    assert all(np.isfinite(float(r[c])) for r in rows if r["images_fit"] != "0" for c in study.BRAIN_COLUMNS)
+    _, cfg, state = codec.load_codec(checkpoint, None, CPU, 64, "auto")
+    data = load_split(cfg, "test", None, demo=state["demo_settings"], masks=True, verbose=False)
+    brain, rule = brain_masks(data)
+    j2k = classical_codec("jpeg2000")
+    decoded = torch.from_numpy(np.stack([j2k.decode(BudgetSearch(image, j2k).fit(400))
+                                         for image in data.images.numpy()]))  # (4, H, W): each fits 400 B
+    x, y, mask = decoded[:, None] / 255, data.images[:, None] / 255, brain[:, None]
+    row = next(r for r in rows if r["codec"] == "jpeg2000" and r["budget_bytes"] == "400")
+    assert row["images_fit"] == "4"
+    assert float(row["mean_ssim_brain"]) == pytest.approx(float(ssim(x, y, mask=mask).nanmean()), abs=1e-6)
+    assert float(row["mean_psnr_brain"]) == pytest.approx(float(psnr(x, y, mask=mask).nanmean()), abs=1e-4)
+    summary = json.loads((out / "rd.json").read_text())
+    assert summary["brain_mask"] == rule == TRUE_RULE
+    assert set(summary["targets"]["bd_rate_percent"]["jpeg2000"]) == {"ssim", "psnr", "ssim_brain", "psnr_brain"}
+
+
+def test_rd_without_the_tissue_masks_scores_inside_computed_brain_masks(trained_models, tmp_path, capsys):
+    """A split whose dataset ships tissue masks but whose mask folders are missing: rd still scores inside the
+    brain, over masks computed from the slices, says so in one line and records the computed rule."""
+    checkpoint, _ = trained_models
+    bare = tmp_path / "demo"
+    shutil.copytree(checkpoint.parent.parent / "demo", bare, ignore=shutil.ignore_patterns("keras_png_slices_seg_*"))
+    compress.main(["rd", "--checkpoint", str(checkpoint), "--prior", "none", "--data-root", str(bare), "--budgets",
+                   "400", "--codecs", "jpeg2000", "--out", str(tmp_path / "rd")])
+    said = [line for line in capsys.readouterr().out.splitlines() if "no tissue masks" in line]
+    assert len(said) == 1 and "computed" in said[0]
+    summary = json.loads((tmp_path / "rd" / "rd.json").read_text())
+    assert summary["brain_mask"] == COMPUTED_RULE
+    assert all(np.isfinite(r["mean_ssim_brain"]) for r in summary["rows"] if r["images_fit"])
 
 
 PEER_ROW = {"codec": "hyperprior", "setting": "lambda 0.01", "images_fit": 4, "images_over_budget": 0,
@@ -329,33 +376,51 @@ def test_a_peer_file_the_study_could_not_use_to_its_end_is_refused_before_anythi
     assert not (tmp_path / "rd").exists()
 
 
-def test_the_study_returns_plain_rows_and_what_its_figures_need(trained_codec):
+def test_the_study_returns_plain_rows_and_what_its_figures_need(trained_codec, tmp_path):
     """codec.study.rate_distortion, the library behind compress.py rd: rows of plain values only (what rd.csv and
-    rd.json hold), the per-slice measurements kept apart from them."""
+    rd.json hold), the per-slice measurements kept apart from them. Over brain masks that cover every pixel, each
+    row's in-brain scores are its whole-slice ones; a learned peer has none (empty in rd.csv, no BD-rate)."""
     images = trained_codec.test_images
-    slices = (images, torch.zeros(len(images), dtype=torch.long), [f"{i}.png" for i in range(len(images))])
-    result = study.rate_distortion([("tiny", trained_codec, {"checkpoint": "x"})], slices, ["jpeg"], [400],
-                                   verify=False)
+    files = [f"{i}.png" for i in range(len(images))]
+    slices = (images, torch.zeros(len(images), dtype=torch.long), files)
+    peer = tmp_path / "rd_hyperprior.json"
+    peer.write_text(json.dumps({"rows": [PEER_ROW], "files": files}))
+    everything = torch.ones(images.shape, dtype=torch.bool)
+    result = study.rate_distortion([("tiny", trained_codec, {"checkpoint": "x"})], slices, (everything, "all"),
+                                   ["jpeg"], [400, 3000], verify=False, peers=[peer])
     assert all(not key.startswith("_") and isinstance(value, (str, int, float))
                for row in result.rows for key, value in row.items())
     json.dumps(result.summary())
     assert result.models["tiny"].model["checkpoint"] == "x" and set(result.figures()) == {"tiny"}
     assert [f.coder for f in result.models["tiny"].files] == ["fixed", "static", "prior"]
-    assert list(result.ladder_picks) == [400] and len(result.ladder_picks[400]) == len(images)
+    assert list(result.ladder_picks) == [400, 3000] and len(result.ladder_picks[400]) == len(images)
+    ours = [r for r in result.rows if r["codec"] != PEER_ROW["codec"]]
+    for r in ours:
+        for metric in ("ssim", "psnr"):
+            whole, brain = r[f"mean_{metric}"], r[f"mean_{metric}_brain"]
+            assert brain == pytest.approx(whole, abs=1e-5, nan_ok=True), (r["codec"], r["setting"], metric)
+    table = result.table()
+    assert list(table[0])[-2:] == list(study.BRAIN_COLUMNS)
+    assert [r["mean_ssim_brain"] for r in table if r["codec"] == PEER_ROW["codec"]] == [""]
+    assert result.summary()["brain_mask"] == "all"
+    assert result.summary()["targets"]["bd_rate_percent"][PEER_ROW["codec"]]["ssim_brain"] is None
 
 
 def test_the_ladder_row_of_a_budget_takes_per_slice_the_best_file_within_it():
     """Two models' files of three slices: per slice the best SSIM among the files within the budget, the smaller
     file on a tie; a slice with no file that small is counted, not averaged."""
-    def row(name, sizes, ssims):
+    def row(name, sizes, ssims, ssims_brain):
         return study.VqvaeFiles(f"VQ-VAE {name}", "prior", np.array(sizes, float), np.array(ssims),
-                                          np.array(ssims) * 40)
-    small = row("small", [100, 120, 300], [0.80, 0.70, 0.90])
-    large = row("large", [500, 110, 900], [0.95, 0.70, 0.99])
+                                np.array(ssims) * 40, np.array(ssims_brain), np.array(ssims_brain) * 40)
+    small = row("small", [100, 120, 300], [0.80, 0.70, 0.90], [0.60, 0.50, 0.85])
+    large = row("large", [500, 110, 900], [0.95, 0.70, 0.99], [0.90, np.nan, 0.97])  # slice 1: an empty brain mask
     (at_200, at_600), picks = study.ladder_rows([small, large], [200, 600])
     assert picks == {200: ["small", "large", None], 600: ["large", "large", "small"]}
     assert at_200["images_fit"] == 2 and at_200["images_over_budget"] == 1
     assert at_200["mean_ssim"] == pytest.approx((0.80 + 0.70) / 2)
+    assert at_200["mean_ssim_brain"] == pytest.approx(0.60)  # the in-brain scores of the files picked, NaN left out
+    assert at_600["mean_ssim_brain"] == pytest.approx((0.90 + 0.85) / 2)
+    assert at_600["mean_psnr_brain"] == pytest.approx((0.90 + 0.85) / 2 * 40)
     assert at_200["mean_bytes"] == pytest.approx((100 + 110) / 2)  # slice 1: equal SSIM, the smaller file
     assert at_600["images_over_budget"] == 0 and at_600["mean_ssim"] == pytest.approx((0.95 + 0.70 + 0.90) / 3)
     gains = study.ladder_gains({600: at_600}, [

@@ -62,9 +62,9 @@ def test_torchrun_writes_one_set_of_outputs(ddp_run):
     usage = (out / "code_usage.csv").read_text().splitlines()
     assert all(sum(map(int, row.split(",")[1:])) == 32 * 4 * 4 for row in usage[1:])
     cfg = TrainConfig.from_dict(state["train_config"])
-    val = load_split(cfg, "validate", verbose=False)
-    single, _ = train.evaluate(model, val, cfg, RankPlace(0, 1, 0, torch.device("cpu")), nullcontext())
-    for key in ("val_loss", "val_ssim", "val_psnr"):
+    val = load_split(cfg, "validate", verbose=False, masks=True)
+    single, _ = train.evaluate(model, val, val.masks > 0, cfg, RankPlace(0, 1, 0, torch.device("cpu")), nullcontext())
+    for key in ("val_loss", "val_ssim", "val_psnr", "val_ssim_brain", "val_psnr_brain"):
         assert single[key] == pytest.approx(state["metrics"][key], rel=1e-5), key
 
 

@@ -83,8 +83,10 @@ def test_checkpoint_rebuilds_the_model_from_its_own_config(demo_root, tmp_path):
     assert state["model"]["quantizer.codebook"].shape == (8, 8)
 
 
-def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root, tmp_path, monkeypatch):
-    args = ["--epochs", "3", "--lr-schedule", "cosine"]
+@pytest.mark.parametrize("loss_flags", [[], ["--tissue-weight", "2", "--gradient-weight", "1"]],
+                         ids=["default-loss", "tissue-and-gradient-loss"])
+def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root, tmp_path, monkeypatch, loss_flags):
+    args = ["--epochs", "3", "--lr-schedule", "cosine", *loss_flags]
     train.main(tiny_args(demo_root, tmp_path / "straight", *args))
 
     real_epoch = train.train_epoch
@@ -101,6 +103,7 @@ def test_interrupted_and_resumed_training_equals_an_uninterrupted_run(demo_root,
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["metrics"]["val_loss"] == b["metrics"]["val_loss"]
+    assert b["model_config"]["tissue_weight"] == (2.0 if loss_flags else 0.0)
 
 
 @pytest.mark.parametrize("flags, message", [

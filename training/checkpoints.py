@@ -63,7 +63,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model (one CUDA GPU: with CUDA graphs) and the CPU SSIM
     images_on_device: bool = True     # CUDA: keep the decoded uint8 images on the GPU (else pinned host memory)
     sync_bn: bool = False             # SyncBatchNorm under DDP on CUDA (seed preset)
-    max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
+    max_minutes: float = 0.0          # the command's time, setup included; the LR schedule fitted to it (0: none)
     tensorboard: bool = False         # also log to <run>/tensorboard/ (needs: pip install tensorboard)
     seed: int = 0                     # initial weights, shuffling, the ADNI validation split and the training noise
     device: str = "auto"              # auto, cpu or cuda
@@ -122,7 +122,7 @@ class PriorTrainConfig:
     conditional: bool = False         # condition on the class (needs a dataset with classes: ADNI's AD / NC)
     mirror: str = "none"              # also train on each train slice flipped: rows (OASIS' midline) or columns
     epochs: int = 30                  # epochs to train
-    max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
+    max_minutes: float = 0.0          # the command's time, setup included; the LR schedule fitted to it (0: none)
     batch_size: int = 32              # code maps per step
     lr: float = 1e-3                  # Adam learning rate
     lr_schedule: str = "cosine"       # constant or cosine (after warmup)
@@ -171,7 +171,7 @@ class SegmenterTrainConfig:
     grad_clip: float = 1.0            # clip the gradient norm to this (0: no clipping)
     precision: str = "auto"           # auto (bf16 where the hardware has it), bf16 or fp32
     channels_last: bool = True        # channels_last memory format (faster convolutions on CPU and GPU)
-    max_minutes: float = 0.0          # train for at most this long, the LR schedule fitted to it (0: no limit)
+    max_minutes: float = 0.0          # the command's time, setup included; the LR schedule fitted to it (0: none)
     seed: int = 0                     # initial weights and the slices drawn each epoch
     device: str = "auto"              # auto, cpu or cuda
     out: str | None = None            # run folder; default runs/segmenter-<dataset>-NNN
@@ -424,11 +424,12 @@ DATA_ROOT_HINTS = {
 
 
 def load_split(cfg: TrainConfig, split: str, data_root: str | None = None, skip_bad: bool | None = None,
-               demo: dict | None = None, dataset: str | None = None, verbose: bool = True, masks: bool = False):
+               demo: dict | None = None, dataset: str | None = None, verbose: bool = True, masks: bool | str = False):
     """One split of the dataset a VQ-VAE was trained on, as its training config records it: the same image size,
     ADNI validation carving and skipping rule. `data_root` if the data moved; `dataset` (with `data_root`) scores
     the model on another dataset's split instead, at the image size it was trained on. Demo data that is gone is
-    made again with `demo` (the checkpoint's "demo_settings"). With `masks`, each slice's tissue mask too."""
+    made again with `demo` (the checkpoint's "demo_settings"). With `masks`, each slice's tissue mask too
+    (dataset.WHERE_SHIPPED: where the dataset ships them)."""
     name = dataset or cfg.dataset
     root = data_root or (cfg.data_root if name == cfg.dataset else None)
     if name == "demo":

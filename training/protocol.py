@@ -131,9 +131,10 @@ class EpochRun:
     BEST_COLUMN is the metrics.csv column whose best value picks best.pt (the highest with HIGHER_IS_BETTER, else
     the lowest); None makes every epoch the best, for a trainer without a validation score (its newest model is
     the one to use). Without a `scheduler` (an LR schedule that --max-minutes fits to its deadline) a run stops
-    at the deadline only."""
+    at the deadline only. SETUP names what the trainer did before its first epoch, which --max-minutes paid for."""
     BEST_COLUMN: str | None = "val_loss"
     HIGHER_IS_BETTER = False
+    SETUP = "loading the data, building the model"
 
     def __init__(self, saved: SavedEpochs, lock: RunLock | None, budget: TimeBudget, device: torch.device,
                  epochs: int, best: float | None = None, scheduler=None, steps_per_epoch: int = 0,
@@ -194,9 +195,13 @@ def run_epochs(run: EpochRun):
     re-planned) before the save so that a resumed run continues the same plan, saved on rank 0 with its CSV rows
     (every rank waits for it), then drawn and logged. Ctrl-C or SIGTERM ends the run with exit status 130 and one
     line on what is kept and how to resume it (utils.stop_on_interrupts: a second signal is ignored); the run
-    folder's lock is released however the run ends."""
+    folder's lock is released however the run ends. With --max-minutes, a line before the first epoch says what
+    the setup took of the budget, and one after the last what the run took in all and what ran past the deadline."""
     epoch = run.saved.epoch
+    say_budget = run.main and bool(run.budget)
     try:
+        if say_budget:
+            print(run.budget.begin(run.SETUP))
         for epoch in range(run.saved.start_epoch, run.epochs + 1):
             row, timing = run.train_and_validate(epoch)
             best, stopping = run.is_best(row), run.stopping()
@@ -211,6 +216,8 @@ def run_epochs(run: EpochRun):
                 if run.main:
                     print(f"stopping after epoch {epoch}: {run.stop_reason()}")
                 break
+        if say_budget:
+            print(run.budget.account())
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (utils.stop_on_interrupts)
         ignore_further_interrupts()
         if run.main:

@@ -63,17 +63,27 @@ class TimeBudget:
     ends it at once, if already past that), so even a budget shorter than the preset's warmup ends annealed. The
     run then ends at the planned step, annealed, instead of being stopped with the learning rate still high.
 
+    The budget covers everything the command does: its clock starts when the command starts (`started`, taken at
+    the top of the trainer's main), so loading and decoding the data, building the model, the prior's encoding
+    pass and a resumed run's reload are spent from it, and the plan fits the training to what they left
+    (`begin` says how much that was). What the budget cannot hold, the time past the deadline (the rest of a
+    step, the last epoch's validation, checkpoint and figures), is named by the line a run ends with (`account`).
+
     The plan lives in the LR schedule (a resumed run continues it) and the time left in every checkpoint
-    (`state()`): a resumed run without a new --max-minutes gets the rest of its budget, not a new one."""
+    (`state()`): a resumed run without a new --max-minutes gets the rest of its budget, not a new one, and spends
+    its own setup from it."""
     PLAN_AT = (10, 40)      # steps of a new run after which it plans, from the steps since the previous one (or 1)
     EVAL_COST = 0.5         # a validation image costs about this share of a training image (forward only, SSIM)
     EPOCH_OVERHEAD_S = 3.0  # checkpoint, CSV rows and figures
     SAFETY = 0.97           # plan for this share of the time left
     WARMUP_SHARE = 0.1      # of a planned run's steps, at most
 
-    def __init__(self, minutes: float, eval_items: int, batch_size: int, verbose: bool):
+    def __init__(self, minutes: float, eval_items: int, batch_size: int, verbose: bool, started: float | None = None):
+        """`started`: time.monotonic() when the command started (default: now); the deadline is `minutes` after it."""
         self.minutes, self.eval_items, self.batch_size, self.verbose = minutes, eval_items, batch_size, verbose
-        self.deadline = time.monotonic() + 60 * minutes if minutes else 0.0
+        self.started = time.monotonic() if started is None else started
+        self.deadline = self.started + 60 * minutes if minutes else 0.0
+        self.setup_seconds = 0.0  # from `started` to the first epoch (begin)
         self._timed, self._most = None, None  # (step, time) of the last timing point; the plan's largest total
 
     def __bool__(self):
@@ -81,6 +91,27 @@ class TimeBudget:
 
     def up(self, device) -> bool:
         return bool(self.deadline) and time_is_up(self.deadline, device)
+
+    def begin(self, setup: str) -> str:
+        """Call as the first epoch begins: the line that says how much of the budget the setup before it took
+        (`setup`: what that was), and what is left for the epochs."""
+        now = time.monotonic()
+        self.setup_seconds = now - self.started
+        spent = f"--max-minutes {self.minutes:g}: the setup ({setup}) used {duration(self.setup_seconds)}"
+        if now >= self.deadline:
+            return f"{spent}, the whole budget: the first epoch stops at its first look at the clock"
+        return f"{spent}; the epochs get the other {duration(self.deadline - now)}"
+
+    def account(self) -> str:
+        """The line a run that ends (not interrupted) closes with: its time since the command started, the setup's
+        share, and the time past the deadline, which the budget did not hold."""
+        now = time.monotonic()
+        line = (f"--max-minutes {self.minutes:g}: {duration(now - self.started)} since the command started, "
+                f"{duration(self.setup_seconds)} of it setup")
+        if now <= self.deadline:
+            return f"{line}; all within the budget"
+        return (f"{line}; {duration(now - self.deadline)} of it ran past the deadline, outside the budget (the rest of "
+                f"the step under way, the last epoch's validation, checkpoint and figures)")
 
     def state(self, done: bool) -> dict:
         """What a checkpoint records of the budget: the seconds left (None without --max-minutes) and whether the
@@ -141,3 +172,8 @@ def steps_that_fit(seconds: float, step_seconds: float, steps_per_epoch: int, st
             return min(most, steps + max(0, int((seconds - eval_seconds) // step_seconds)))
         steps, seconds, step_in_epoch = steps + epoch_steps, seconds - cost, 0
     return most
+
+
+def duration(seconds: float) -> str:
+    """Seconds for a log line: "12.3 s", or "4.1 minutes" from two minutes up."""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} minutes"

@@ -29,29 +29,33 @@ def reconstruction_paths(out: Path, volumes) -> list[Path]:
     return paths
 
 
-def score_volumes(model, data, device, args, out: Path, paths: list[Path]) -> tuple[SplitScores, list[dict]]:
+def score_volumes(model, data, brain, device, args, out: Path, paths: list[Path]) -> tuple[SplitScores, list[dict]]:
     """Reconstruct and score NIfTI slices volume by volume: each volume is written to its path of `paths`
     (reconstruction_paths) as a .nii.gz on the input's affine and header (nifti.write_reconstruction), its mean SSIM
-    and PSNR over its slices go to out/per_volume.csv. Returns the slices' scores and the first 64 slices for the
-    figures, as score_split would, and the rows of per_volume.csv."""
+    and PSNR over its slices (whole, and inside the bool (N, H, W) `brain` masks) go to out/per_volume.csv.
+    Returns the slices' scores and the first 64 slices for the figures, as score_split would, and the rows of
+    per_volume.csv."""
     amp = autocast(args.precision, device)
-    ssims, psnrs, codes, shown, rows = [], [], [], {"inputs": [], "outputs": []}, []
+    scored = {"ssim": [], "psnr": [], "ssim_brain": [], "psnr_brain": []}  # SplitScores' per-image fields, in order
+    codes, shown, rows = [], {"inputs": [], "outputs": []}, []
     for volume, path in zip(data.volumes, paths):
         scores = score_split(model, data.images[volume.rows], device, amp, args.batch_size,
-                             compiled_ssim=args.compile, keep=len(volume.kept), progress=f"reconstructing {path.name}")
+                             compiled_ssim=args.compile, keep=len(volume.kept), progress=f"reconstructing {path.name}",
+                             brain=brain[volume.rows])
         images = to_uint8(scores.outputs[:, 0]).numpy()
         write_reconstruction(volume, images, path)
-        ssims.append(scores.ssim.cpu())
-        psnrs.append(scores.psnr.cpu())
+        for key, values in scored.items():
+            values.append(getattr(scores, key))
         codes.append(scores.indices)
         for key, kept in shown.items():
             kept.append(getattr(scores, key)[:64 - sum(len(k) for k in kept)])
         rows.append({"volume": volume.path, "subject": volume.subject, "slices": len(volume.kept),
-                     "ssim": float(ssims[-1].mean()), "psnr": float(psnrs[-1].mean()), "reconstruction": str(path)})
-        print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} | PSNR "
-              f"{rows[-1]['psnr']:.2f} dB | written to {path}")
+                     **{key: float(values[-1].nanmean()) for key, values in scored.items()},
+                     "reconstruction": str(path)})
+        print(f"{volume.path}: {len(volume.kept)} {volume.axis} slices | SSIM {rows[-1]['ssim']:.4f} (brain "
+              f"{rows[-1]['ssim_brain']:.4f}) | PSNR {rows[-1]['psnr']:.2f} dB | written to {path}")
     write_csv(out / VOLUME_TABLE, rows)
-    return SplitScores(torch.cat(ssims), torch.cat(psnrs), {}, *(torch.cat(v) for v in shown.values()),
+    return SplitScores(*(torch.cat(v) for v in scored.values()), {}, *(torch.cat(v) for v in shown.values()),
                        torch.cat(codes)), rows
 
 
