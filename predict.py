@@ -26,11 +26,12 @@ segments worst: original, reconstruction, true mask, both segmentations):
     python predict.py --checkpoint runs/OASIS-default-000 --segmenter runs/segmenter-OASIS-000/best.pt
 
 With --noise it denoises: the split's slices corrupted (rician:SIGMA or gaussian:SIGMA, seeded by --seed), the
-model's output and classical denoisers' (non-local means, total variation, wavelet, BM3D when installed) scored
-against the clean slices, beside the noisy input's own score; per_image.csv, summary.json and denoising.png (with
---segmenter also the tissue Dice of the model's denoised slices beside the clean slices', as above):
+model's output and classical denoisers' (non-local means, total variation, wavelet, BM3D when installed, and the
+Rician-aware non-local means and BM3D-in-a-stabilising-transform) scored against the clean slices, beside the noisy
+input's own score; per_image.csv, summary.json and denoising.png (with --segmenter also the tissue Dice of the
+model's denoised slices beside the clean slices', as above):
 
-    python predict.py --checkpoint runs/OASIS-default-000 --noise rician:0.1 --slow-baseline-slices 16
+    python predict.py --checkpoint runs/OASIS-default-000 --noise rician:0.1 --slow-baseline-slices 64 --workers 2
 
 --out may be a folder of other files: predict.py writes over only the files it wrote there itself (as every command
 does), and refuses, in one line, to write over any other.
@@ -48,7 +49,8 @@ from anatomy.tissues import ANATOMY_FIGURE, anatomy_line, check_segmenter_fits, 
 from codec.vqz import Codec
 from dataset import DATASETS, WHERE_SHIPPED
 from denoising.benchmark import DENOISING_OUTPUTS, score_denoising
-from denoising.noise import CLASSICAL_DENOISERS, parse_noise
+from denoising.classical import CLASSICAL_DENOISERS
+from denoising.noise import parse_noise
 from evaluation.metrics import score_split, summarise
 from training.checkpoints import checkpoint_file, load_segmenter, load_split, load_vqvae, newest_checkpoint, run_dir_of
 from utils import (
@@ -101,10 +103,13 @@ def parse_args(argv=None):
     denoising.add_argument("--seed", type=int, help="seed of --noise (default: 0)")
     denoising.add_argument("--baselines", nargs="*", choices=tuple(CLASSICAL_DENOISERS),
                            help="classical denoisers run on the same noisy slices; none when given no names "
-                           f"(default: {' '.join(CLASSICAL_DENOISERS)}; bm3d only where the bm3d package is installed)")
+                           f"(default: {' '.join(CLASSICAL_DENOISERS)}; bm3d and bm3d-vst only where the bm3d "
+                           "package is installed)")
     denoising.add_argument("--slow-baseline-slices", type=int, metavar="N", help="run the slow classical denoisers "
-                           "(BM3D: ~10 s a 256x256 slice on one core) on a fixed random subset of N slices, drawn "
-                           "with --seed (default: every slice)")
+                           "(bm3d, bm3d-vst: ~6-10 s a 256x256 slice on one core) on a fixed random subset of N "
+                           "slices, drawn with --seed (default: every slice)")
+    denoising.add_argument("--workers", type=int, help="processes the classical denoisers run in, one core each "
+                           "(default: 1)")
     return checked(p.parse_args(argv))
 
 
@@ -114,7 +119,8 @@ def checked(args):
     if args.seed is not None:
         check_seed(args.seed)
     given = [flag for flag, value in (("--seed", args.seed), ("--baselines", args.baselines),
-                                      ("--slow-baseline-slices", args.slow_baseline_slices)) if value is not None]
+                                      ("--slow-baseline-slices", args.slow_baseline_slices),
+                                      ("--workers", args.workers)) if value is not None]
     if given and args.noise is None:
         raise UserError(f"{given[0]} is a setting of --noise's denoising; pass --noise too, or leave it out")
     args.seed = 0 if args.seed is None else args.seed
@@ -133,6 +139,8 @@ def checked(args):
             raise UserError("--noise corrupts and scores a split; it does not go with --volumes")
         args.noise = parse_noise(args.noise, "--noise")
     check_at_least("--slow-baseline-slices", args.slow_baseline_slices)
+    check_at_least("--workers", args.workers)
+    args.workers = args.workers or 1
     return args
 
 

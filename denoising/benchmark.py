@@ -1,18 +1,22 @@
 """predict.py --noise: a VQ-VAE as a denoiser, scored beside the classical denoisers on the same noisy slices.
 
 The split's slices are corrupted (seeded by --seed), reconstructed by the model and by each classical denoiser (its
-strength factor chosen on validation slices carrying the same noise), and every output is scored against the clean
-slice, whole and inside the brain (anatomy/brain.py's masks), beside the noisy input's own score: per_image.csv,
-summary.json and denoising.png. The functions take
-predict.py's flags as `args` (noise, seed, baselines, slow_baseline_slices, the runtime and data flags)."""
+strength factor chosen on validation slices carrying the same noise, by their mean in-brain SSIM: the score a
+denoiser of brain tissue is judged by), and every output is scored against the clean slice, whole and inside the
+brain (anatomy/brain.py's masks), beside the noisy input's own score: per_image.csv, summary.json and denoising.png.
+The functions take predict.py's flags as `args` (noise, seed, baselines, slow_baseline_slices, workers, the runtime
+and data flags)."""
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from anatomy.brain import computed_brain_masks
 from anatomy.tissues import anatomy_line, judge_reconstructions
-from denoising.noise import CLASSICAL_DENOISERS, add_noise, available_denoisers, run_denoiser
+from dataset import WHERE_SHIPPED
+from denoising.classical import CLASSICAL_DENOISERS, available_denoisers, denoiser_pool, run_denoiser
+from denoising.noise import add_noise
 from evaluation.metrics import score_split, summarise
 from imaging.quality import psnr, ssim
 from imaging.slices import to_float, to_unit, unit_to_float
@@ -48,17 +52,19 @@ def score_denoising(args, model, checkpoint, data, out: Path, device, segmenter,
     methods = available_denoisers(args.baselines)
     common = slow_subset(len(data), args) if any(m.slow for m in methods) else torch.arange(len(data))
     picks = common[torch.linspace(0, len(common) - 1, min(4, len(common))).long()]  # the figure's slices
-    val = load_split(cfg, "validate", args.data_root, args.skip_bad, state["demo_settings"], args.dataset)
+    val = load_split(cfg, "validate", args.data_root, args.skip_bad, state["demo_settings"], args.dataset,
+                     masks=WHERE_SHIPPED)
     tuning, shown = {}, {}
-    for method in methods:
-        rows = common if method.slow else torch.arange(len(data))
-        tuning[method.name] = choose_factor(method, val, args)
-        denoised, seconds[method.name] = run_denoiser(method, to_unit(noisy[rows, 0]).numpy(),
-                                                      tuning[method.name]["factor"],
-                                                      desc=f"{method.name} ({len(rows)} slices)")
-        denoised = torch.from_numpy(denoised).unsqueeze(1)  # (len(rows), 1, H, W) in [0, 1]
-        results[method.name] = scores_on_rows(denoised, clean, brain, rows)
-        shown[method.name] = denoised[torch.searchsorted(rows, picks)]
+    with denoiser_pool(args.workers) as pool:
+        for method in methods:
+            rows = common if method.slow else torch.arange(len(data))
+            tuning[method.name] = choose_factor(method, val, args, pool)
+            denoised, seconds[method.name] = run_denoiser(method, to_unit(noisy[rows, 0]).numpy(),
+                                                          tuning[method.name]["factor"],
+                                                          desc=f"{method.name} ({len(rows)} slices)", pool=pool)
+            denoised = torch.from_numpy(denoised).unsqueeze(1)  # (len(rows), 1, H, W) in [0, 1]
+            results[method.name] = scores_on_rows(denoised, clean, brain, rows)
+            shown[method.name] = denoised[torch.searchsorted(rows, picks)]
 
     # Tables and the figures
     columns, anatomy = (judge_reconstructions(segmenter, data, ours, device, args, out) if segmenter
@@ -112,19 +118,24 @@ def slow_subset(n: int, args) -> torch.Tensor:
     return order[:args.slow_baseline_slices].sort().values
 
 
-def choose_factor(method, val, args) -> dict:
-    """The method's strength factor (of denoise.FACTORS) with the highest mean SSIM on a few validation slices
-    (drawn with --seed) carrying the same noise, and the mean SSIM of each factor tried."""
+def choose_factor(method, val, args, pool=None) -> dict:
+    """The method's strength factor (of its `factors`) with the highest mean in-brain SSIM on a few validation
+    slices (drawn with --seed) carrying the same noise, the mean in-brain and whole-slice SSIM of each factor tried,
+    and the noise-level estimate the method used. `val`: loaded with its masks where shipped."""
     rows = torch.randperm(len(val), generator=torch.Generator().manual_seed(args.seed))[:method.tuning_slices]
     clean = to_float(val.images[rows].unsqueeze(1))  # (n, 1, H, W) in [-1, 1]
     noisy = to_unit(add_noise(clean, args.noise, (args.seed,), rows.tolist()))  # as predict --split validate adds it
     clean = to_unit(clean)
-    tried = {}
+    brain = (val.masks[rows] > 0 if val.masks is not None else computed_brain_masks(val.images[rows])).unsqueeze(1)
+    in_brain, whole = {}, {}
     for factor in method.factors:
-        denoised, _ = run_denoiser(method, noisy[:, 0].numpy(), factor)
-        tried[factor] = float(ssim(torch.from_numpy(denoised).unsqueeze(1), clean).mean())
-    return {"factor": max(tried, key=tried.get), "validation_slices": len(rows),
-            "validation_ssim_by_factor": tried}
+        denoised, _ = run_denoiser(method, noisy[:, 0].numpy(), factor, pool=pool)
+        denoised = torch.from_numpy(denoised).unsqueeze(1)
+        in_brain[factor] = float(ssim(denoised, clean, mask=brain).nanmean())
+        whole[factor] = float(ssim(denoised, clean).mean())
+    return {"factor": max(in_brain, key=in_brain.get), "validation_slices": len(rows),
+            "chosen_by": "mean in-brain SSIM on the validation slices", "sigma_estimate": method.sigma.__name__,
+            "validation_ssim_brain_by_factor": in_brain, "validation_ssim_by_factor": whole}
 
 
 def per_image_rows(files, results: dict) -> list[dict]:
@@ -140,7 +151,8 @@ def per_image_rows(files, results: dict) -> list[dict]:
 def denoising_summary(args, checkpoint, data, results: dict, seconds: dict, tuning: dict, common, bf16: bool
                       ) -> dict:
     """summary.json of --noise: each of noisy / ours / classical on the slices it ran on, beside ours on the same
-    slices; the best classical denoiser is the one with the highest mean SSIM on the slices every one ran on."""
+    slices; the best classical denoiser is the one with the highest mean in-brain SSIM on the slices every one ran
+    on."""
     path, cfg, state = checkpoint
     ours = results["ours"]
 
@@ -158,13 +170,16 @@ def denoising_summary(args, checkpoint, data, results: dict, seconds: dict, tuni
             "dataset": data.name, "split": args.split, "images": len(data), "noise": str(args.noise),
             "noise_seed": args.seed, "precision": "bf16" if bf16 else "fp32",
             "noisy": entry("noisy"), "ours": entry("ours"), "classical": classical,
-            "best_classical": max(classical, key=lambda k: classical[k]["ssim_on_common_slices"], default=None),
+            "best_classical": max(classical, key=lambda k: classical[k]["ssim_brain_on_common_slices"],
+                                  default=None),
             "common_slices": {"slices": len(common), "of": len(data), "drawn_with_seed": args.seed,
                               "about": "the slices every denoiser ran on: all, or --slow-baseline-slices of them "
-                                       "for the slow ones (BM3D)"},
-            "about": "SSIM and PSNR against the clean slice, whole and inside its brain mask (brain_mask); classical "
-                     "strength = factor x skimage estimate_sigma of the noisy slice, the factor chosen on validation "
-                     "slices with the same noise; seconds per slice on this machine's threads (ours includes scoring)"}
+                                       "for the slow ones (bm3d, bm3d-vst)"},
+            "about": "SSIM and PSNR against the clean slice, whole and inside its brain mask (brain_mask); each "
+                     "classical denoiser set from the noise level it estimates on the noisy slice (sigma_estimate: "
+                     "wavelet_sigma, skimage estimate_sigma; rician_sigma, the Rayleigh background) and a factor "
+                     "chosen on validation slices with the same noise (chosen_by); seconds per slice: ours on this "
+                     "machine's threads including scoring, classical on one core each (--workers processes)"}
 
 
 def save_denoising_grid(model, noisy, clean, classical, amp, path: Path, title: str):

@@ -1,5 +1,5 @@
-"""Denoising: the noise model MRI magnitude images carry, its flag syntax, and the classical denoisers a trained
-VQ-VAE is measured against.
+"""Denoising: the noise model MRI magnitude images carry and its flag syntax (the classical denoisers a trained
+VQ-VAE is measured against: denoising.classical).
 
 Noise (a flag value "MODEL:SIGMA", or "MODEL:LO-HI" for a level drawn per image from [LO, HI]), on images whose
 intensities span [0, 1], SIGMA a fraction of that range:
@@ -17,20 +17,14 @@ SIGMA / sqrt(2 pi) rather than 0.
 
 The noise of an image depends only on a seed and the image's key (its row in the split; in training also the
 epoch), never on the batch it is drawn in or the device: numpy's Generator seeded with (seed..., key) per image.
-
-Classical denoisers (scikit-image's non-local means, total variation and wavelet denoising; BM3D when the optional
-`bm3d` package is installed): each is set from the noise level it estimates itself on the noisy slice
-(skimage.restoration.estimate_sigma), times a factor per method chosen on the validation split (STRENGTH).
 """
 import math
 import re
-import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from imaging.slices import to_unit, unit_to_float
 from utils import UserError
@@ -112,87 +106,3 @@ def is_noise_spec(spec: str) -> bool:
         return True
     except UserError:
         return False
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Classical denoisers
-# ---------------------------------------------------------------------------------------------------------
-# Each denoises one float64 (H, W) slice in [0, 1] at a strength s = factor x the noise level the slice's own
-# wavelet estimate gives (skimage.restoration.estimate_sigma). On MRI slices that estimate runs low (most of a slice
-# is background, where Rician noise is Rayleigh and shrunk), so the factor is chosen on validation slices carrying
-# the same noise (denoising.benchmark.choose_factor), from FACTORS.
-
-FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-SLOW_FACTORS = (1.0, 1.5, 2.0)  # BM3D: ~10 s per 256x256 slice on one core, so a shorter search
-
-
-def _nl_means(noisy: np.ndarray, s: float) -> np.ndarray:
-    from skimage.restoration import denoise_nl_means
-    # scikit-image's recommended settings when sigma is given: h ~ 0.8 sigma, 5x5 patches searched 6 pixels away.
-    return denoise_nl_means(noisy, h=0.8 * s, sigma=s, patch_size=5, patch_distance=6, fast_mode=True)
-
-
-def _total_variation(noisy: np.ndarray, s: float) -> np.ndarray:
-    from skimage.restoration import denoise_tv_chambolle
-    return denoise_tv_chambolle(noisy, weight=s)
-
-
-def _wavelet(noisy: np.ndarray, s: float) -> np.ndarray:
-    from skimage.restoration import denoise_wavelet
-    return denoise_wavelet(noisy, sigma=s, method="BayesShrink", mode="soft", rescale_sigma=True)
-
-
-def _bm3d(noisy: np.ndarray, s: float) -> np.ndarray:
-    import bm3d
-    return bm3d.bm3d(noisy, sigma_psd=s)
-
-
-@dataclass(frozen=True)
-class ClassicalDenoiser:
-    name: str
-    label: str
-    run: Callable[[np.ndarray, float], np.ndarray]  # (noisy slice, strength) -> denoised slice
-    slow: bool = False
-
-    @property
-    def factors(self) -> tuple:
-        return SLOW_FACTORS if self.slow else FACTORS
-
-    @property
-    def tuning_slices(self) -> int:
-        """How many validation slices choose the factor."""
-        return 2 if self.slow else 8
-
-    def __call__(self, noisy: np.ndarray, factor: float) -> np.ndarray:
-        """float32 (H, W) in [0, 1] -> the denoised float32 (H, W) in [0, 1]."""
-        from skimage.restoration import estimate_sigma
-        noisy = noisy.astype(np.float64)
-        strength = max(factor * float(estimate_sigma(noisy)), 1e-4)  # a flat slice estimates 0
-        return np.clip(self.run(noisy, strength), 0, 1).astype(np.float32)
-
-
-CLASSICAL_DENOISERS = {c.name: c for c in (ClassicalDenoiser("nlm", "non-local means", _nl_means),
-                                           ClassicalDenoiser("tv", "total variation", _total_variation),
-                                           ClassicalDenoiser("wavelet", "wavelet (BayesShrink)", _wavelet),
-                                           ClassicalDenoiser("bm3d", "BM3D", _bm3d, slow=True))}
-
-
-def available_denoisers(names: Sequence[str]) -> list[ClassicalDenoiser]:
-    """The classical denoisers of `names` that can run here; one line says so where bm3d is not installed."""
-    chosen = [CLASSICAL_DENOISERS[n] for n in names]
-    if any(c.name == "bm3d" for c in chosen):
-        try:
-            import bm3d  # noqa: F401
-        except ImportError:
-            print("note: BM3D skipped: the optional bm3d package is not installed (pip install bm3d)")
-            chosen = [c for c in chosen if c.name != "bm3d"]
-    return chosen
-
-
-def run_denoiser(method: ClassicalDenoiser, noisy: np.ndarray, factor: float, desc: str | None = None
-                 ) -> tuple[np.ndarray, float]:
-    """float32 (N, H, W) noisy slices in [0, 1] -> (denoised (N, H, W), mean seconds per slice)."""
-    out, start = np.empty_like(noisy), time.perf_counter()
-    for i in tqdm(range(len(noisy)), desc=desc, leave=False, disable=desc is None):
-        out[i] = method(noisy[i], factor)
-    return out, (time.perf_counter() - start) / max(len(noisy), 1)

@@ -1,18 +1,20 @@
-"""Denoising: the noise model's statistics and seeding, the noise flags' bad values, and a denoising VQ-VAE trained
-and scored against classical denoisers end to end on demo data."""
+"""Denoising: the noise model's statistics and seeding, the noise flags' bad values, a denoising VQ-VAE trained and
+scored against classical denoisers end to end on demo data, and the classical denoisers' worker processes."""
 import json
 import math
 import sys
+import types
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from scipy.special import i0e, i1e
 
 import predict
 import train
-from denoising import noise as denoise
+from denoising import classical
 from denoising.noise import Noise, add_noise, parse_noise
 from helpers import assert_one_line_error, interrupted_in_second_call, run_main, tiny_args
 from training.checkpoints import load_checkpoint
@@ -107,7 +109,7 @@ def test_noise_goes_with_a_split_only(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags", [["--seed", "3"], ["--baselines", "tv"], ["--baselines"],
-                                   ["--slow-baseline-slices", "2"]])
+                                   ["--slow-baseline-slices", "2"], ["--workers", "2"]])
 def test_a_setting_of_the_denoising_without_noise_is_refused(flags, capsys):
     r = run_main(predict.main, ["--checkpoint", "runs/X", *flags], capsys)
     assert_one_line_error(r, f"{flags[0]} is a setting of --noise's denoising; pass --noise too, or leave it out")
@@ -161,17 +163,23 @@ def test_predict_noise_scores_the_model_beside_the_noisy_input_and_classical_den
             "--out", tmp_path / "a"]
     r = run_main(predict.main, argv, capsys)
     assert r.returncode == 0, r.stderr
-    assert "BM3D skipped: the optional bm3d package is not installed (pip install bm3d)" in r.stdout
+    assert "note: bm3d, bm3d-vst skipped: the optional bm3d package is not installed (pip install bm3d)" in r.stdout
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["noise"] == "rician:0.1" and summary["trained_with_noise"] == "rician:0.05-0.2"
-    assert set(summary["classical"]) == {"nlm", "tv", "wavelet"}
+    assert set(summary["classical"]) == {"nlm", "tv", "wavelet", "nlm-rician"}
     assert summary["best_classical"] in summary["classical"]
     for name, c in summary["classical"].items():
-        assert c["slices"] == 4 and c["seconds_per_slice"] > 0 and c["factor"] in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+        assert c["slices"] == 4 and c["seconds_per_slice"] > 0
+        assert c["factor"] in classical.CLASSICAL_DENOISERS[name].factors
         assert c["ssim"]["mean"] > summary["noisy"]["ssim"]["mean"], name  # each one removes noise
+        assert c["chosen_by"] == "mean in-brain SSIM on the validation slices"
+        tried = c["validation_ssim_brain_by_factor"]  # JSON's keys are strings
+        assert str(c["factor"]) == max(tried, key=tried.get)
+    assert summary["classical"]["nlm-rician"]["sigma_estimate"] == "rician_sigma"
+    assert summary["classical"]["nlm"]["sigma_estimate"] == "wavelet_sigma"
     rows = read_csv(tmp_path / "a" / "per_image.csv")
     assert len(rows) == 4 and list(rows[0]) == ["file"] + [f"{key}_{metric}" for key in ("noisy", "ours", "nlm", "tv",
-                                                                                           "wavelet")
+                                                                                           "wavelet", "nlm-rician")
                                                           for metric in ("ssim", "psnr", "ssim_brain", "psnr_brain")]
     for metric in ("ssim", "ssim_brain", "psnr_brain"):
         assert np.mean([r[f"ours_{metric}"] for r in rows]) == pytest.approx(summary["ours"][metric]["mean"], abs=1e-4)
@@ -180,10 +188,28 @@ def test_predict_noise_scores_the_model_beside_the_noisy_input_and_classical_den
 
     # A slow denoiser (BM3D's kind, here total variation marked slow: BM3D takes >1 s even on a 32x32 slice) runs
     # on the seeded subset only, on the same noisy slices.
-    monkeypatch.setitem(denoise.CLASSICAL_DENOISERS, "tv", replace(denoise.CLASSICAL_DENOISERS["tv"], slow=True))
+    monkeypatch.setitem(classical.CLASSICAL_DENOISERS, "tv", replace(classical.CLASSICAL_DENOISERS["tv"], slow=True))
     predict.main([str(a) for a in argv[:-1]] + [str(tmp_path / "b"), "--baselines", "tv"])
     again = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert again["noisy"]["ssim"] == summary["noisy"]["ssim"] and again["ours"]["ssim"] == summary["ours"]["ssim"]
     assert again["classical"]["tv"]["slices"] == again["common_slices"]["slices"] == 2
     rows = read_csv(tmp_path / "b" / "per_image.csv")
     assert sum(isinstance(r["tv_ssim"], float) for r in rows) == 2  # the others left empty
+
+
+def test_bm3d_in_the_rician_transform_runs_in_predict_on_the_slow_subset(denoising_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bm3d", types.SimpleNamespace(bm3d=lambda z, sigma_psd: gaussian_filter(z, 1)))
+    summary = predict.main(["--checkpoint", str(denoising_run), "--noise", "rician:0.1", "--baselines", "bm3d-vst",
+                            "--slow-baseline-slices", "2", "--out", str(tmp_path)])
+    c = summary["classical"]["bm3d-vst"]
+    assert c["slices"] == 2 and c["sigma_estimate"] == "rician_sigma" and "Rician" in c["label"]
+    assert c["factor"] in classical.VST_FACTORS and c["validation_slices"] == 4
+    assert c["ssim_brain"]["mean"] > summary["noisy"]["ssim_brain"]["mean"]
+
+
+def test_the_classical_denoisers_give_the_same_slices_in_worker_processes():
+    noisy = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
+    method = classical.CLASSICAL_DENOISERS["nlm-rician"]
+    with classical.denoiser_pool(2) as pool:
+        apart, seconds = classical.run_denoiser(method, noisy, 0.75, pool=pool)
+    assert np.array_equal(apart, classical.run_denoiser(method, noisy, 0.75)[0]) and seconds > 0
