@@ -5,6 +5,7 @@
     python bench.py --device cuda --steps 100
     python bench.py --quality                # validation SSIM after bf16 and after fp32 training (demo data)
     python bench.py --sampling               # seconds for 64 samples from each prior, incremental vs recomputed
+    python bench.py --codec runs/ladder/*    # .vqz encode and decode slices/s of each VQ-VAE with each of its priors
 
 The yardstick is yardstick/seed_vqvae.py in this repository (the first report's recipe as a first version is
 written: fp32, NCHW, eager, PIL decoding per item; --reference times another file with the same four names). It runs
@@ -28,11 +29,20 @@ steps, on the demo slices (128x128) or on --data-root's OASIS-layout folder, and
 after the last epoch.
 
 --sampling draws --samples code maps of --grid x --grid (K=32, OASIS' default) from each prior architecture at its
-default size, with random weights (the arithmetic is that of a trained one): by Prior.incremental, as sample.py,
-completion and the codec run it, and by recomputing the whole network for every position, as a first
-version samples (that way is timed for NAIVE_POSITIONS positions and scaled to the map). It also times
-train_prior.py's training step on batches of PRIOR_TRAIN_BATCH maps in codes per second, eagerly and, with
---compile, compiled (as train_prior.py --compile; give --warmup 3 so the compile is not timed).
+default size, with random weights (the arithmetic is that of a trained one): by Prior.sample, as sample.py,
+completion and the codec run them (a raster prior incrementally, one position at a time; the multiscale prior in its
+passes), each against the PixelCNN's time; and a raster prior also by recomputing the whole network for every
+position, as a first version samples (that way is timed for NAIVE_POSITIONS positions and scaled to the map). It
+also times train_prior.py's training step on batches of PRIOR_TRAIN_BATCH maps in codes per second, eagerly and,
+with --compile, compiled (as train_prior.py --compile; give --warmup 3 so the compile is not timed).
+
+--codec RUN ... times the .vqz codec of each VQ-VAE run (a run folder or its .pt) with each of its priors (every
+prior*/best.pt in the run folder: the raster prior train_prior.py writes to prior/, and others, e.g. a multiscale
+one trained with --out RUN/prior-multiscale) on the first --images slices of --split, in compress.py's batches of
+CODEC_BATCH: slices per second of the VQ-VAE alone (encoder to code maps, decoder from them) and of whole .vqz
+encoding (images to files) and decoding (files to images) with each prior, the files checked to decode to the same
+codes; model loading is timed apart. Beside them each classical codec at its middle quality setting encodes and
+decodes the same slices, one at a time.
 """
 import argparse
 import importlib.util
@@ -49,11 +59,13 @@ from skimage.metrics import structural_similarity
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from codec.classical import CLASSICAL_CODECS, available_codecs
+from codec.vqz import Codec, load_codec
 from dataset import build_dataset, generate_demo
 from imaging.quality import ssim
-from imaging.slices import to_float, to_unit, unit_to_float
+from imaging.slices import SPLITS, to_float, to_unit, unit_to_float
 from modules import PRESETS, PRIOR_ARCHS, build_prior, prior_config
-from training.checkpoints import TrainConfig
+from training.checkpoints import TrainConfig, check_prior_fits, checkpoint_file, load_prior, load_split, run_dir_of
 from training.families import run_script
 from training.flags import flag
 from training.steps import (
@@ -84,8 +96,10 @@ from utils import (
 REFERENCE = Path(__file__).resolve().parent / "yardstick" / "seed_vqvae.py"
 # The speed and accuracy targets this project set itself; bench.py reports them, it does not enforce them.
 TARGETS = {"train_speedup": 5.0, "fraction_of_bf16_peak": 0.6, "ssim_speedup": 20.0, "ssim_max_abs_diff": 1e-4,
-           "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005, "sampling_64_s": 60.0}
+           "loader_wait_fraction": 0.05, "quality_ssim_gap": 0.005, "sampling_64_s": 60.0,
+           "sampling_speedup_over_pixelcnn": 10.0, "codec_fraction_of_vqvae_speed": 0.5}
 NAIVE_POSITIONS = 8  # --sampling: positions the recomputing sampler is timed for
+CODEC_BATCH = 64  # --codec: slices per pass of the models, compress.py's default
 PRIOR_TRAIN_BATCH = 8  # --sampling: code maps per timed prior training step (the README's batch on a CPU)
 
 
@@ -413,7 +427,8 @@ def prior_training_codes_per_s(arch: str, args, device: torch.device, compiled: 
 
 
 def sampling(args, device) -> dict:
-    """Prior.sample (incremental) against the recomputing sampler, for each architecture."""
+    """Prior.sample against the recomputing sampler (raster priors) and against the PixelCNN's Prior.sample, for each
+    architecture."""
     n, h, w, rows = args.samples, args.grid, args.grid, {}
     for arch in PRIOR_ARCHS:
         torch.manual_seed(0)
@@ -422,34 +437,41 @@ def sampling(args, device) -> dict:
         t = time.perf_counter()
         prior.sample(n, (h, w))
         sync(device)
-        incremental = time.perf_counter() - t
-        naive = naive_sampling_seconds(prior, n, h, w, device)
+        sampled = time.perf_counter() - t
+        naive = naive_sampling_seconds(prior, n, h, w, device) if prior.raster_order else None
         eager = prior_training_codes_per_s(arch, args, device, compiled=False)
         compiled = prior_training_codes_per_s(arch, args, device, compiled=True) if args.compile else None
-        rows[arch] = {"config": {f: getattr(prior.config, f) for f in ("channels", "layers", "kernel_size", "heads")},
-                      "parameters": sum(p.numel() for p in prior.parameters()), "incremental_s": incremental,
-                      "recomputing_s": naive, "speedup": naive / incremental, "train_codes_per_s": eager,
-                      "compiled_train_codes_per_s": compiled,
+        rows[arch] = {"config": {f: getattr(prior.config, f) for f in ("channels", "layers", "kernel_size", "heads",
+                                                                        "levels", "phases")},
+                      "parameters": sum(p.numel() for p in prior.parameters()),
+                      "coding_order": "raster" if prior.raster_order else "passes", "passes": prior.passes(h, w),
+                      "incremental_s": sampled, "recomputing_s": naive, "speedup": naive and naive / sampled,
+                      "speedup_over_pixelcnn": rows["pixelcnn"]["incremental_s"] / sampled if rows else 1.0,
+                      "train_codes_per_s": eager, "compiled_train_codes_per_s": compiled,
                       "compiled_train_speedup": compiled / eager if compiled is not None else None}
     per_64 = {arch: r["incremental_s"] * 64 / n for arch, r in rows.items()}
     precision = "bf16" if use_bf16(args.precision, device) else "fp32"
     return {"machine": machine(device), "settings": {"samples": n, "grid": [h, w], "codebook_size": 32,
                                                      "train_batch": PRIOR_TRAIN_BATCH, "precision": precision},
             "priors": rows,
-            "targets": {f"sampling_64_s_{arch}": s <= TARGETS["sampling_64_s"] for arch, s in per_64.items()}}
+            "targets": {**{f"sampling_64_s_{arch}": s <= TARGETS["sampling_64_s"] for arch, s in per_64.items()},
+                        **{f"sampling_speedup_over_pixelcnn_{arch}": r["speedup_over_pixelcnn"]
+                           >= TARGETS["sampling_speedup_over_pixelcnn"]
+                           for arch, r in rows.items() if r["coding_order"] == "passes"}}}
 
 
 def print_sampling(r: dict):
     m, s = r["machine"], r["settings"]
     print(f"\n{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}; {s['samples']} samples of "
           f"{s['grid'][0]}x{s['grid'][1]} codes, K={s['codebook_size']}")
-    print(f"{'prior':40s}{'incremental':>12s}{'recomputing':>12s}{'ratio':>9s}   64 samples <= "
-          f"{TARGETS['sampling_64_s']:g} s")
+    print(f"{'prior':40s}{'passes':>8s}{'sampling':>10s}{'recomputing':>12s}{'ratio':>8s}{'vs pixelcnn':>12s}   "
+          f"64 samples <= {TARGETS['sampling_64_s']:g} s")
     for arch, p in r["priors"].items():
         c = p["config"]
         what = f"{arch} ({c['channels']} ch, {c['layers']} layers, {p['parameters'] / 1e6:.2f}M)"
-        print(f"{what:40s}{p['incremental_s']:11.1f}s{p['recomputing_s']:11.0f}s{p['speedup']:8.0f}x   "
-              f"{mark(r['targets'][f'sampling_64_s_{arch}'])}")
+        print(f"{what:40s}{p['passes']:8d}{p['incremental_s']:9.1f}s{fmt(p['recomputing_s'], '11.0f')}"
+              f"{'s' if p['recomputing_s'] else ' '}{fmt(p['speedup'], '7.0f')}{'x' if p['speedup'] else ' '}"
+              f"{p['speedup_over_pixelcnn']:11.1f}x   {mark(r['targets'][f'sampling_64_s_{arch}'])}")
     print(f"\ntraining step, batch {s['train_batch']}, {s['precision']}: codes/s eager, compiled (--compile), ratio")
     for arch, p in r["priors"].items():
         print(f"{arch:40s}{p['train_codes_per_s']:12.0f}{fmt(p['compiled_train_codes_per_s'], '12.0f')}"
@@ -495,6 +517,104 @@ def print_speed(r: dict):
               f"{100 * f['fraction_of_bf16_peak_for_train_target']:.0f} % of the bf16 matmul peak for this step")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# --codec: .vqz encoding and decoding against the VQ-VAE alone and the classical codecs
+# ---------------------------------------------------------------------------------------------------------
+
+def codec_speed(args, device) -> dict:
+    """Each --codec run's VQ-VAE alone and its .vqz files with each of its priors, then the classical codecs, on
+    the first --images slices of --split (the first run's: a ladder's points share their dataset)."""
+    runs, slices = {}, None
+    for run in args.codec:
+        checkpoint = checkpoint_file(run)
+        runs[str(run)], images = vqz_speed(checkpoint, sorted(run_dir_of(checkpoint).glob("prior*/best.pt")), args,
+                                           device)
+        slices = images if slices is None else slices
+    classical = {name: classical_speed(CLASSICAL_CODECS[name], slices.numpy()) for name in available_codecs()}
+    return {"machine": machine(device),
+            "settings": {"images": len(slices), "split": args.split, "batch": CODEC_BATCH,
+                         "precision": "bf16" if use_bf16(args.precision, device) else "fp32"},
+            "runs": runs, "classical": classical,
+            "targets": {f"{run}: {row['prior']}": {
+                "encode_at_least_half_the_vqvae_encoder": row["encode_fraction_of_vqvae"]
+                >= TARGETS["codec_fraction_of_vqvae_speed"],
+                "decode_at_least_half_the_vqvae_decoder": row["decode_fraction_of_vqvae"]
+                >= TARGETS["codec_fraction_of_vqvae_speed"]}
+                for run, r in runs.items() for row in r["priors"]}}
+
+
+def seconds(work) -> tuple:
+    """(work()'s result, the seconds it took)."""
+    t = time.perf_counter()
+    out = work()
+    return out, time.perf_counter() - t
+
+
+def vqz_speed(checkpoint: Path, priors: list[Path], args, device) -> tuple[dict, torch.Tensor]:
+    """One VQ-VAE: its encoder and decoder alone, and whole .vqz encoding (images -> files) and decoding (files ->
+    images) with each prior, after one untimed slice each (the first call's set-up is not the codec's speed)."""
+    (codec, cfg, state), load_s = seconds(lambda: load_codec(checkpoint, None, device, CODEC_BATCH, args.precision))
+    data = load_split(cfg, args.split, args.data_root, demo=state["demo_settings"], verbose=False)
+    images, n = data.images[:args.images], min(args.images, len(data))
+    codec.reconstruct(codec.codes(images[:1]))
+    codes, encode_s = seconds(lambda: codec.codes(images))
+    _, decode_s = seconds(lambda: codec.reconstruct(codes))
+    vqvae = {"encode_slices_per_s": n / encode_s, "decode_slices_per_s": n / decode_s}
+    rows = []
+    for path in tqdm(priors, desc=f"{checkpoint}: priors", leave=False):
+        (prior, _, prior_state), prior_load_s = seconds(lambda: load_prior(path, device))
+        check_prior_fits(prior_state, codec.vqvae, path, checkpoint)
+        with_prior = Codec(codec.vqvae, prior, prior_state["class_names"], device, CODEC_BATCH, args.precision)
+        labels = data.labels[:n] if prior.config.num_classes else None
+        with_prior.decode(with_prior.encode(images[:1], labels if labels is None else labels[:1], "prior"), ["-"])
+        files, encode_s = seconds(lambda: with_prior.encode(images, labels, "prior"))
+        (decoded, _), decode_s = seconds(lambda: with_prior.decode(files, [f"{path}: slice {i}" for i in range(n)]))
+        if not torch.equal(decoded, codes):
+            raise UserError(f"{path}: the .vqz files did not decode to the codes they were encoded from")
+        rows.append({"prior": str(path), "arch": prior.config.arch, "passes": prior.passes(*codes.shape[1:]),
+                     "load_s": prior_load_s, "mean_bytes": sum(map(len, files)) / n,
+                     "encode_slices_per_s": n / encode_s, "decode_slices_per_s": n / decode_s,
+                     "coding_order": "raster" if prior.raster_order else "passes",
+                     "encode_fraction_of_vqvae": (n / encode_s) / vqvae["encode_slices_per_s"],
+                     "decode_fraction_of_vqvae": (n / decode_s) / vqvae["decode_slices_per_s"]})
+    raster = next((r["mean_bytes"] for r in rows if r["coding_order"] == "raster"), None)
+    for row in rows:
+        row["bytes_over_raster_prior"] = raster and row["mean_bytes"] / raster
+    return {"checkpoint": str(checkpoint), "latent_grid": list(codes.shape[1:]), "K": codec.k, "load_s": load_s,
+            "vqvae": vqvae, "priors": rows}, images
+
+
+def classical_speed(codec, images) -> dict:
+    """A classical codec at its middle quality setting on uint8 (N, H, W) slices, one at a time."""
+    settings = codec.settings(images[0].size)
+    setting = settings[len(settings) // 2]
+    files, encode_s = seconds(lambda: [codec.encode(image, setting) for image in images])
+    _, decode_s = seconds(lambda: [codec.decode(f) for f in files])
+    return {"setting": setting, "mean_bytes": sum(map(len, files)) / len(files),
+            "encode_slices_per_s": len(images) / encode_s, "decode_slices_per_s": len(images) / decode_s}
+
+
+def print_codec(r: dict):
+    m, s = r["machine"], r["settings"]
+    print(f"\n{m['name']} ({m['device']}, {m['threads']} threads), torch {m['torch']}; {s['images']} {s['split']} "
+          f"slices, batches of {s['batch']}, {s['precision']}; slices per second, model loading apart")
+    for run in r["runs"].values():
+        (h, w), v = run["latent_grid"], run["vqvae"]
+        print(f"\n{run['checkpoint']} ({h}x{w} codes, K={run['K']}; loaded in {run['load_s']:.1f} s)")
+        print(f"{'':44s}{'encode':>9s}{'decode':>9s}{'bytes':>8s}{'passes':>8s}{'load':>7s}   of the VQ-VAE's speed")
+        print(f"{'VQ-VAE alone':44s}{v['encode_slices_per_s']:9.1f}{v['decode_slices_per_s']:9.1f}")
+        for p in run["priors"]:
+            print(f"{p['prior'][-36:] + ' ' + p['arch']:44s}{p['encode_slices_per_s']:9.1f}"
+                  f"{p['decode_slices_per_s']:9.1f}{p['mean_bytes']:8.0f}{p['passes']:8d}{p['load_s']:6.1f}s   "
+                  f"encode {p['encode_fraction_of_vqvae']:.2f}, decode {p['decode_fraction_of_vqvae']:.2f}"
+                  + (f"; bytes {p['bytes_over_raster_prior']:.3f}x the raster prior's"
+                     if p["bytes_over_raster_prior"] and p["coding_order"] == "passes" else ""))
+    print(f"\n{'classical codec (middle setting), one slice at a time':44s}{'encode':>9s}{'decode':>9s}{'bytes':>8s}")
+    for name, c in r["classical"].items():
+        print(f"{name + ' ' + format(c['setting'], 'g'):44s}{c['encode_slices_per_s']:9.1f}"
+              f"{c['decode_slices_per_s']:9.1f}{c['mean_bytes']:8.0f}")
+
+
 def int_list(text: str) -> list[int]:
     """--peak-sizes: positive integers, comma-separated (argparse's one line for anything else)."""
     values = [int(n) for n in text.split(",")]
@@ -525,25 +645,33 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="--quality: epochs of each run (default: 20; the demo "
                    "train split is 240 slices)")
     p.add_argument("--data-root", default=None, help="--quality: train on this OASIS-layout folder instead of the "
-                   "demo slices")
-    p.add_argument("--sampling", action="store_true", help="time sampling from each prior, incremental against "
-                   "recomputing the whole prior per position")
+                   "demo slices; --codec: where the runs' dataset is now, if it moved")
+    p.add_argument("--sampling", action="store_true", help="time sampling from each prior architecture (a raster "
+                   "one also by recomputing the whole prior per position)")
     p.add_argument("--samples", type=int, default=64, help="--sampling: code maps drawn at once (default: 64)")
     p.add_argument("--grid", type=int, default=32, help="--sampling: code grid side (default: 32, the default "
                    "preset's of a 256x256 slice)")
+    p.add_argument("--codec", nargs="+", type=Path, metavar="RUN", help="time the .vqz codec of these VQ-VAE runs "
+                   "(run folders or .pt files) with every prior*/best.pt in their folders")
+    p.add_argument("--images", type=int, default=64, help="--codec: slices timed, the first of --split (default: 64)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="--codec: the split the slices come from "
+                   "(default: test)")
     p.add_argument("--json", default=None, help="where to write the results (default: bench.json, or "
-                   "bench_quality.json / bench_sampling.json with --quality / --sampling)")
+                   "bench_quality.json / bench_sampling.json / bench_codec.json with --quality / --sampling / "
+                   "--codec)")
     with exits_with_one_line():
         args = p.parse_args(argv)
         check_args(args, p)
-        path = Path(args.json or ("bench_quality.json" if args.quality else
-                                  "bench_sampling.json" if args.sampling else "bench.json"))
+        path = Path(args.json or DEFAULT_JSON[benchmark_of(args)])
         if not path.parent.is_dir():  # checked before the benchmark runs, not after
             raise UserError(f"--json {path}: the folder {path.parent} does not exist; create it or choose another path")
         device = apply_runtime_flags(args)
-        ref = None if args.quality or args.sampling or args.skip_reference else load_reference(args.reference)
+        ref = None if benchmark_of(args) != "bench.py" or args.skip_reference else load_reference(args.reference)
         claim_outputs(path.parent, [path.name], "bench.py")
-        if args.sampling:
+        if args.codec:
+            results = codec_speed(args, device)
+            print_codec(results)
+        elif args.sampling:
             results = sampling(args, device)
             print_sampling(results)
         elif args.quality:
@@ -568,17 +696,30 @@ BENCHMARK_FLAGS = {
                  "skip_reference", "reference", "peak_sizes"),
     "bench.py --quality": ("epochs", "data_root", "preset", "batch_size", "channels_last", "compile"),
     "bench.py --sampling": ("samples", "grid", "steps", "warmup", "precision", "compile"),
+    "bench.py --codec": ("images", "split", "data_root", "precision"),
 }
 
 
+DEFAULT_JSON = {"bench.py": "bench.json", "bench.py --quality": "bench_quality.json",
+                "bench.py --sampling": "bench_sampling.json", "bench.py --codec": "bench_codec.json"}
+
+
+def benchmark_of(args) -> str:
+    """The benchmark the flags ask for, as BENCHMARK_FLAGS names it."""
+    return next((f"bench.py --{name}" for name in ("quality", "sampling", "codec") if getattr(args, name)), "bench.py")
+
+
 def check_args(args, parser):
-    if min(args.size, args.steps, args.epochs, args.samples, args.grid) < 1 or args.warmup < 0:
-        raise UserError("--size, --steps, --epochs, --samples and --grid must be at least 1, --warmup at least 0")
-    if args.quality and args.sampling:
-        raise UserError("--quality and --sampling are two benchmarks: run one at a time")
-    benchmark = "bench.py --quality" if args.quality else "bench.py --sampling" if args.sampling else "bench.py"
-    unread = [k for k, v in vars(args).items() if k not in ("quality", "sampling", "device", "threads", "json",
-                                                            *BENCHMARK_FLAGS[benchmark]) and v != parser.get_default(k)]
+    if min(args.size, args.steps, args.epochs, args.samples, args.grid, args.images) < 1 or args.warmup < 0:
+        raise UserError("--size, --steps, --epochs, --samples, --grid and --images must be at least 1, --warmup at "
+                        "least 0")
+    chosen = [name for name in ("quality", "sampling", "codec") if getattr(args, name)]
+    if len(chosen) > 1:
+        raise UserError(f"--{chosen[0]} and --{chosen[1]} are two benchmarks: run one at a time")
+    benchmark = benchmark_of(args)
+    unread = [k for k, v in vars(args).items() if k not in ("quality", "sampling", "codec", "device", "threads",
+                                                            "json", *BENCHMARK_FLAGS[benchmark])
+              and v != parser.get_default(k)]
     if unread:
         readers = " or ".join(b for b, flags in BENCHMARK_FLAGS.items() if unread[0] in flags)
         raise UserError(f"{benchmark} does not read {flag(unread[0])} (a flag of {readers}); drop it")

@@ -32,7 +32,7 @@ from anatomy.tissues import check_segmenter_fits, segment_images
 from codec.classical import CLASSICAL_CODECS, available_codecs, classical_codec
 from codec.ladder import Ladder, read_ladder
 from codec.study import RdStudy, dice_against, dice_rows, plot_rd, rate_distortion, rd_subset, slice_figure
-from codec.vqz import CODER_NAMES, HEADER, PRIOR, SUFFIX, Codec, load_codec, parse_header, read_vqz
+from codec.vqz import CODER_NAMES, HEADER, PRIOR_CODERS, SUFFIX, Codec, load_codec, parse_header, read_vqz
 from dataset import WHERE_SHIPPED, class_index, read_slice
 from imaging.slices import IMAGE_SUFFIXES, natural_key
 from training.checkpoints import default_prior, load_segmenter, load_split, run_dir_of
@@ -198,7 +198,7 @@ def cmd_decode(args, device):
     codecs = []
     for header, f in zip(headers, files):
         codec = ladder.codec_for(header, str(f))
-        if header.coder == PRIOR and codec.prior is None and header.vqvae_hash == codec.vqvae_hash:
+        if header.coder in PRIOR_CODERS and codec.prior is None and header.vqvae_hash == codec.vqvae_hash:
             raise UserError(f"{f} was coded with a prior (hash {header.prior_hash.hex()}); pass the --prior it was "
                             f"encoded with")
         codec.check(header, str(f))

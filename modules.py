@@ -3,9 +3,10 @@
 - VQ-VAE: `Encoder -> VectorQuantizer -> Decoder` (VQVAE), its config (VQVAEConfig) and the presets (PRESETS: model
   and optimiser settings together); the quantiser's straight-through estimator, EMA codebook, k-means
   initialisation and dead-code restarts (kept identical on every DDP rank by training/distributed.py's collectives);
-- prior: PriorConfig and build_prior; Prior (sampling and completion, by driving a prior's incremental logits), a
-  gated PixelCNN (PixelCNNPrior: causal convolutions, gated layers) and a causal transformer (TransformerPrior:
-  GPT blocks, a KV cache);
+- prior: PriorConfig and build_prior; Prior (sampling and completion, by driving a prior in its coding order), a
+  gated PixelCNN (PixelCNNPrior: causal convolutions, gated layers), a causal transformer (TransformerPrior:
+  GPT blocks, a KV cache), both in raster order, and a multiscale prior that codes a map in a few parallel passes
+  (MultiscalePrior);
 - tissue segmenter, the judge of anatomy: SegmenterConfig and a small U-Net (UNet);
 - config plumbing shared with checkpoints.py: ConfigError, config_from_dict, first_failure.
 
@@ -494,30 +495,39 @@ class VQVAE(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prior: an autoregressive model over code maps, a gated PixelCNN or a causal transformer
+# Prior: an autoregressive model over code maps, a gated PixelCNN, a causal transformer or a multiscale prior
 # ---------------------------------------------------------------------------------------------------------
-# p(z) = prod_t p(z_t | z_<t [, class]) over the (B, h, w) code-index maps of a trained VQ-VAE in raster order
-# t = i*w + j. New slices are decoded from sampled maps; the codec entropy-codes a map with the same conditionals.
-# Both architectures train on whole maps at once (forward) and run position by position (incremental), which
-# sampling, completion and the codec all run (fill_in_raster_order).
+# p(z) = prod_t p(z_t | z_<t [, class]) over the (B, h, w) code-index maps of a trained VQ-VAE, in the prior's
+# coding order: raster order t = i*w + j (pixelcnn, transformer), or groups of positions coded together, coarse
+# lattices first (multiscale). New slices are decoded from sampled maps; the codec entropy-codes a map with the
+# same conditionals. Every prior trains on whole maps at once (forward) and fills maps in its coding order
+# (Prior.fill: one position at a time through `incremental` for the raster priors, one network pass per group for
+# the multiscale prior), which sampling, completion and the codec all run.
 
-PRIOR_ARCHS = ("pixelcnn", "transformer")
+PRIOR_ARCHS = ("pixelcnn", "transformer", "multiscale")
+# The multiscale prior's passes per level: the offsets (row, column) in the level's 2x2 cells that each codes, given
+# the offsets coded before (a cell's (0, 0) code belongs to the coarser lattice, coded by the levels above).
+MULTISCALE_PHASES = {1: (((1, 1), (0, 1), (1, 0)),),
+                     2: (((1, 1),), ((0, 1), (1, 0))),  # centres, then the rest: a checkerboard (He et al. 2021)
+                     3: (((1, 1),), ((0, 1),), ((1, 0),))}
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    arch: str = "pixelcnn"    # pixelcnn (gated PixelCNN) or transformer (GPT; alone: 128 channels, 4 layers)
+    arch: str = "pixelcnn"    # pixelcnn (gated PixelCNN), transformer (GPT): raster order; multiscale: a few passes
     codebook_size: int = 32   # K, the VQ-VAE's; the prior reads and predicts code indices in [0, K)
-    channels: int = 64        # width: of both PixelCNN stacks, or the transformer's embedding
-    layers: int = 12          # gated layers (the first one also hides the current position), or transformer blocks
-    kernel_size: int = 5      # pixelcnn: odd k, the vertical stack sees k//2 rows up and k//2 columns each side
+    channels: int = 64        # width: of both PixelCNN stacks, the transformer's embedding, the multiscale convolutions
+    layers: int = 12          # gated layers (the first also hides the current position), or blocks (the others)
+    kernel_size: int = 5      # odd k: PixelCNN rows above seen k//2, columns k//2 a side; multiscale: k x k convs
     heads: int = 4            # transformer: attention heads (they split the channels)
-    max_grid: int = 64        # largest grid side the learned row and column embeddings cover (transformer; --positions)
+    max_grid: int = 64        # largest grid side the learned row and column embeddings cover (all but plain pixelcnn)
     num_classes: int = 0      # 0: unconditional; otherwise the prior is conditioned on a label in [0, num_classes)
-    dropout: float = 0.0      # pixelcnn: on the horizontal stack's gated activations; transformer: attention and MLP
-    positions: bool = False   # pixelcnn: add learned row and column embeddings to the codes' (the transformer has them)
+    dropout: float = 0.0      # pixelcnn: horizontal stack's gates; transformer: attention, MLP; multiscale: its blocks
+    positions: bool = False   # pixelcnn: add learned row and column embeddings to the codes' (the others have them)
+    levels: int = 4           # multiscale: codes every 2^levels a side come first, each level then halves the spacing
+    phases: int = 2           # multiscale: passes per level (2: a checkerboard); a map takes 1 + levels * phases passes
 
-    CHOICES = {"arch": PRIOR_ARCHS}
+    CHOICES = {"arch": PRIOR_ARCHS, "phases": tuple(MULTISCALE_PHASES)}
 
     def __post_init__(self):
         first_failure(self, {"arch": self.arch in PRIOR_ARCHS,
@@ -527,12 +537,14 @@ class PriorConfig:
                              "heads": 1 <= self.heads <= 256 and self.channels % self.heads == 0,
                              "max_grid": 1 <= self.max_grid <= 2048,
                              "num_classes": 0 <= self.num_classes <= 10000, "dropout": 0 <= self.dropout < 1,
-                             "positions": not self.positions or self.arch == "pixelcnn"},
+                             "positions": not self.positions or self.arch == "pixelcnn",
+                             "levels": 1 <= self.levels <= 11, "phases": self.phases in MULTISCALE_PHASES},
                       "prior config")
 
 
 # What --arch alone gives besides PriorConfig's defaults: the size each architecture was measured at (RESULTS.md).
-PRIOR_ARCH_DEFAULTS = {"pixelcnn": {}, "transformer": {"channels": 128, "layers": 4, "heads": 4}}
+PRIOR_ARCH_DEFAULTS = {"pixelcnn": {}, "transformer": {"channels": 128, "layers": 4, "heads": 4},
+                       "multiscale": {"layers": 3, "kernel_size": 3}}
 
 
 def prior_config(**values) -> PriorConfig:
@@ -541,10 +553,12 @@ def prior_config(**values) -> PriorConfig:
 
 
 class Prior(nn.Module):
-    """What both priors share: forward maps (B, h, w) indices [+ (B,) labels] to (B, K, h, w) logits, those at
-    (i, j) depending only on the codes before (i, j) in raster order; `incremental` computes the same logits one
-    position at a time, each map's whole cost once; `sample` and completion drive it."""
+    """What every prior shares: forward maps (B, h, w) indices [+ (B,) labels] to (B, K, h, w) logits, those at
+    (i, j) depending only on the codes before (i, j) in the prior's coding order; `fill` computes the same logits in
+    that order (a raster prior one position at a time through `incremental`, each map's whole cost once); `sample`,
+    completion and the codec drive it."""
     config: PriorConfig
+    raster_order = True  # codes one position at a time in raster order (False: a few groups of positions at once)
 
     def labels_for(self, n: int, class_index: int | None = None) -> torch.Tensor | None:
         """(n,) labels to sample with: `class_index` for all, or every class in turn; None if unconditional."""
@@ -565,11 +579,26 @@ class Prior(nn.Module):
         a position and must then be sent the (n,) codes at that position (fill_in_raster_order runs one)."""
         raise NotImplementedError
 
+    def passes(self, h: int, w: int) -> int:
+        """How many sequential steps `fill` takes for an h x w map: network runs one after the other."""
+        return h * w
+
+    def fill(self, n: int, h: int, w: int, labels, choose, dtype=torch.float32):
+        """Fill n (h, w) code maps in the prior's coding order. choose(positions, logits) gets the flat raster
+        indices (m,) (int64, on the CPU) of the positions coded together next and their (n, m, K) logits in
+        `dtype`, and returns their (n, m) codes (drawn, given or decoded), on which later positions are
+        conditioned. A raster prior calls it for one position at a time."""
+        order = torch.arange(h * w)
+        fill_in_raster_order(self.incremental(n, h, w, labels, dtype), h * w,
+                             lambda pos, logits: choose(order[pos:pos + 1], logits[:, None])[:, 0])
+
     @torch.no_grad()
     def sample(self, n: int, shape: tuple[int, int], labels=None, temperature: float = 1.0, generator=None,
                given: torch.Tensor | None = None, given_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw n code maps of `shape` (h, w) in raster order -> (n, h, w) int64. Positions where `given_mask`
-        ((n, h, w) or (h, w), bool) is True keep the codes of `given` (n, h, w): completion of partial maps."""
+        """Draw n code maps of `shape` (h, w) in the prior's coding order -> (n, h, w) int64. Positions where
+        `given_mask` ((n, h, w) or (h, w), bool) is True keep the codes of `given` (n, h, w): completion of partial
+        maps (a multiscale prior sees a given code only from its pass on, so its completion is conditioned on the
+        given codes coded before each position, not on all of them)."""
         h, w = shape
         device = next(self.parameters()).device
         keep = (given_mask if given_mask is not None else torch.zeros(h, w, dtype=torch.bool)).to(device)
@@ -578,13 +607,14 @@ class Prior(nn.Module):
                                                                                        device=device)
         codes = torch.zeros(n, h * w, dtype=torch.long, device=device)
 
-        def draw(pos, logits):
-            probs = F.softmax(logits.float() / temperature, dim=1)  # (n, K)
-            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            codes[:, pos] = torch.where(keep[:, pos], given[:, pos], drawn)
-            return codes[:, pos]
+        def draw(positions, logits):
+            positions = positions.to(device)
+            probs = F.softmax(logits.float() / temperature, dim=2)  # (n, m, K)
+            drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(n, -1)
+            codes[:, positions] = torch.where(keep[:, positions], given[:, positions], drawn)
+            return codes[:, positions]
         labels = labels.to(device) if labels is not None else None
-        fill_in_raster_order(self.incremental(n, h, w, labels), h * w, draw)
+        self.fill(n, h, w, labels, draw)
         return codes.view(n, h, w)
 
 
@@ -601,7 +631,8 @@ def fill_in_raster_order(steps, positions: int, choose):
 
 
 def build_prior(config: PriorConfig) -> Prior:
-    return {"pixelcnn": PixelCNNPrior, "transformer": TransformerPrior}[config.arch](config)
+    return {"pixelcnn": PixelCNNPrior, "transformer": TransformerPrior,
+            "multiscale": MultiscalePrior}[config.arch](config)
 
 
 # -- gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders") ------------
@@ -902,6 +933,176 @@ def transformer_steps(model: TransformerPrior, n: int, h: int, w: int, labels):
             x = block(x, cache)
         codes = yield model.head(model.norm(x))[:, 0]  # (n, K)
         x = model.embed(codes.to(positions.device))[:, None]
+
+
+# -- multiscale prior: a map in a few parallel passes, coarse lattices first ------------------------------------
+# (Reed et al. 2017, "Parallel Multiscale Autoregressive Density Estimation"; each level a checkerboard as in He et
+# al. 2021, "Checkerboard Context Model for Efficient Learned Image Compression".) Level l (levels .. 1) sees the
+# map as 2x2 cells of the lattice of spacing t = 2^(l-1): offset (di, dj) of cell (a, b) is the code at
+# ((2a + di) t, (2b + dj) t), and its (0, 0) offsets are the coarser lattice, coded before. The first pass codes the
+# anchors, the (0, 0) offsets of the coarsest level (every 2^levels codes a side) from their positions alone; each
+# level's phases then code its other offsets, conditioned on every code before. Each pass has a small convolutional
+# network of its own (PassNetwork) that runs on its level's cell grid: an h x w map costs about phases * h * w / 3
+# cell evaluations over all passes, and 1 + levels * phases network runs one after the other.
+
+class MultiscalePass(NamedTuple):
+    level: int      # the level whose 2x2 cells the pass runs on: lattice spacing 2^(level - 1)
+    targets: tuple  # the cell offsets o = 2 * di + dj it codes
+    known: tuple    # the offsets coded before it (visible to the network)
+
+
+def multiscale_passes(levels: int, phases: int) -> list[MultiscalePass]:
+    """The coding order: the anchors, then each level from the coarsest, its phases in MULTISCALE_PHASES order."""
+    passes = [MultiscalePass(levels, (0,), ())]
+    for level in range(levels, 0, -1):
+        known = (0,)
+        for offsets in MULTISCALE_PHASES[phases]:
+            targets = tuple(2 * di + dj for di, dj in offsets)
+            passes.append(MultiscalePass(level, targets, known))
+            known += targets
+    return passes
+
+
+def offset_rows(offset: int, level: int, h: int, w: int) -> tuple[range, range]:
+    """The map rows and columns of one cell offset at a level (the cells cropped to the map)."""
+    t = 1 << (level - 1)
+    return range((offset >> 1) * t, h, 2 * t), range((offset & 1) * t, w, 2 * t)
+
+
+def to_cells(codes: torch.Tensor, level: int) -> torch.Tensor:
+    """(B, h, w) codes (-1: none yet) -> (B, 4, hc, wc) the level's 2x2 cells, offset o = 2 * di + dj along dim 1;
+    offsets that fall outside the map are -1."""
+    t = 1 << (level - 1)
+    lattice = codes[:, ::t, ::t]  # (B, ht, wt)
+    b, ht, wt = lattice.shape
+    hc, wc = -(-ht // 2), -(-wt // 2)
+    padded = lattice.new_full((b, 2 * hc, 2 * wc), -1)
+    padded[:, :ht, :wt] = lattice
+    return padded.view(b, hc, 2, wc, 2).permute(0, 2, 4, 1, 3).reshape(b, 4, hc, wc)
+
+
+class ContextBlock(nn.Module):
+    """x + conv(relu(conv(relu(x)))), k x k convolutions over the cell grid; the second starts at zero, so a new
+    block passes its input through and a deep stack starts as a shallow one."""
+
+    def __init__(self, channels: int, kernel_size: int, dropout: float):
+        super().__init__()
+        self.first = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.second = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.second.weight)
+        nn.init.zeros_(self.second.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.second(self.dropout(F.relu(self.first(F.relu(x)))))  # (B, C, hc, wc)
+
+
+class PassNetwork(nn.Module):
+    """The network of one pass: (B, 4, hc, wc) cells of its level (-1: no code) -> (B, targets, K, hc, wc) logits of
+    the offsets it codes, from the offsets coded before it and each cell's position. Each pass has its own weights:
+    the passes differ in what they see and predict, and a pass's network runs only for its own positions, so
+    weights of their own add capacity at no cost in time."""
+
+    def __init__(self, c: PriorConfig, step: MultiscalePass):
+        super().__init__()
+        k, self.k, self.level, self.targets = c.codebook_size, c.codebook_size, step.level, step.targets
+        # per cell offset its code, or K where it is not visible (coded later, or outside the map): o * (K + 1) + z
+        self.embed = nn.Embedding(4 * (k + 1), c.channels)
+        self.rows, self.columns = nn.Embedding(c.max_grid, c.channels), nn.Embedding(c.max_grid, c.channels)
+        for table in (self.rows, self.columns):  # zero, as the PixelCNN's: training starts without positions
+            nn.init.zeros_(table.weight)
+        self.condition = nn.Embedding(c.num_classes, c.channels) if c.num_classes else None
+        self.blocks = nn.Sequential(*[ContextBlock(c.channels, c.kernel_size, c.dropout) for _ in range(c.layers)])
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c.channels, c.channels, 1), nn.ReLU(),
+                                  nn.Conv2d(c.channels, len(step.targets) * k, 1))
+        visible = torch.zeros(4, dtype=torch.bool)
+        visible[list(step.known)] = True
+        self.register_buffer("visible", visible, persistent=False)
+        self.register_buffer("offsets", torch.arange(4) * (k + 1), persistent=False)
+
+    def forward(self, cells: torch.Tensor, labels=None) -> torch.Tensor:
+        seen = self.visible[:, None, None] & (cells >= 0)
+        x = self.embed(torch.where(seen, cells, self.k) + self.offsets[:, None, None]).sum(1)  # (B, hc, wc, C)
+        hc, wc, device = *cells.shape[2:], cells.device
+        x = x + (self.rows(torch.arange(hc, device=device) << self.level)[:, None]  # at each cell's (0, 0) code
+                 + self.columns(torch.arange(wc, device=device) << self.level)[None])
+        if self.condition is not None:
+            x = x + self.condition(labels)[:, None, None]
+        logits = self.head(self.blocks(x.permute(0, 3, 1, 2)))  # (B, targets * K, hc, wc)
+        return logits.unflatten(1, (len(self.targets), self.k))
+
+
+class MultiscalePrior(Prior):
+    """(B, h, w) indices [+ (B,) labels] -> (B, K, h, w) logits, each position's from the codes of the passes
+    before its own (multiscale_passes), by its pass's network; `fill` runs the passes one after the other, each over
+    all its positions."""
+    raster_order = False
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        self.schedule = multiscale_passes(config.levels, config.phases)
+        self.networks = nn.ModuleList([PassNetwork(config, step) for step in self.schedule])
+
+    def fits(self, h: int, w: int) -> bool:
+        return max(h, w) <= self.config.max_grid
+
+    def check_fits(self, h: int, w: int):
+        if not self.fits(h, w):
+            raise ValueError(f"a {h}x{w} code grid is larger than this prior's max_grid {self.config.max_grid}")
+
+    def passes(self, h: int, w: int) -> int:
+        return sum(1 for step in self.schedule if self.pass_positions(step, h, w).numel())
+
+    def pass_positions(self, step: MultiscalePass, h: int, w: int) -> torch.Tensor:
+        """(m,) the flat raster indices a pass codes, its target offsets in turn, each in raster order."""
+        flat = []
+        for offset in step.targets:
+            rows, columns = (torch.tensor(r, dtype=torch.long) for r in offset_rows(offset, step.level, h, w))
+            flat.append((rows[:, None] * w + columns[None]).reshape(-1))
+        return torch.cat(flat)
+
+    @staticmethod
+    def gather(logits: torch.Tensor, step: MultiscalePass, h: int, w: int) -> torch.Tensor:
+        """(B, targets, K, hc, wc) -> (B, m, K) in pass_positions' order."""
+        out = []
+        for index, offset in enumerate(step.targets):
+            rows, columns = offset_rows(offset, step.level, h, w)
+            out.append(logits[:, index, :, :len(rows), :len(columns)].flatten(2).transpose(1, 2))
+        return torch.cat(out, 1)
+
+    def forward(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Every pass from the true codes (teacher forcing), each level's cells made once."""
+        self.check_labels(labels)
+        b, h, w = indices.shape
+        self.check_fits(h, w)
+        cells = {level: to_cells(indices, level) for level in range(1, self.config.levels + 1)}
+        out = None
+        for step, network in zip(self.schedule, self.networks):
+            logits = network(cells[step.level], labels)  # (B, targets, K, hc, wc)
+            if out is None:
+                out = logits.new_zeros(b, logits.shape[2], h, w)
+            for index, offset in enumerate(step.targets):
+                rows, columns = offset_rows(offset, step.level, h, w)
+                out[:, :, rows.start::rows.step, columns.start::columns.step] = \
+                    logits[:, index, :, :len(rows), :len(columns)]
+        return out
+
+    def fill(self, n: int, h: int, w: int, labels, choose, dtype=torch.float32):
+        """One network run per pass, over all the pass's positions of the n maps at once, in `dtype` (the prior's
+        weights converted once a call); each map's arithmetic is its own, whichever maps share its batch."""
+        self.check_labels(labels)
+        self.check_fits(h, w)
+        model = self if dtype == next(self.parameters()).dtype else copy.deepcopy(self).to(dtype)
+        device = next(self.parameters()).device
+        codes = torch.full((n, h * w), -1, dtype=torch.long, device=device)
+        for step, network in zip(self.schedule, model.networks):
+            positions = self.pass_positions(step, h, w)
+            if not positions.numel():  # a level coarser than a small map
+                continue
+            logits = network(to_cells(codes.view(n, h, w), step.level), labels)
+            chosen = choose(positions, self.gather(logits, step, h, w))
+            codes[:, positions.to(device)] = chosen.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ def sample(args):
               "dataset": cfg.dataset, "samples": args.num_samples,
               "class": prior_state["class_names"][chosen_class] if chosen_class is not None else None,
               "temperature": args.temperature, "seed": args.seed, "latent_grid": list(shape),
+              "prior_arch": prior.config.arch, "prior_passes": prior.passes(*shape),
               "train_reference_slices": len(train),
               "validation_nll_bits_per_code": bits, "log2_codebook_size": math.log2(model.config.codebook_size),
               **sample_scores(model, samples, train, val, args, device, segmenter,

@@ -1,9 +1,12 @@
 """Train an autoregressive prior over the code maps of a trained VQ-VAE (the VQ-VAE paper's second stage): its
 samples decode to new slices, and compress.py codes maps with its conditionals. --arch pixelcnn (default) is a gated
-PixelCNN, --arch transformer a causal transformer over the raster sequence of codes.
+PixelCNN, --arch transformer a causal transformer over the raster sequence of codes; both decode a map one code at
+a time. --arch multiscale codes a map in 1 + levels * phases parallel passes, coarse lattices first (a network run
+per pass, not per code), so that files decode and slices are sampled in a few network runs.
 
     python train_prior.py --vqvae runs/demo-vqvae/best.pt
     python train_prior.py --vqvae runs/X/best.pt --arch transformer --max-minutes 30  # 128 channels, 4 blocks
+    python train_prior.py --vqvae runs/X/best.pt --arch multiscale --levels 4 --phases 2  # 9 passes a map
     python train_prior.py --vqvae runs/ADNI-default-000/best.pt --conditional       # p(codes | AD or NC)
     python train_prior.py --vqvae runs/OASIS-default-000/best.pt --mirror rows      # + train slices upside down
     python train_prior.py --resume runs/demo-vqvae/prior/last.pt --epochs 60         # continue, or train longer
@@ -168,7 +171,8 @@ def open_run_folder(cfg: PriorTrainConfig, prior, vqvae_state: dict, codes: dict
                                          "vqvae_model": vqvae_state["model_config"]})
     (h, w), k = codes["train"].shape[1:], prior.config.codebook_size
     print(f"prior run {run_dir}: {len(codes['train'])} train / {len(codes['validate'])} validate code maps of "
-          f"{h}x{w}, K={k} (uniform: {math.log2(k):.2f} bits/code); "
+          f"{h}x{w}, K={k} (uniform: {math.log2(k):.2f} bits/code), decoded "
+          f"{'one code at a time' if prior.raster_order else f'in {prior.passes(h, w)} passes'}; "
           f"{sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M parameters; {device}, "
           f"{'bf16' if use_bf16(cfg.precision, device) else 'fp32'}, epochs {start_epoch}..{cfg.epochs}")
     return cfg, lock

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from codec.vqz import PRIOR, Codec, Header
+from codec.vqz import PRIOR_CODERS, Codec, Header
 from imaging.quality import ssim
 from imaging.slices import uint8_to_unit
 from utils import UserError, read_json
@@ -82,7 +82,7 @@ class Ladder:
         """The codec with the VQ-VAE (and prior) that wrote a file with this header, or UserError; the only codec
         of a ladder of one, whose Codec.check then says what does not match."""
         for codec in self.codecs:
-            if codec.vqvae_hash == header.vqvae_hash and (header.coder != PRIOR or codec.prior is None
+            if codec.vqvae_hash == header.vqvae_hash and (header.coder not in PRIOR_CODERS or codec.prior is None
                                                           or codec.prior_hash == header.prior_hash):
                 return codec
         if len(self.codecs) == 1:

@@ -8,22 +8,29 @@ File format (.vqz, version 1; little-endian; a 38-byte header, then the payload)
      0     3     magic b"VQZ"
      3     1     format version (1)
      4     1     coder: 0 fixed-length (ceil(log2 K) bits per code), 1 static (range coding with the VQ-VAE's
-                 code-usage histogram), 2 prior (range coding with the PixelCNN prior's conditionals)
+                 code-usage histogram), 2 prior (range coding with a raster-order prior's conditionals, code by
+                 code: PixelCNN or transformer), 3 passes (range coding with a multiscale prior's conditionals,
+                 pass by pass; added after 0-2, whose files read as they always did)
      5     1     class label for a class-conditional prior, 255 for none
      6     2+2   image height, width (pixels, at most 8192 each: images.MAX_IMAGE_SIDE)
     10     2+2   code grid height, width (must be what the VQ-VAE makes of that image size)
     14     8     VQ-VAE weights hash (the first 8 bytes of SHA-256 over its state dict)
-    22     8     prior weights hash (zeros unless coder 2)
+    22     8     prior weights hash (zeros unless coder 2 or 3)
     30     4     CRC-32 of the code map (uint16 little-endian codes in raster order)
     34     4     payload length in bytes (must be exactly the rest of the file)
-    38     ...   payload: packed bits (coder 0) or constriction range-coder words, uint32 little-endian (1, 2)
+    38     ...   payload: packed bits (coder 0) or constriction range-coder words, uint32 little-endian (1, 2, 3)
 
-Exactness: the prior's logits are computed in float64 by one incremental procedure (Prior.incremental, the one
-sampling uses too, run by encoder and decoder alike), rounded to 1/64 nat, and turned into integer frequencies by
-integer arithmetic only (`frequencies`), so encoder and decoder code with identical integers. The float64 logits
-are bit-identical with 1 and 2 threads and differ by ~1e-15 between batch compositions or from the one-pass
-forward; a difference moves a frequency only if a logit lies within that distance of a rounding boundary (~1e-13
-per logit). Should it happen, the CRC of the code map turns it into an error instead of a wrong image.
+Coding order: coder 2 codes the positions in raster order, one symbol at a time; coder 3 codes them in the prior's
+passes (MultiscalePrior.schedule), each pass's positions in the order of MultiscalePrior.pass_positions. A range
+coder's symbols are a sequence either way: encoder and decoder run the same passes over the same positions.
+
+Exactness: the prior's logits are computed in float64 by the one procedure that fills maps in the prior's coding
+order (Prior.fill, the one sampling uses too, run by encoder and decoder alike), rounded to 1/64 nat, and turned
+into integer frequencies by integer arithmetic only (`frequencies`), so encoder and decoder code with identical
+integers. The float64 logits differ by ~1e-15 at most between thread counts (the multiscale prior's convolutions),
+batch compositions or from the one-pass forward; a difference moves a frequency only if a logit lies within that
+distance of a rounding boundary (~1e-13 per logit). Should it happen, the CRC of the code map turns it into an
+error instead of a wrong image.
 
 Entropy coding: constriction's range coder (stream.queue.RangeEncoder/RangeDecoder with stream.model.Categorical
 (perfect=False)), a maintained library, rather than a hand-written arithmetic coder, whose carry and renormalisation
@@ -41,15 +48,16 @@ import numpy as np
 import torch
 
 from imaging.slices import MAX_IMAGE_SIDE, to_float, to_uint8
-from modules import fill_in_raster_order
 from training.checkpoints import check_prior_fits, load_prior, load_vqvae
 from utils import UserError, autocast
 
 MAGIC = b"VQZ"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<3sBBBHHHH8s8sII")
-FIXED, STATIC, PRIOR = 0, 1, 2
-CODER_NAMES = {FIXED: "fixed", STATIC: "static", PRIOR: "prior"}
+FIXED, STATIC, PRIOR, PASSES = 0, 1, 2, 3
+CODER_NAMES = {FIXED: "fixed", STATIC: "static", PRIOR: "prior", PASSES: "passes"}
+PRIOR_CODERS = (PRIOR, PASSES)  # coded with a prior's conditionals: in raster order, or in a multiscale prior's passes
+CODING_ORDERS = {PRIOR: "in raster order (a pixelcnn or transformer prior)", PASSES: "in a multiscale prior's passes"}
 NO_LABEL = 255
 MAX_CODES = 1 << 22            # code positions per slice: a 2048x2048 grid
 MAX_PAYLOAD_BITS_PER_CODE = 24  # the range coder's precision: no code costs more than 24 bits
@@ -75,6 +83,7 @@ def _exp_table() -> np.ndarray:
 
 
 EXP_TABLE = _exp_table()  # EXP_TABLE[d] ~ 2^30 exp(-d / 64) (rounded down step by step), ending in 0
+_EXP_TABLE_TORCH = torch.from_numpy(EXP_TABLE)
 
 
 def probability_bits(k: int) -> int:
@@ -84,18 +93,25 @@ def probability_bits(k: int) -> int:
 
 
 def frequencies(logits, bits: int) -> np.ndarray:
-    """(m, K) logits (float64 numbers) -> (m, K) int64 frequencies, each >= 1, each row summing to 2^bits.
+    """(m, K) logits (float64 numbers: an array, or a tensor on the CPU) -> (m, K) int64 frequencies, each >= 1,
+    each row summing to 2^bits."""
+    return frequency_tensor(torch.as_tensor(logits, dtype=torch.float64), bits).numpy()
 
-    Deterministic in the integers: only the rounding of logits * 64 to an integer involves floats."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if not np.isfinite(logits).all():
+
+def frequency_tensor(logits: torch.Tensor, bits: int) -> torch.Tensor:
+    """frequencies on a float64 (m, K) tensor on the CPU, as an int64 tensor.
+
+    Deterministic in the integers: only the rounding of logits * 64 to an integer (half to even) involves floats.
+    Computed by torch (threaded: a multiscale prior's pass brings the frequencies of a whole map at once); the
+    integers are those numpy's np.rint, // and argmax (the first of equal maxima) give (tests/test_codec.py)."""
+    if not torch.isfinite(logits).all():
         raise UserError("the prior produced non-finite logits (its weights are broken); use another prior checkpoint")
-    z = np.rint(logits * LOGIT_STEPS)
-    d = np.minimum(z.max(1, keepdims=True) - z, len(EXP_TABLE) - 1).astype(np.int64)
-    e = EXP_TABLE[d]
+    z = torch.round(logits * LOGIT_STEPS)
+    d = (z.amax(1, keepdim=True) - z).clamp_(max=len(EXP_TABLE) - 1).long()
+    e = _EXP_TABLE_TORCH[d]
     total, k = 1 << bits, logits.shape[1]
-    f = e * (total - k) // e.sum(1, keepdims=True) + 1
-    f[np.arange(len(f)), e.argmax(1)] += total - f.sum(1)
+    f = torch.div(e * (total - k), e.sum(1, keepdim=True), rounding_mode="floor") + 1
+    f[torch.arange(len(f)), e.argmax(1)] += total - f.sum(1)
     return f
 
 
@@ -237,6 +253,7 @@ class Codec:
         self.amp = autocast(precision, device)  # the VQ-VAE runs as predict.py runs it
         self.vqvae_hash = weights_hash(vqvae)
         self.prior_hash = weights_hash(prior) if prior is not None else bytes(8)
+        self.prior_coder = None if prior is None else PRIOR if prior.raster_order else PASSES
         self.bits = probability_bits(self.k)
         usage = vqvae.quantizer.usage.detach().double().cpu().numpy()
         self.static_freqs = frequencies(np.log(np.maximum(usage, 1e-6))[None], self.bits)[0]
@@ -294,7 +311,7 @@ class Codec:
             if self.prior is None:
                 raise UserError("prior coding needs a prior, and this codec has none")
             payloads = self.prior_payloads(codes, labels, progress, ideal)
-            candidates = [(PRIOR, p) for p in payloads]
+            candidates = [(self.prior_coder, p) for p in payloads]
         elif coder in ("static", "auto"):
             candidates = [(STATIC, self.static_payload(c)) for c in flat]
         elif coder == "fixed":
@@ -307,7 +324,8 @@ class Codec:
                 kind, payload = FIXED, pack_fixed(flat[index], self.k)
             label = int(labels[index]) if labels is not None else NO_LABEL
             header = Header(kind, label, tuple(image_shape), (h, w), self.vqvae_hash,
-                            self.prior_hash if kind == PRIOR else bytes(8), code_crc(flat[index]), len(payload))
+                            self.prior_hash if kind in PRIOR_CODERS else bytes(8), code_crc(flat[index]),
+                            len(payload))
             files.append(header.pack() + payload)
         return files
 
@@ -328,10 +346,16 @@ class Codec:
             raise UserError(f"class labels must be in 0..{self.prior.config.num_classes - 1}, one per slice")
         return labels
 
+    def pass_frequencies(self, logits: torch.Tensor) -> np.ndarray:
+        """(n, m, K) float64 logits of the m positions coded together -> (n, m, K) frequencies as float64 (exact
+        integers), the probabilities constriction's models take."""
+        n, m, k = logits.shape
+        return frequency_tensor(logits.reshape(n * m, k).cpu(), self.bits).double().reshape(n, m, k).numpy()
+
     @torch.no_grad()
     def prior_payloads(self, codes: torch.Tensor, labels=None, progress=None, ideal: list | None = None) -> list[bytes]:
-        """(N, h, w) code maps -> N range-coded payloads; `ideal` (a list) receives each map's ideal code length in
-        bits under the same integer frequencies."""
+        """(N, h, w) code maps -> N range-coded payloads, the positions in the prior's coding order (Prior.fill);
+        `ideal` (a list) receives each map's ideal code length in bits under the same integer frequencies."""
         c = _constriction()
         family = c.stream.model.Categorical(perfect=False)
         labels = self._labels_for(labels, len(codes))
@@ -343,18 +367,19 @@ class Codec:
             encoders = [c.stream.queue.RangeEncoder() for _ in range(n)]
             symbols = batch.reshape(n, -1).numpy().astype(np.int32)
             ideal_bits = np.zeros(n)
+            report = coding_progress(progress, h, w, f"slices {start + 1}-{start + n}")
 
-            def choose(pos, logits):
-                f = frequencies(logits.cpu().numpy(), self.bits)
-                probabilities = f.astype(np.float64)
+            def choose(positions, logits):
+                f = self.pass_frequencies(logits)  # (n, m, K)
+                coded = symbols[:, positions.numpy()]  # (n, m)
                 for s in range(n):
-                    encoders[s].encode(symbols[s, pos:pos + 1], family, probabilities[s:s + 1])
-                ideal_bits[:] += self.bits - np.log2(f[np.arange(n), symbols[:, pos]].astype(np.float64))
-                if progress is not None and pos % w == w - 1:
-                    progress.set_postfix_str(f"row {pos // w + 1}/{h} of slices {start + 1}-{start + n}")
-                return batch[:, pos // w, pos % w]
+                    encoders[s].encode(coded[s], family, f[s])
+                chosen = np.take_along_axis(f, coded[:, :, None].astype(np.int64), 2)[:, :, 0]
+                ideal_bits[:] += (self.bits - np.log2(chosen)).sum(1)
+                report(len(positions))
+                return torch.from_numpy(coded.astype(np.int64))
 
-            fill_in_raster_order(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
+            self.prior.fill(n, h, w, y, choose, torch.float64)
             payloads += [words_to_bytes(e.get_compressed()) for e in encoders]
             if progress is not None:
                 progress.update(n)
@@ -378,13 +403,17 @@ class Codec:
         if header.coder == FIXED and header.payload_length != fixed_payload_bytes(n, self.k):
             raise UserError(f"{name} has a {header.payload_length}-byte fixed-length payload; {n} codes of K={self.k} "
                             f"take {fixed_payload_bytes(n, self.k)} (a corrupt file)")
-        if header.coder in (STATIC, PRIOR) and header.payload_length % 4:
+        if header.coder in (STATIC, *PRIOR_CODERS) and header.payload_length % 4:
             raise UserError(f"{name} has a {header.payload_length}-byte range-coded payload, not a whole number of "
                             f"32-bit words (a corrupt file)")
-        if header.coder == PRIOR:
+        if header.coder in PRIOR_CODERS:
             if self.prior is None:
                 raise UserError(f"{name} was coded with a prior (hash {header.prior_hash.hex()}); decode it with the "
                                 f"prior it was encoded with")
+            if header.coder != self.prior_coder:
+                raise UserError(f"{name} was coded {CODING_ORDERS[header.coder]}, but this prior codes "
+                                f"{CODING_ORDERS[self.prior_coder]}; decode it with the prior it was encoded with "
+                                f"(hash {header.prior_hash.hex()})")
             if header.prior_hash != self.prior_hash:
                 raise UserError(f"{name} was encoded with other prior weights (hash {header.prior_hash.hex()}, this "
                                 f"prior's is {self.prior_hash.hex()}); decode it with the prior it was encoded with")
@@ -421,7 +450,7 @@ class Codec:
                     raise UserError(f"{name}: its payload does not decode ({e}; a corrupt file)") from None
             else:
                 prior_indices.append(index)
-            if progress is not None and header.coder != PRIOR:
+            if progress is not None and header.coder not in PRIOR_CODERS:
                 progress.update(1)
         for start in range(0, len(prior_indices), self.batch_size):
             chunk = prior_indices[start:start + self.batch_size]
@@ -439,6 +468,8 @@ class Codec:
 
     @torch.no_grad()
     def _decode_prior(self, payloads, grid, labels, names, progress=None) -> list[np.ndarray]:
+        """Range-decode payloads of one grid size together, in the prior's coding order as prior_payloads coded
+        them."""
         c = _constriction()
         family = c.stream.model.Categorical(perfect=False)
         h, w = grid
@@ -446,22 +477,36 @@ class Codec:
         y = self._labels_for(labels, n) if self.prior.config.num_classes else None
         decoders = [c.stream.queue.RangeDecoder(bytes_to_words(p)) for p in payloads]
         out = np.zeros((n, h * w), dtype=np.int64)
+        report = coding_progress(progress, h, w, f"{n} slices")
 
-        def choose(pos, logits):
-            probabilities = frequencies(logits.cpu().numpy(), self.bits).astype(np.float64)
+        def choose(positions, logits):
+            probabilities = self.pass_frequencies(logits)  # (n, m, K)
+            at = positions.numpy()
             for s in range(n):
                 try:
-                    out[s, pos] = decoders[s].decode(family, probabilities[s:s + 1])[0]
+                    out[s, at] = decoders[s].decode(family, probabilities[s])
                 except Exception as e:  # constriction refuses data it cannot decode
                     raise UserError(f"{names[s]}: its payload does not decode ({e}; a corrupt file)") from None
-            if progress is not None and pos % w == w - 1:
-                progress.set_postfix_str(f"row {pos // w + 1}/{h} of {n} slices")
-            return torch.from_numpy(out[:, pos])
+            report(len(at))
+            return torch.from_numpy(out[:, at])
 
-        fill_in_raster_order(self.prior.incremental(n, h, w, y, torch.float64), h * w, choose)
+        self.prior.fill(n, h, w, y, choose, torch.float64)
         if progress is not None:
             progress.update(n)
         return list(out)
+
+
+def coding_progress(progress, h: int, w: int, what: str):
+    """A callback for each group of positions coded (its count): a progress bar's postfix says how many rows' worth
+    of an h x w map's codes are done, once per row's worth."""
+    done = 0
+
+    def report(m: int):
+        nonlocal done
+        before, done = done, done + m
+        if progress is not None and done // w > before // w:
+            progress.set_postfix_str(f"row {done // w}/{h} of {what}")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------

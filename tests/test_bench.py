@@ -85,18 +85,25 @@ def test_quality_compares_bf16_with_fp32_on_a_given_oasis_folder(tmp_path, capsy
     assert f"on {tmp_path / 'slices'}: bf16" in r.stdout
 
 
-def test_sampling_times_both_priors_both_ways(tmp_path, capsys):
+def test_sampling_times_every_prior_and_the_raster_ones_also_by_recomputing(tmp_path, capsys):
     out = tmp_path / "sampling.json"
     r = run_bench(capsys, "--sampling", "--samples", "2", "--grid", "3", "--json", out)
     assert r.returncode == 0, r.stderr
     results = json.loads(out.read_text())
-    assert set(results["priors"]) == {"pixelcnn", "transformer"} and results["settings"]["grid"] == [3, 3]
-    for p in results["priors"].values():
-        assert p["incremental_s"] > 0 and p["recomputing_s"] > 0
-        assert p["speedup"] == pytest.approx(p["recomputing_s"] / p["incremental_s"])
-        assert p["train_codes_per_s"] > 0 and p["compiled_train_codes_per_s"] is None  # compiled with --compile only
-    assert set(results["targets"]) == {"sampling_64_s_pixelcnn", "sampling_64_s_transformer"}
-    assert "incremental" in r.stdout and "transformer (128 ch, 4 layers" in r.stdout
+    priors = results["priors"]
+    assert set(priors) == {"pixelcnn", "transformer", "multiscale"} and results["settings"]["grid"] == [3, 3]
+    for arch, p in priors.items():
+        assert p["incremental_s"] > 0 and p["train_codes_per_s"] > 0
+        assert p["compiled_train_codes_per_s"] is None  # compiled with --compile only
+        assert p["speedup_over_pixelcnn"] == pytest.approx(priors["pixelcnn"]["incremental_s"] / p["incremental_s"])
+        if arch == "multiscale":
+            assert (p["coding_order"], p["passes"], p["recomputing_s"], p["speedup"]) == ("passes", 5, None, None)
+        else:
+            assert (p["coding_order"], p["passes"]) == ("raster", 9)
+            assert p["speedup"] == pytest.approx(p["recomputing_s"] / p["incremental_s"])
+    assert set(results["targets"]) == {"sampling_64_s_pixelcnn", "sampling_64_s_transformer",
+                                       "sampling_64_s_multiscale", "sampling_speedup_over_pixelcnn_multiscale"}
+    assert "recomputing" in r.stdout and "transformer (128 ch, 4 layers" in r.stdout and "multiscale (64 ch" in r.stdout
 
 
 def test_a_missing_yardstick_is_named_with_the_fix(tmp_path, capsys):

@@ -73,6 +73,25 @@ def test_frequencies_are_integers_that_sum_to_a_power_of_two_and_follow_the_logi
         codec.frequencies(np.full((1, 4), np.nan), 16)
 
 
+def test_the_frequencies_are_the_integers_the_first_format_defined():
+    """The formula every .vqz file so far was coded with, in numpy as it was first written: the torch version
+    gives the same integers (ties included: the first maximum takes the remainder; halves round to even)."""
+    def first_written(logits, bits):
+        z = np.rint(logits * codec.LOGIT_STEPS)
+        d = np.minimum(z.max(1, keepdims=True) - z, len(codec.EXP_TABLE) - 1).astype(np.int64)
+        e = codec.EXP_TABLE[d]
+        f = e * ((1 << bits) - logits.shape[1]) // e.sum(1, keepdims=True) + 1
+        f[np.arange(len(f)), e.argmax(1)] += (1 << bits) - f.sum(1)
+        return f
+    rng = np.random.default_rng(0)
+    for k, bits, scale in ((16, 16, 4.0), (256, 16, 8.0), (1000, 18, 30.0)):
+        logits = rng.normal(size=(500, k)) * scale
+        logits[:50] = np.round(logits[:50] * 4) / 4  # ties between maxima, and exact halves of 1/64 nat
+        logits[50:60, :3] = 1e4  # one symbol's logit far above the table's end
+        assert np.array_equal(codec.frequencies(logits, bits), first_written(logits, bits))
+        assert np.array_equal(codec.frequencies(torch.from_numpy(logits), bits), first_written(logits, bits))
+
+
 @pytest.mark.parametrize("arch", ["pixelcnn", "transformer"])
 def test_the_frequencies_do_not_depend_on_the_thread_count(arch):
     """The integers the coder sees are identical with 1 and 2 threads (the float64 logits may differ in the last
@@ -158,6 +177,36 @@ def test_prior_coded_size_equals_the_priors_nll_within_a_few_bytes(trained_codec
     over = payload - np.array(ideal) / 8  # the range coder's cost over the integer model: ~one 32-bit word
     assert over.min() >= 0 and over.max() <= 5 and over.mean() <= 4
     assert nll_bytes < h * w * 4 / 8  # the prior learned something: below the fixed-length 4 bits per code
+
+
+def deterministic_prior():
+    """A PixelCNN whose weights are small integers / 8 (exact in float32): the same on every machine and torch."""
+    prior = build_prior(PriorConfig(codebook_size=16, channels=4, layers=2, kernel_size=3))
+    with torch.no_grad():
+        for index, (name, p) in enumerate(sorted(prior.named_parameters())):
+            values = (torch.arange(p.numel()) * 37 + index * 11) % 17 - 8  # integers -8..8
+            p.copy_(values.view(p.shape).float() / 8)
+    return prior.eval()
+
+
+# A .vqz file written before issue 43 (coder 2: deterministic_prior's conditionals in raster order) by
+# `Codec(vqvae, deterministic_prior()).encode_codes(OLD_FILE_CODES, (32, 32), coder="prior")`; bytes 14-21 held the
+# VQ-VAE hash of a model of that time, which the test sets to this session's.
+OLD_FILE = bytes.fromhex("56515a0102ff20002000080008000000000000000000d24710613fb0dd46ee6433ca28000000fd0f854d9bc9c52a"
+                         "669b8d02aa63c5805a56e5ee2c2f906f1c209b6a3b59e087e31d92fb691c8555")
+OLD_FILE_CODES = [0, 7, 14, 5, 12, 3, 10, 1, 11, 2, 9, 0, 7, 14, 5, 12, 6, 4, 4, 4, 4, 4, 0, 7, 1, 4, 4, 4, 4, 4, 11, 2,
+                  12, 4, 4, 4, 4, 4, 6, 13, 7, 14, 5, 12, 3, 10, 1, 8, 2, 9, 0, 7, 14, 5, 12, 3, 13, 4, 11, 2, 9, 0, 7,
+                  14]
+
+
+def test_a_file_written_before_the_multiscale_prior_still_decodes_and_is_still_written_the_same(trained_codec):
+    raster = codec.Codec(trained_codec.vqvae, deterministic_prior())
+    blob = OLD_FILE[:14] + raster.vqvae_hash + OLD_FILE[22:]
+    header = codec.parse_header(blob, "old.vqz")
+    assert (header.coder, header.grid, header.prior_hash) == (codec.PRIOR, (8, 8), raster.prior_hash)
+    codes, _ = raster.decode([blob], ["old.vqz"])
+    assert codes.flatten().tolist() == OLD_FILE_CODES
+    assert raster.encode_codes(codes, (32, 32), coder="prior") == [blob]
 
 
 def test_a_class_conditional_prior_codes_with_the_label_in_the_header(trained_codec):

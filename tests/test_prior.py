@@ -1,5 +1,5 @@
-"""The priors (gated PixelCNN and transformer): causality, sampling and completion through the incremental
-procedure, learning, conditioning; the Frechet
+"""The priors (gated PixelCNN, transformer, multiscale): causality, sampling and completion in each prior's coding
+order, learning, conditioning (the multiscale prior's passes: test_parallel_prior.py); the Frechet
 distance and nearest-neighbour SSIM; train_prior.py and sample.py end to end on tiny generated data."""
 import json
 import os
@@ -31,7 +31,7 @@ from training import protocol, steps
 from training.checkpoints import PriorTrainConfig, load_checkpoint, load_split, load_vqvae, save_checkpoint
 from utils import autocast
 
-ARCHS = ["pixelcnn", "pixelcnn+positions", "transformer"]
+ARCHS = ["pixelcnn", "pixelcnn+positions", "transformer", "multiscale"]
 
 
 def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0, arch="pixelcnn"):
@@ -39,7 +39,8 @@ def tiny_prior(k=8, layers=3, kernel_size=3, num_classes=0, seed=0, arch="pixelc
     torch.manual_seed(seed)
     arch, _, extra = arch.partition("+")
     prior = build_prior(PriorConfig(arch=arch, codebook_size=k, channels=16, layers=layers, kernel_size=kernel_size,
-                                    heads=2, max_grid=8, num_classes=num_classes, positions=extra == "positions"))
+                                    heads=2, max_grid=8, num_classes=num_classes, positions=extra == "positions",
+                                    levels=2))  # multiscale: 5 passes
     if extra == "positions":  # they start at zero
         torch.nn.init.normal_(prior.rows.weight)
         torch.nn.init.normal_(prior.columns.weight)
