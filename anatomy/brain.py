@@ -16,12 +16,12 @@ from tqdm import tqdm
 OPENING_STEPS = 4  # on a 256-pixel side; chosen on OASIS validate among 2..6 (RESULTS.md)
 COMPUTED_RULE = (f"computed: Otsu threshold, opened {OPENING_STEPS}x per 256 pixels (3x3 cross), largest "
                  f"component, grown as much, holes filled")
+TRUE_RULE = "true: the tissue masks' nonzero pixels"
 
 
 def opening_steps(shape) -> int:
     """OPENING_STEPS scaled to the slice's shorter side (at least 1): the bridges to cut scale with the pixels."""
     return max(1, round(OPENING_STEPS * min(shape) / 256))
-TRUE_RULE = "true: the tissue masks' nonzero pixels"
 
 
 def computed_brain_mask(image: np.ndarray) -> np.ndarray:
@@ -32,17 +32,17 @@ def computed_brain_mask(image: np.ndarray) -> np.ndarray:
 def computed_brain_masks(images: torch.Tensor, desc: str | None = None, chunk: int = 256) -> torch.Tensor:
     """uint8 (N, H, W) slices -> bool (N, H, W), the module's rule on each: the thresholds and the opening and
     growing run on whole chunks in torch (a cross applied n times is n shifts of the mask each way), only the
-    connected pieces slice by slice (scipy.ndimage.label), ~5x faster than scipy's morphology per slice."""
+    connected pieces slice by slice (scipy.ndimage.label): the same masks as scipy's morphology per slice, 2.7x
+    faster (OASIS test)."""
     masks = []
     for start in tqdm(range(0, len(images), chunk), desc=desc, leave=False, disable=desc is None or len(images) < 1000):
         batch = images[start:start + chunk]
         thresholds = torch.tensor([threshold_otsu(a) if a.min() < a.max() else 255 for a in batch.numpy()])
         steps = opening_steps(batch.shape[1:])
-        bright = batch > thresholds.to(batch.dtype)[:, None, None] if len(batch) else batch.bool()
+        bright = batch > thresholds.to(batch.dtype)[:, None, None]
         opened = cross_steps(cross_steps(bright, steps, grow=False), steps, grow=True)
-        largest = torch.from_numpy(np.stack([largest_piece(m) for m in opened.numpy()])) if len(batch) else opened
-        masks.append(torch.from_numpy(np.stack([filled(m) for m in cross_steps(largest, steps, grow=True).numpy()]))
-                     if len(batch) else largest)
+        largest = torch.from_numpy(np.stack([largest_piece(m) for m in opened.numpy()]))
+        masks.append(torch.from_numpy(np.stack([filled(m) for m in cross_steps(largest, steps, grow=True).numpy()])))
     return torch.cat(masks) if masks else torch.zeros(images.shape, dtype=torch.bool)
 
 
